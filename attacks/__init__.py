@@ -1,0 +1,1 @@
+"""fedbgmd.attacks (folder `attacks/`, importable only as `fedbgmd.attacks`)."""

@@ -1,0 +1,1 @@
+"""fedbgmd.clients (folder `clients/`, importable only as `fedbgmd.clients`)."""

@@ -1,0 +1,1 @@
+"""Hydra configs shipped as a package so `pkg://fedbgmd.conf` finds them."""

@@ -1,0 +1,1 @@
+"""fedbgmd.strategies (folder `strategies/`, importable only as `fedbgmd.strategies`)."""
