@@ -1,0 +1,370 @@
+"""Run output folder: per-round metrics (CSV + JSONL), final summary, and readers.
+
+One run writes one folder, as the run goes::
+
+    run_dir/
+      config.yaml      resolved config (written by the caller, not here)
+      metrics.csv      one row per round, fixed columns METRIC_COLUMNS, empty cell = missing
+      metrics.jsonl    the same rows plus any extra keys (strict JSON: NaN/inf become null)
+      summary.json     final summary, written atomically (tmp file + os.replace)
+
+Conventions: accuracies are fractions in [0, 1]; times are seconds; bytes are integers.
+Plain python + numpy only: no flwr, hydra or torch imports here.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "METRIC_COLUMNS",
+    "INT_COLUMNS",
+    "METRICS_CSV",
+    "METRICS_JSONL",
+    "SUMMARY_JSON",
+    "RunWriter",
+    "summarize",
+    "read_metrics",
+    "read_metrics_jsonl",
+    "read_summary",
+    "environment_versions",
+    "utc_now_iso",
+    "is_missing",
+]
+
+METRICS_CSV = "metrics.csv"
+METRICS_JSONL = "metrics.jsonl"
+SUMMARY_JSON = "summary.json"
+
+METRIC_COLUMNS: tuple[str, ...] = (
+    "round",
+    "epoch",
+    "test_accuracy",
+    "test_loss",
+    "train_loss",
+    "round_time_s",
+    "client_time_s",
+    "comm_time_s",
+    "agg_time_s",
+    "eval_time_s",
+    "wall_time_s",
+    "bytes_up",
+    "bytes_down",
+    "replies_accepted",
+    "replies_rejected",
+    "gm_iterations",
+    "gm_converged",
+    "memory_norm",
+    "relative_residual",
+)
+
+# Columns read back as int (falling back to float when a cell is not an integer literal, e.g. a
+# mean number of GM iterations over blocks). Every other column is read back as float.
+# Booleans (e.g. gm_converged=True) are written as 1/0.
+INT_COLUMNS: frozenset[str] = frozenset(
+    {
+        "round",
+        "bytes_up",
+        "bytes_down",
+        "replies_accepted",
+        "replies_rejected",
+        "gm_iterations",
+        "gm_converged",
+    }
+)
+
+
+def utc_now_iso() -> str:
+    """Current UTC time as ISO 8601 with seconds precision, e.g. 2024-05-01T12:00:00+00:00."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def is_missing(value: object) -> bool:
+    """True for None, empty strings and non-finite floats (NaN): values summaries skip."""
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return value.strip() == ""
+    if isinstance(value, float):
+        return math.isnan(value)
+    return False
+
+
+def _to_python(value: object) -> object:
+    """Numpy/torch scalars -> python scalars; containers converted recursively."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _to_python(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_to_python(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    item = getattr(value, "item", None)
+    if callable(item):
+        try:
+            return _to_python(item())
+        except (TypeError, ValueError, RuntimeError):
+            pass  # multi-element arrays/tensors
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist):
+        return _to_python(tolist())
+    return str(value)
+
+
+def _json_safe(value: object) -> object:
+    """Like _to_python, with non-finite floats replaced by None (strict JSON)."""
+    value = _to_python(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _csv_cell(value: object) -> str:
+    value = _to_python(value)
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float):
+        return repr(value)  # shortest round-trip repr; nan/inf as 'nan'/'inf'
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def _parse_cell(column: str, text: str) -> int | float | str | None:
+    text = text.strip()
+    if text == "":
+        return None
+    if column in INT_COLUMNS:
+        try:
+            return int(text)
+        except ValueError:
+            pass
+    try:
+        return float(text)
+    except ValueError:
+        return text  # unknown, non-numeric extra column
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+class RunWriter:
+    """Writes one run's metrics and summary into ``run_dir`` (and never outside it).
+
+    ``log_round`` appends one row to metrics.csv (known columns, empty cells for missing values)
+    and to metrics.jsonl (all keys) and flushes both, so a crash loses at most the round in
+    progress. If ``wall_time_s`` is absent from a row it is filled with the seconds elapsed since
+    this writer was created. Reopening an existing run folder appends to it (the CSV header must
+    match METRIC_COLUMNS).
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_csv = self.run_dir / METRICS_CSV
+        self.metrics_jsonl = self.run_dir / METRICS_JSONL
+        self.summary_json = self.run_dir / SUMMARY_JSON
+        self.started_at = utc_now_iso()
+        self._t0 = time.monotonic()
+        self._rows: list[dict[str, Any]] = []
+        if self.metrics_csv.exists() and self.metrics_csv.stat().st_size > 0:
+            with self.metrics_csv.open(newline="", encoding="utf-8") as fh:
+                header = next(csv.reader(fh), [])
+            if tuple(header) != METRIC_COLUMNS:
+                raise ValueError(
+                    f"{self.metrics_csv} exists with a different header; refusing to append"
+                )
+            self._rows = (
+                read_metrics_jsonl(self.run_dir)
+                if self.metrics_jsonl.exists()
+                else read_metrics(self.run_dir)
+            )
+        else:
+            with self.metrics_csv.open("w", newline="", encoding="utf-8") as fh:
+                csv.writer(fh).writerow(METRIC_COLUMNS)
+
+    def log_round(self, row: Mapping[str, object]) -> None:
+        """Append one round. Unknown keys go only to metrics.jsonl."""
+        clean: dict[str, Any] = {str(k): _to_python(v) for k, v in row.items()}
+        if is_missing(clean.get("wall_time_s")):
+            clean["wall_time_s"] = time.monotonic() - self._t0
+        with self.metrics_csv.open("a", newline="", encoding="utf-8") as fh:
+            csv.writer(fh).writerow([_csv_cell(clean.get(c)) for c in METRIC_COLUMNS])
+            fh.flush()
+        ordered = {c: clean.get(c) for c in METRIC_COLUMNS}
+        ordered.update({k: v for k, v in clean.items() if k not in ordered})
+        with self.metrics_jsonl.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(_json_safe(ordered), sort_keys=False) + "\n")
+            fh.flush()
+        self._rows.append(ordered)
+
+    def write_summary(self, summary: Mapping[str, object]) -> None:
+        """Atomically write summary.json.
+
+        Defaults are filled in and overridden by ``summary``: the ``summarize(self.rows())``
+        fields, started_at (writer creation), finished_at (now), status "completed", error None.
+        """
+        merged: dict[str, Any] = {
+            **summarize(self._rows),
+            "status": "completed",
+            "error": None,
+            "started_at": self.started_at,
+            "finished_at": utc_now_iso(),
+        }
+        merged.update({str(k): v for k, v in summary.items()})
+        text = json.dumps(_json_safe(merged), indent=2, sort_keys=True) + "\n"
+        _atomic_write_text(self.summary_json, text)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The rows logged so far (copies; all METRIC_COLUMNS keys plus extras)."""
+        return [dict(r) for r in self._rows]
+
+
+def _last(values: Iterable[object]) -> object:
+    out: object = None
+    for v in values:
+        if not is_missing(v):
+            out = v
+    return out
+
+
+def summarize(rows: list[dict[str, Any]] | list[Mapping[str, Any]]) -> dict[str, Any]:
+    """Final/best accuracy, final loss, rounds and wall time from per-round rows.
+
+    Missing values (None, empty, NaN) are skipped: final_accuracy is the last non-missing
+    test_accuracy, best_round the round of the first maximum, rounds the largest round number
+    (number of rows when no row has a round), wall_time_s the last non-missing wall_time_s.
+    """
+    best_acc: float | None = None
+    best_round: int | None = None
+    for i, r in enumerate(rows):
+        acc = r.get("test_accuracy")
+        if is_missing(acc):
+            continue
+        acc_f = float(acc)  # type: ignore[arg-type]
+        if best_acc is None or acc_f > best_acc:
+            best_acc = acc_f
+            rnd = r.get("round")
+            best_round = int(rnd) if not is_missing(rnd) else i + 1  # type: ignore[arg-type]
+    final_acc = _last(r.get("test_accuracy") for r in rows)
+    final_loss = _last(r.get("test_loss") for r in rows)
+    wall = _last(r.get("wall_time_s") for r in rows)
+    rounds_seen = [int(r["round"]) for r in rows if not is_missing(r.get("round"))]
+    return {
+        "final_accuracy": None if final_acc is None else float(final_acc),  # type: ignore[arg-type]
+        "best_accuracy": best_acc,
+        "best_round": best_round,
+        "final_loss": None if final_loss is None else float(final_loss),  # type: ignore[arg-type]
+        "rounds": max(rounds_seen) if rounds_seen else len(rows),
+        "wall_time_s": None if wall is None else float(wall),  # type: ignore[arg-type]
+    }
+
+
+def _metrics_path(run_dir: str | Path, name: str) -> Path:
+    p = Path(run_dir)
+    return p if p.is_file() else p / name
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Parse metrics.csv (a run folder or the file itself) back into typed rows.
+
+    Empty cells -> None; INT_COLUMNS -> int; other columns -> float. A truncated last line
+    (crash mid-write) is dropped.
+    """
+    path = _metrics_path(run_dir, METRICS_CSV)
+    if not path.exists():
+        return []
+    rows: list[dict[str, Any]] = []
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if not header:
+            return []
+        for cells in reader:
+            if not cells:
+                continue
+            if len(cells) != len(header):
+                continue  # partial line from an interrupted write
+            rows.append({c: _parse_cell(c, t) for c, t in zip(header, cells)})
+    return rows
+
+
+def read_metrics_jsonl(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Parse metrics.jsonl (a run folder or the file itself); unparsable lines are dropped."""
+    path = _metrics_path(run_dir, METRICS_JSONL)
+    if not path.exists():
+        return []
+    rows: list[dict[str, Any]] = []
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(obj, dict):
+                rows.append(obj)
+    return rows
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any]:
+    """Load summary.json (a run folder or the file itself)."""
+    with _metrics_path(run_dir, SUMMARY_JSON).open(encoding="utf-8") as fh:
+        data = json.load(fh)
+    if not isinstance(data, dict):
+        raise ValueError(f"{run_dir}: summary.json is not a JSON object")
+    return data
+
+
+def _pkg_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment_versions(device: str | None = None) -> dict[str, str | None]:
+    """Versions for summary.json's ``versions`` field, without importing torch or flwr."""
+    return {
+        "python": sys.version.split()[0],
+        "torch": _pkg_version("torch"),
+        "flwr": _pkg_version("flwr"),
+        "fedbgmd": _pkg_version("fedbgmd"),
+        "numpy": _pkg_version("numpy"),
+        "platform": platform.platform(),
+        "device": device,
+    }
