@@ -29,19 +29,19 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "METRIC_COLUMNS",
     "INT_COLUMNS",
     "METRICS_CSV",
     "METRICS_JSONL",
+    "METRIC_COLUMNS",
     "SUMMARY_JSON",
     "RunWriter",
-    "summarize",
+    "environment_versions",
+    "is_missing",
     "read_metrics",
     "read_metrics_jsonl",
     "read_summary",
-    "environment_versions",
+    "summarize",
     "utc_now_iso",
-    "is_missing",
 ]
 
 METRICS_CSV = "metrics.csv"

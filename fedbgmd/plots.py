@@ -1,0 +1,200 @@
+"""Matplotlib figures for one run (plot_run) and for a sweep report (plot_comparison).
+
+Headless: the Agg backend is selected here, and figures are built with ``matplotlib.figure.Figure``
+(no pyplot global state), so plotting is safe from a server thread and leaks no figures.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from fedbgmd.results import is_missing, read_metrics  # noqa: E402
+
+__all__ = ["Curve", "plot_comparison", "plot_run"]
+
+_DPI = 120
+
+
+def _series(rows: Sequence[dict[str, Any]], x: str, y: str) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) arrays over the rows where both are present and finite."""
+    xs: list[float] = []
+    ys: list[float] = []
+    for r in rows:
+        xv, yv = r.get(x), r.get(y)
+        if is_missing(xv) or is_missing(yv):
+            continue
+        xf, yf = float(xv), float(yv)  # type: ignore[arg-type]
+        if math.isfinite(xf) and math.isfinite(yf):
+            xs.append(xf)
+            ys.append(yf)
+    return np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+
+
+def _no_data(ax: Axes, what: str) -> None:
+    ax.text(0.5, 0.5, f"no {what} logged", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    return path
+
+
+def _two_panel(
+    rows: Sequence[dict[str, Any]],
+    series: Sequence[tuple[str, str]],
+    ylabel: str,
+    title: str,
+    path: Path,
+    scale: float = 1.0,
+) -> Path:
+    """Panels vs round and vs wall-clock seconds; one line per (column, label) in series."""
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
+    for ax, xcol, xlabel in (
+        (axes[0], "round", "round"),
+        (axes[1], "wall_time_s", "wall-clock time (s)"),
+    ):
+        drawn = False
+        for col, label in series:
+            xs, ys = _series(rows, xcol, col)
+            if xs.size:
+                ax.plot(xs, ys * scale, marker="." if xs.size < 50 else None, label=label)
+                drawn = True
+        if drawn:
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.grid(True, alpha=0.3)
+            if len(series) > 1:
+                ax.legend()
+        else:
+            _no_data(ax, ylabel.lower())
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+_DIAGNOSTICS: tuple[tuple[str, str, bool], ...] = (
+    ("gm_iterations", "GM iterations", False),
+    ("memory_norm", "memory norm ‖m‖", False),
+    ("relative_residual", "relative residual", True),
+    ("bytes_up", "bytes up", False),
+)
+
+
+def plot_run(run_dir: Path | str) -> list[Path]:
+    """Write accuracy.png, loss.png and diagnostics.png into run_dir; return their paths.
+
+    Reads run_dir/metrics.csv. Missing values are skipped; an all-empty column leaves its panel
+    out (or, when nothing at all is logged, a 'no data' placeholder is drawn).
+    """
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    title = run_dir.name
+    out = [
+        _two_panel(
+            rows,
+            [("test_accuracy", "test")],
+            "Accuracy (%)",
+            f"Test accuracy — {title}",
+            run_dir / "accuracy.png",
+            scale=100.0,
+        ),
+        _two_panel(
+            rows,
+            [("test_loss", "test"), ("train_loss", "train")],
+            "Loss",
+            f"Loss — {title}",
+            run_dir / "loss.png",
+        ),
+    ]
+    present = [(c, lbl, log) for c, lbl, log in _DIAGNOSTICS if _series(rows, "round", c)[0].size]
+    fig = Figure(figsize=(4.5 * max(1, len(present)), 3.8))
+    if present:
+        axes = np.atleast_1d(fig.subplots(1, len(present)))
+        for ax, (col, label, log) in zip(axes, present):
+            xs, ys = _series(rows, "round", col)
+            ax.plot(xs, ys, marker="." if xs.size < 50 else None)
+            if log and np.all(ys > 0):
+                ax.set_yscale("log")
+            ax.set_xlabel("round")
+            ax.set_title(label)
+            ax.grid(True, alpha=0.3)
+    else:
+        _no_data(fig.subplots(1, 1), "diagnostics")
+    fig.suptitle(f"Diagnostics — {title}")
+    out.append(_save(fig, run_dir / "diagnostics.png"))
+    return out
+
+
+@dataclass
+class Curve:
+    """One setting's aggregated curve: mean ± std over seeds, aligned by round."""
+
+    label: str
+    rounds: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    time: np.ndarray  # mean wall_time_s at each round (NaN where unknown)
+    n: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))  # runs per round
+    panel: str = ""  # curves with the same panel share a subplot
+
+
+def plot_comparison(
+    curves: Sequence[Curve],
+    path: Path | str,
+    x: Literal["round", "time"] = "round",
+    ylabel: str = "Test accuracy (%)",
+    title: str = "",
+) -> Path:
+    """Mean curve per setting with a ±std band; one subplot per distinct ``Curve.panel``."""
+    path = Path(path)
+    panels: list[str] = []
+    for c in curves:
+        if c.panel not in panels:
+            panels.append(c.panel)
+    if not panels:
+        panels = [""]
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(5.2 * ncols, 4.0 * nrows))
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    for ax, panel in zip(axes, panels):
+        drawn = False
+        for c in (c for c in curves if c.panel == panel):
+            xs = c.rounds.astype(float) if x == "round" else c.time.astype(float)
+            ok = np.isfinite(xs) & np.isfinite(c.mean)
+            if not ok.any():
+                continue
+            xs, mean = xs[ok], c.mean[ok]
+            std = np.nan_to_num(c.std[ok], nan=0.0)
+            (line,) = ax.plot(xs, mean, label=c.label)
+            ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+            drawn = True
+        if drawn:
+            ax.set_xlabel("round" if x == "round" else "wall-clock time (s)")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize="small")
+        else:
+            _no_data(ax, "curves")
+        if panel:
+            ax.set_title(panel, fontsize="medium")
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
