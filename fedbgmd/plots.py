@@ -16,11 +16,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import numpy as np  # noqa: E402
-from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
-from fedbgmd.results import is_missing, read_metrics  # noqa: E402
+from fedbgmd.results import is_missing, read_metrics
 
 __all__ = ["Curve", "plot_comparison", "plot_run"]
 

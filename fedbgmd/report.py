@@ -258,6 +258,8 @@ def group_runs(runs: Sequence[Run], group_by: Sequence[str] | None = None) -> li
         keys = []
         for r in runs:
             keys.extend(k for k in r.setting if k not in EXCLUDED_SETTING_KEYS and k not in keys)
+        # strategy keys first, then attack keys, then the rest (stable within each class)
+        keys.sort(key=lambda k: 0 if _is_strategy_key(k) else 1 if _is_attack_key(k) else 2)
     groups: dict[tuple[Any, ...], Group] = {}
     for r in runs:
         vals = tuple(r.value(k) for k in keys)

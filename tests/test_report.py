@@ -1,0 +1,388 @@
+"""Reporting layer: run folder writer/readers, per-run plots, sweep report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedbgmd import plots, report
+from fedbgmd.results import (
+    METRIC_COLUMNS,
+    RunWriter,
+    read_metrics,
+    read_metrics_jsonl,
+    read_summary,
+    summarize,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# final accuracy per (strategy, attack, fraction) and seed: index = seed
+FINAL = {
+    ("fedavg", "none", 0.0): [0.88, 0.89, 0.90],
+    ("fedbgmd", "none", 0.0): [0.86, 0.88, 0.92],
+    ("fedavg", "bit_flip", 0.2): [0.10, 0.12, None],  # seed 2 fails
+    ("fedbgmd", "bit_flip", 0.2): [0.80, 0.82, 0.87],
+}
+ROUNDS = 4
+
+
+def _is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == PNG_MAGIC
+
+
+def _rows_for(final: float, seed: int) -> list[dict[str, Any]]:
+    """Accuracy rises linearly to `final` at the last round; eval missing on round 2."""
+    rows = []
+    for r in range(1, ROUNDS + 1):
+        acc = final * r / ROUNDS
+        rows.append(
+            {
+                "round": r,
+                "epoch": r * 0.5,
+                "test_accuracy": None if r == 2 else acc,
+                "test_loss": None if r == 2 else 2.0 - acc,
+                "train_loss": 2.1 - acc,
+                "agg_time_s": 0.01 * (seed + 1),
+                "wall_time_s": 1.5 * r,
+                "bytes_up": 1000 * r,
+                "gm_iterations": 5,
+                "gm_converged": True,
+                "memory_norm": 0.5 / r,
+                "relative_residual": 0.1 / r,
+                "rejections": {"nan": 0, "shape": r % 2},  # extra key -> jsonl only
+            }
+        )
+    return rows
+
+
+def _make_sweep(root: Path) -> dict[tuple[str, str, float, int], Path]:
+    """Hydra-multirun-like layout root/<job>/..., one run per setting and seed."""
+    dirs = {}
+    job = 0
+    for (strategy, attack, fraction), finals in FINAL.items():
+        for seed, final in enumerate(finals):
+            run_dir = root / str(job)
+            job += 1
+            w = RunWriter(run_dir)
+            setting = {
+                "strategy": strategy,
+                "attack": attack,
+                "attack.fraction": fraction,
+                "data": "fashion_mnist",
+                "seed": seed,
+            }
+            base = {"seed": seed, "strategy": strategy, "attack": attack, "fraction": fraction}
+            if final is None:
+                w.log_round(_rows_for(0.1, seed)[0])
+                w.write_summary(
+                    {
+                        **base,
+                        "setting": setting,
+                        "status": "failed",
+                        "error": "Traceback ...\nRuntimeError: loss is NaN",
+                    }
+                )
+            else:
+                for row in _rows_for(final, seed):
+                    w.log_round(row)
+                w.write_summary({**base, "setting": setting, "byzantine_ids": [0, 3]})
+            dirs[(strategy, attack, fraction, seed)] = run_dir
+    return dirs
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in root.rglob("*")
+        if p.is_file()
+    }
+
+
+# --------------------------------------------------------------------------------------- results
+
+
+def test_metrics_csv_roundtrip_types(tmp_path: Path) -> None:
+    w = RunWriter(tmp_path / "run")
+    w.log_round(
+        {
+            "round": 1,
+            "test_accuracy": 0.5,
+            "test_loss": float("nan"),
+            "bytes_up": 123456789012,
+            "gm_converged": True,
+            "gm_iterations": 7,
+            "wall_time_s": 0.25,
+            "reasons": {"norm": 2},
+        }
+    )
+    w.log_round({"round": 2, "train_loss": 1.0 / 3.0, "wall_time_s": 0.5})
+
+    csv_path = tmp_path / "run" / "metrics.csv"
+    with csv_path.open(newline="") as fh:
+        lines = list(csv.reader(fh))
+    assert tuple(lines[0]) == METRIC_COLUMNS
+    assert len(lines) == 3  # header written once
+    assert "reasons" not in lines[0]
+
+    rows = read_metrics(tmp_path / "run")
+    assert len(rows) == 2
+    r1, r2 = rows
+    assert r1["round"] == 1 and type(r1["round"]) is int
+    assert r1["bytes_up"] == 123456789012 and type(r1["bytes_up"]) is int
+    assert r1["gm_converged"] == 1 and r1["gm_iterations"] == 7
+    assert r1["test_accuracy"] == 0.5 and type(r1["test_accuracy"]) is float
+    assert math.isnan(r1["test_loss"])
+    assert r1["train_loss"] is None  # empty cell
+    assert r2["train_loss"] == 1.0 / 3.0  # exact float round-trip
+    assert r2["test_accuracy"] is None
+    assert set(r1) == set(METRIC_COLUMNS)
+
+    jl = read_metrics_jsonl(tmp_path / "run")
+    assert jl[0]["reasons"] == {"norm": 2}
+    assert jl[0]["test_loss"] is None  # strict JSON: NaN -> null
+    assert w.rows()[0]["reasons"] == {"norm": 2}
+    assert [r["round"] for r in w.rows()] == [1, 2]
+
+
+def test_log_round_is_flushed_each_round_and_reopen_appends(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    w = RunWriter(run)
+    w.log_round({"round": 1, "test_accuracy": 0.3, "wall_time_s": 1.0})
+    # readable by another reader right away (no close needed)
+    assert [r["test_accuracy"] for r in read_metrics(run)] == [0.3]
+    w2 = RunWriter(run)  # e.g. a resumed run
+    assert len(w2.rows()) == 1
+    w2.log_round({"round": 2, "test_accuracy": 0.4, "wall_time_s": 2.0})
+    assert [r["round"] for r in read_metrics(run)] == [1, 2]
+    # a partial last line (crash mid-write) is dropped by the reader
+    with (run / "metrics.csv").open("a") as fh:
+        fh.write("3,1.5,0.")
+    assert [r["round"] for r in read_metrics(run)] == [1, 2]
+
+
+def test_wall_time_filled_when_missing(tmp_path: Path) -> None:
+    w = RunWriter(tmp_path)
+    w.log_round({"round": 1})
+    wall = read_metrics(tmp_path)[0]["wall_time_s"]
+    assert wall is not None and 0.0 <= wall < 60.0
+
+
+def test_write_summary_atomic_and_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    w = RunWriter(tmp_path)
+    for row in _rows_for(0.8, 0):
+        w.log_round(row)
+    w.write_summary({"seed": 0, "byzantine_ids": [1, 2], "final_loss": float("inf")})
+    s = read_summary(tmp_path)
+    assert s["status"] == "completed" and s["error"] is None
+    assert s["final_accuracy"] == pytest.approx(0.8)
+    assert s["rounds"] == ROUNDS
+    assert s["byzantine_ids"] == [1, 2]
+    assert s["final_loss"] is None  # non-finite -> null (strict JSON)
+    assert s["started_at"] <= s["finished_at"]
+    json.loads((tmp_path / "summary.json").read_text())  # strict JSON parses
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+    # a crash during the write leaves the previous summary intact and no temp file behind
+    def boom(src: str, dst: str) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        w.write_summary({"status": "failed", "error": "x"})
+    assert read_summary(tmp_path)["status"] == "completed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "metrics.csv",
+        "metrics.jsonl",
+        "summary.json",
+    ]
+
+
+def test_summarize_known_numbers_with_empty_cells() -> None:
+    rows: list[dict[str, Any]] = [
+        {"round": 0, "test_accuracy": 0.10, "test_loss": 2.3, "wall_time_s": 0.0},
+        {"round": 1, "test_accuracy": 0.55, "test_loss": 1.2, "wall_time_s": 2.0},
+        {"round": 2, "test_accuracy": 0.70, "test_loss": 0.9, "wall_time_s": 4.5},
+        {"round": 3, "test_accuracy": None, "test_loss": None, "wall_time_s": 6.0},
+        {"round": 4, "test_accuracy": 0.65, "test_loss": 1.0, "wall_time_s": 8.25},
+        {"round": 5, "test_accuracy": float("nan"), "test_loss": None, "wall_time_s": None},
+    ]
+    s = summarize(rows)
+    assert s == {
+        "final_accuracy": 0.65,
+        "best_accuracy": 0.70,
+        "best_round": 2,
+        "final_loss": 1.0,
+        "rounds": 5,
+        "wall_time_s": 8.25,
+    }
+    empty = summarize([])
+    assert empty["final_accuracy"] is None and empty["best_round"] is None
+    assert empty["rounds"] == 0
+
+
+# ----------------------------------------------------------------------------------------- plots
+
+
+def test_plot_run_writes_pngs(tmp_path: Path) -> None:
+    w = RunWriter(tmp_path)
+    for row in _rows_for(0.9, 0):
+        w.log_round(row)
+    paths = plots.plot_run(tmp_path)
+    assert [p.name for p in paths] == ["accuracy.png", "loss.png", "diagnostics.png"]
+    assert all(_is_png(p) and p.parent == tmp_path for p in paths)
+
+
+def test_plot_run_copes_with_empty_diagnostic_columns(tmp_path: Path) -> None:
+    w = RunWriter(tmp_path / "a")
+    for r in range(1, 4):
+        w.log_round({"round": r, "test_accuracy": 0.2 * r, "wall_time_s": float(r)})
+    paths = plots.plot_run(tmp_path / "a")
+    assert all(_is_png(p) for p in paths)
+    # no rows at all: still placeholders, no exception
+    RunWriter(tmp_path / "b")
+    assert all(_is_png(p) for p in plots.plot_run(tmp_path / "b"))
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+def test_build_report_mean_std_and_outputs(tmp_path: Path) -> None:
+    root = tmp_path / "multirun"
+    _make_sweep(root)
+    before = _snapshot(root)
+
+    md_path = report.build_report(root)
+
+    assert md_path == root / "report" / "report.md"
+    after = _snapshot(root)
+    # runs untouched; the only new files are the report's
+    assert {k: v for k, v in after.items() if not k.startswith("report/")} == before
+    assert sorted(k for k in after if k.startswith("report/")) == [
+        "report/compare_accuracy_round.png",
+        "report/compare_accuracy_time.png",
+        "report/report.csv",
+        "report/report.md",
+    ]
+    out = root / "report"
+    assert _is_png(out / "compare_accuracy_round.png")
+    assert _is_png(out / "compare_accuracy_time.png")
+    md = md_path.read_text()
+
+    # known group fedbgmd / bit_flip / 0.2, seeds 0..2 -> computed by hand
+    finals = [80.0, 82.0, 87.0]
+    mean, std = statistics.mean(finals), statistics.stdev(finals)
+    assert (mean, round(std, 2)) == (83.0, 3.61)
+    assert "83.00 ± 3.61" in md
+
+    with (out / "report.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 4  # one per setting
+    assert "seed" not in rows[0]
+    row = next(r for r in rows if r["strategy"] == "fedbgmd" and r["attack"] == "bit_flip")
+    assert float(row["final_acc_mean"]) == pytest.approx(mean)
+    assert float(row["final_acc_std"]) == pytest.approx(std)
+    assert int(row["n_completed"]) == 3 and int(row["n_failed"]) == 0
+    # best == final here (accuracy increases every evaluated round)
+    assert float(row["best_acc_mean"]) == pytest.approx(mean)
+    assert float(row["wall_time_s_mean"]) == pytest.approx(1.5 * ROUNDS)
+    # mean agg time per round: 0.01, 0.02, 0.03 s for seeds 0, 1, 2
+    assert float(row["agg_time_s_mean"]) == pytest.approx(0.02)
+    assert float(row["agg_time_s_std"]) == pytest.approx(0.01)
+
+    # Table-2-like pivot: rows attack+fraction, columns strategy
+    assert "by strategy and corruption" in md
+    pivot = md.split("by strategy and corruption", 1)[1]
+    header = next(line for line in pivot.splitlines() if line.startswith("| attack"))
+    assert [c.strip() for c in header.strip("|").split("|")] == [
+        "attack",
+        "attack.fraction",
+        "fedavg",
+        "fedbgmd",
+    ]
+    clean_line = next(line for line in pivot.splitlines() if line.startswith("| none"))
+    assert "**89.00** ± 1.00" in clean_line  # fedavg wins the clean row (bold)
+    assert "88.67 ± 3.06" in clean_line  # fedbgmd: 86, 88, 92 (not bold)
+    assert "**88.67**" not in clean_line
+
+
+def test_build_report_excludes_and_lists_failed_runs(tmp_path: Path) -> None:
+    root = tmp_path / "sweep"
+    dirs = _make_sweep(root)
+    out = tmp_path / "elsewhere"
+    md = report.build_report(root, out_dir=out).read_text()
+    assert not (root / "report").exists()  # --out respected
+
+    with (out / "report.csv").open(newline="") as fh:
+        row = next(
+            r for r in csv.DictReader(fh) if r["strategy"] == "fedavg" and r["attack"] == "bit_flip"
+        )
+    assert int(row["n_runs"]) == 3
+    assert int(row["n_failed"]) == 1 and int(row["n_completed"]) == 2
+    # mean of the two completed seeds only (10 %, 12 %)
+    assert float(row["final_acc_mean"]) == pytest.approx(11.0)
+    assert float(row["final_acc_std"]) == pytest.approx(statistics.stdev([10.0, 12.0]))
+    assert "11.00 ± 1.41" in md
+
+    failed_section = md.split("## Failed runs", 1)[1]
+    failed_dir = dirs[("fedavg", "bit_flip", 0.2, 2)]
+    assert str(failed_dir.relative_to(root)) in failed_section
+    assert "RuntimeError: loss is NaN" in failed_section
+    assert "1 failed" in md
+
+
+def test_single_seed_shows_zero_std_and_group_by(tmp_path: Path) -> None:
+    root = tmp_path / "sweep"
+    _make_sweep(root)
+    md = report.build_report(root, group_by=["strategy"]).read_text()
+    with (root / "report" / "report.csv").open(newline="") as fh:
+        rows = {r["strategy"]: r for r in csv.DictReader(fh)}
+    assert set(rows) == {"fedavg", "fedbgmd"}
+    assert int(rows["fedbgmd"]["n_completed"]) == 6
+    assert "by strategy and corruption" not in md  # no attack key in the grouping
+
+    single = tmp_path / "single"
+    w = RunWriter(single / "0")
+    w.log_round({"round": 1, "test_accuracy": 0.5, "wall_time_s": 1.0})
+    w.write_summary({"seed": 0, "setting": {"strategy": "fedbgmd", "seed": 0}})
+    text = report.build_report(single).read_text()
+    assert "50.00 ± 0.00" in text
+
+
+def test_main_no_runs_returns_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty" / ".hydra").mkdir(parents=True)
+    assert report.main([str(tmp_path / "empty")]) == 1
+    err = capsys.readouterr().err
+    assert "no runs found" in err and str(tmp_path / "empty") in err
+    assert not (tmp_path / "empty" / "report").exists()
+    assert report.main([str(tmp_path / "missing")]) == 1
+    assert "no runs found" in capsys.readouterr().err
+
+
+def test_main_writes_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "sweep"
+    _make_sweep(root)
+    out = tmp_path / "out"
+    rc = report.main(
+        [
+            str(root),
+            "--out",
+            str(out),
+            "--metric",
+            "best",
+            "--group-by",
+            "strategy,attack,attack.fraction",
+        ]
+    )
+    assert rc == 0
+    assert str(out / "report.md") in capsys.readouterr().out
+    md = (out / "report.md").read_text()
+    assert "(best, mean ± std over seeds)" in md
+    assert (out / "report.csv").is_file()
