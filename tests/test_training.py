@@ -310,3 +310,27 @@ def test_get_device() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             get_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_local_train_and_evaluate_on_cuda_deterministic() -> None:
+    """GPU path: data moved once, dropout seeded from the generator, global CUDA RNG untouched."""
+    dev = get_device("cuda")
+    ds = make_synthetic(num_train=256, num_test=64, shape=(1, 16, 16), seed=0)
+    cuda_state = torch.cuda.get_rng_state(dev)
+    runs = []
+    for _ in range(2):
+        model = build_model("cnn", ds.num_classes, ds.input_shape, seed=0).to(dev)
+        res, _ = local_train(
+            model, ds.train, steps=5, batch_size=32, optim=OptimConfig(momentum=0.9), lr=0.01,
+            generator=_gen(1), device=dev,
+        )  # fmt: skip
+        loss, acc = evaluate(model, ds.test, device=dev)
+        runs.append((res, [p.detach().cpu() for p in model.parameters()], loss, acc))
+    assert torch.equal(torch.cuda.get_rng_state(dev), cuda_state)
+    # same batches and dropout masks; cuDNN conv backward may differ in the last bits
+    assert runs[0][0].steps == runs[1][0].steps == 5
+    assert runs[0][0].train_loss == pytest.approx(runs[1][0].train_loss, rel=1e-4)
+    for a, b in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert all(p.device.type == "cpu" for p in runs[0][1]) and 0.0 <= runs[0][3] <= 1.0
