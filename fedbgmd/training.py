@@ -283,9 +283,11 @@ def local_train(
     model.train()
     total = torch.zeros((), device=device, dtype=torch.float64)
     count = 0
+    batches = list(_batches(len(data), batch_size, steps, epochs, generator))
+    # one host-to-device copy of all batch indices instead of one per step
+    all_idx = torch.cat(batches).to(device).split([len(b) for b in batches])
     with _rng_from(generator, device):
-        for idx in _batches(len(data), batch_size, steps, epochs, generator):
-            idx = idx.to(device)
+        for idx in all_idx:
             xb, yb = x[idx], y[idx]
             if transform is not None:
                 xb, yb = transform(xb, yb)
