@@ -183,7 +183,7 @@ class LocalResult:
 def _batches(
     n: int, batch_size: int, steps: int | None, epochs: float | None, g: torch.Generator
 ) -> Iterator[Tensor]:
-    """Mini-batch index tensors (CPU, int64) drawn with ``g``; ``b = min(batch_size, n)``.
+    """Mini-batch index tensors (int64, on ``g``'s device) drawn with ``g``; ``b = min(batch_size, n)``.
 
     ``epochs``: a fresh permutation per epoch, cut into ``⌈n/b⌉`` batches (last one smaller);
     a fractional epoch count gives ``round(epochs·⌈n/b⌉)`` batches (at least one).
@@ -192,16 +192,16 @@ def _batches(
     """
     b = min(batch_size, n)
     if epochs is None:
-        perm, pos = torch.randperm(n, generator=g), 0
+        perm, pos = torch.randperm(n, generator=g, device=g.device), 0
         for _ in range(steps or 0):
             if pos + b > n:
-                perm, pos = torch.randperm(n, generator=g), 0
+                perm, pos = torch.randperm(n, generator=g, device=g.device), 0
             yield perm[pos : pos + b]
             pos += b
         return
     remaining = max(1, round(epochs * math.ceil(n / b)))
     while remaining > 0:
-        chunks = torch.randperm(n, generator=g).split(b)
+        chunks = torch.randperm(n, generator=g, device=g.device).split(b)
         yield from chunks[:remaining]
         remaining -= len(chunks)
 
@@ -231,7 +231,7 @@ def _rng_from(generator: torch.Generator, device: torch.device) -> Iterator[None
 
     Why: ``nn.Dropout`` draws from the global RNG; forking keeps the caller's state intact.
     """
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
     cuda: list[int] = []
     if device.type == "cuda":
         cuda = [device.index if device.index is not None else torch.cuda.current_device()]
@@ -262,8 +262,8 @@ def local_train(
     Why: the client half of FL-BGMD (H local steps from x_t) and the centralised baseline.
 
     Minimises the mean cross-entropy with ``make_optimizer(model.parameters(), optim, lr)``.
-    Mini-batches (see :func:`_batches`) and dropout masks come from ``generator`` (a CPU
-    generator). ``transform(x, y) -> (x', y')`` is applied to every batch before the forward
+    Mini-batches (see :func:`_batches`) and dropout masks come from ``generator`` (CPU or
+    device generator; a CPU one gives the same batches on every machine). ``transform(x, y) -> (x', y')`` is applied to every batch before the forward
     pass (feature / label attacks). ``data`` is moved to ``device`` once; ``model`` must
     already be there.
 
