@@ -1,1 +1,5 @@
-"""fedbgmd.clients (folder `clients/`, importable only as `fedbgmd.clients`)."""
+"""Simulated honest (and Byzantine) clients; importable only as ``fedbgmd.clients``."""
+
+from fedbgmd.clients.honest import ClientRuntime, make_client_app
+
+__all__ = ["ClientRuntime", "make_client_app"]

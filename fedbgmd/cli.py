@@ -1,0 +1,128 @@
+"""Command line: ``fedbgmd [hydra overrides]`` runs a federation; ``fedbgmd report DIR`` a report.
+
+Exit status: 0 success, 1 the run failed (the reason is printed and in summary.json),
+2 bad configuration (one message naming the key(s), no traceback).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from fedbgmd.config import ConfigError, register_configs, validate
+
+CONFIG_MODULE = "fedbgmd.conf"
+EXIT_RUN_FAILED = 1
+EXIT_BAD_CONFIG = 2
+
+
+def check_config(cfg: Any) -> None:
+    """Schema-level and cross-field checks plus constructing every plug-in once."""
+    from fedbgmd.components import check_components
+
+    validate(cfg)
+    check_components(cfg)
+
+
+def run(cfg: Any, run_dir: Path) -> int:
+    """Run one federation into ``run_dir``; return the exit status."""
+    from fedbgmd.data import DatasetMissingError
+    from fedbgmd.engine import run_inprocess, run_ray_simulation
+    from fedbgmd.results import read_summary
+
+    _quiet_flower(cfg.engine.verbose)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    t0 = time.time()
+    engine = run_inprocess if cfg.engine.name == "inprocess" else run_ray_simulation
+    try:
+        engine(cfg, run_dir)
+    except DatasetMissingError as err:
+        print(f"fedbgmd: data set missing: {err}", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    except Exception as err:
+        print(f"fedbgmd: run failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    try:
+        summary = read_summary(run_dir)
+    except (OSError, ValueError):
+        summary = {"status": "failed", "error": "no summary.json was written"}
+    if summary.get("status") != "completed":
+        print(f"fedbgmd: run failed: {summary.get('error')}", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    acc = summary.get("final_accuracy")
+    acc_s = "n/a" if acc is None else f"{100 * acc:.2f}%"
+    print(
+        f"fedbgmd: done in {time.time() - t0:.1f}s; final test accuracy {acc_s} "
+        f"(best {100 * (summary.get('best_accuracy') or 0):.2f}%); results in {run_dir}"
+    )
+    return 0
+
+
+def _quiet_flower(verbose: bool) -> None:
+    """Flower logs every round at INFO and warns that run_simulation is deprecated (see engine)."""
+    if verbose:
+        return
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://fedbgmd.conf", config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        check_config(cfg)
+    except ConfigError as err:
+        print(f"fedbgmd: {err}", file=sys.stderr)
+        sys.exit(EXIT_BAD_CONFIG)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    status = run(cfg, run_dir)
+    if status and not HydraConfig.get().mode.name == "MULTIRUN":
+        sys.exit(status)
+    if status:  # in a sweep one failing job is logged and does not stop the rest
+        print(f"fedbgmd: job {run_dir} failed; continuing the sweep", file=sys.stderr)
+
+
+def _precheck(overrides: list[str]) -> int | None:
+    """Compose the config before Hydra runs, so a bad override exits 2 with one clear line."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    run_overrides = [o for o in overrides if not o.startswith("hydra.") and "=" in o]
+    try:
+        with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+            cfg = compose("config", overrides=run_overrides)
+        check_config(cfg)
+    except ConfigError as err:
+        print(f"fedbgmd: {err}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
+        msg = str(err).split("\n")[0] if str(err) else type(err).__name__
+        print(f"fedbgmd: invalid configuration: {msg}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    return None
+
+
+def entry(argv: list[str] | None = None) -> None:
+    """Console script ``fedbgmd``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "report":
+        from fedbgmd import report
+
+        sys.exit(report.main(args[1:]))
+    register_configs()
+    flags = {"-m", "--multirun", "--help", "-h", "--cfg", "-c", "--info", "--hydra-help"}
+    if not any(a in flags or a.startswith("--cfg") or a.startswith("-c") for a in args):
+        status = _precheck(args)
+        if status is not None:
+            sys.exit(status)
+    sys.argv = [sys.argv[0], *args]
+    _hydra_main()

@@ -1,0 +1,190 @@
+"""Build the run's components from a validated config: aggregator, attack, Byzantine set, seeds.
+
+Plug-ins are named either by a registered short name or by a dotted path (``target``) to the
+user's own callable or class, so extending fedbgmd never means editing it. Problems found while
+constructing plug-ins (unknown names, unknown parameters) are collected into one ConfigError.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedbgmd.attacks import get_attack, get_omniscient_attack
+from fedbgmd.attacks.base import ClientAttack, OmniscientAttack
+from fedbgmd.config import ConfigError
+from fedbgmd.core import AggregationResult, get_aggregator
+from fedbgmd.data import Dataset, load_dataset, partition
+from fedbgmd.training import OptimConfig
+
+
+def locate(path: str) -> Any:
+    """Import ``package.module.attr`` (or ``package.module:attr``) and return the attribute."""
+    module_name, sep, attr = path.replace(":", ".").rpartition(".")
+    if not sep or not module_name:
+        raise ValueError(f"{path!r} is not a dotted path like 'my_module.MyClass'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"cannot import module {module_name!r} for {path!r}: {err}") from err
+    try:
+        return getattr(module, attr)
+    except AttributeError as err:
+        raise ValueError(f"module {module_name!r} has no attribute {attr!r}") from err
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 63-bit seed from (seed, round, client id, purpose...), same on every machine."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def generator(*parts: object, device: str | torch.device = "cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(derive_seed(*parts))
+    return g
+
+
+def byzantine_ids(seed: int, num_clients: int, fraction: float) -> list[int]:
+    """⌊fraction·N⌋ partition ids drawn once by a seeded generator (fixed for the whole run)."""
+    count = int(fraction * num_clients)
+    if count == 0:
+        return []
+    perm = torch.randperm(num_clients, generator=generator(seed, "byzantine"))
+    return sorted(int(i) for i in perm[:count])
+
+
+Aggregate = Callable[..., AggregationResult]
+
+
+def build_aggregator(agg_cfg: Any) -> Aggregate:
+    """The configured aggregator: ``target`` (user callable/class) or a registered ``name``."""
+    params = dict(agg_cfg.params)
+    if agg_cfg.target:
+        obj = locate(agg_cfg.target)
+        return obj(**params) if isinstance(obj, type) else _bind(obj, params)
+    return get_aggregator(agg_cfg.name, **params)
+
+
+def _bind(fn: Callable[..., Any], params: dict[str, Any]) -> Aggregate:
+    if not params:
+        return fn
+
+    def bound(x: torch.Tensor, weights: torch.Tensor | None = None) -> AggregationResult:
+        return fn(x, weights, **params)
+
+    return bound
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """The run's adversary: which clients, and the client-side or omniscient attack object."""
+
+    byzantine_ids: tuple[int, ...]
+    client_attack: ClientAttack | None
+    omniscient_attack: OmniscientAttack | None
+    name: str
+
+
+def build_attack(cfg: Any) -> AttackSpec:
+    a = cfg.attack
+    ids = tuple(byzantine_ids(cfg.seed, cfg.num_clients, a.fraction)) if a.name != "none" else ()
+    if a.name == "none" and a.target is None:
+        return AttackSpec((), None, None, "none")
+    params = dict(a.params)
+    if a.target:
+        obj = locate(a.target)(**params)
+    elif a.mode == "omniscient":
+        obj = get_omniscient_attack(a.name, **params)
+    else:
+        obj = get_attack(a.name, **params)
+    if isinstance(obj, OmniscientAttack):
+        return AttackSpec(ids, None, obj, a.name)
+    if isinstance(obj, ClientAttack):
+        return AttackSpec(ids, obj, None, a.name)
+    raise ValueError(
+        f"attack target {a.target!r} built a {type(obj).__name__}, which is neither a "
+        "ClientAttack nor an OmniscientAttack (see fedbgmd.attacks.base)"
+    )
+
+
+def check_components(cfg: Any) -> None:
+    """Construct every plug-in once so that bad names/params fail at startup, all reported."""
+    problems: list[str] = []
+    try:
+        build_aggregator(cfg.strategy.aggregator)
+    except (ValueError, TypeError) as err:
+        problems.append(f"strategy.aggregator: {err}")
+    try:
+        build_attack(cfg)
+    except (ValueError, TypeError) as err:
+        problems.append(f"attack: {err}")
+    try:
+        strategy_class(cfg)
+    except (ValueError, TypeError) as err:
+        problems.append(f"strategy.target: {err}")
+    if problems:
+        raise ConfigError(problems)
+
+
+def strategy_class(cfg: Any) -> type:
+    from fedbgmd.strategies import RobustStrategy
+
+    cls = locate(cfg.strategy.target)
+    if not (isinstance(cls, type) and issubclass(cls, RobustStrategy)):
+        raise TypeError(f"{cfg.strategy.target} must be a subclass of RobustStrategy")
+    return cls
+
+
+def optim_config(cfg: Any) -> OptimConfig:
+    o = cfg.client.optimizer
+    return OptimConfig(
+        name=o.name,
+        lr=o.lr,
+        momentum=o.momentum,
+        nesterov=o.nesterov,
+        weight_decay=o.weight_decay,
+        schedule=o.schedule,
+        step_gamma=o.step_gamma,
+        step_every=o.step_every,
+        cosine_t_max=o.cosine_t_max,
+        min_lr=o.min_lr,
+    )
+
+
+def load_data(cfg: Any) -> Dataset:
+    """The configured data set (never silently replaced: a missing one raises DatasetMissingError)."""
+    d = cfg.data
+    extra: dict[str, Any] = {}
+    if d.name == "synthetic":
+        extra = {
+            "num_train": d.num_train,
+            "num_test": d.num_test,
+            "num_features": d.num_features,
+            "num_classes": d.num_classes,
+            "seed": cfg.seed,
+        }
+        if d.image_shape:
+            extra["shape"] = tuple(d.image_shape)
+    return load_dataset(d.name, root=d.root, download=d.download, **extra)
+
+
+def partitions(cfg: Any, labels: torch.Tensor) -> list[torch.Tensor]:
+    d = cfg.data
+    return partition(
+        labels,
+        cfg.num_clients,
+        d.partition,
+        alpha=d.alpha,
+        shards_per_client=d.shards_per_client,
+        seed=cfg.seed,
+    )
+
+
+def model_kwargs(cfg: Any) -> dict[str, Any]:
+    return {"hidden": tuple(cfg.model.hidden)} if cfg.model.name == "mlp" else {}

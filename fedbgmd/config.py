@@ -1,0 +1,279 @@
+"""Typed configuration: one dataclass schema per config group, registered in Hydra's ConfigStore.
+
+The YAML presets in ``conf/`` extend these schemas, so a misspelt key or a value of the wrong
+type fails when Hydra composes the config, naming the key. Rules that involve several fields
+(ψ < 1/2, 0 < β <= 1, n >= 4f + 3 for Bulyan, ...) are checked once in :func:`validate`, which
+collects every problem and raises one :class:`ConfigError`.
+
+Plug-in parameters (an aggregator's ``f``, an attack's ``scale``) live in free-form ``params``
+maps because each plug-in has its own; they are checked when the plug-in is constructed at
+startup (:func:`fedbgmd.components.build_components`), which names the unknown parameter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message lists every problem found."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass
+class DataConfig:
+    """Which data set, where it lives, and how it is split among clients."""
+
+    name: str = MISSING  # fashion_mnist | mnist | cifar10 | synthetic
+    root: str | None = None  # explicit folder; None searches the known places
+    download: bool = False  # let torchvision download (needs internet)
+    partition: str = "iid"  # iid | dirichlet | shards
+    alpha: float = 0.5  # Dirichlet concentration (partition=dirichlet)
+    shards_per_client: int = 2  # partition=shards
+    # synthetic task only
+    num_train: int = 2000
+    num_test: int = 500
+    num_features: int = 32
+    num_classes: int = 4
+    image_shape: list[int] | None = None  # e.g. [1, 8, 8] to exercise the CNN cheaply
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # cnn | resnet18 | mlp | logreg
+    hidden: list[int] = field(default_factory=lambda: [200])  # mlp only
+
+
+@dataclass
+class OptimizerConfig:
+    """Client-side optimizer; a fresh optimizer is built each round (state does not persist)."""
+
+    name: str = "sgd"  # sgd | adam | adamw
+    lr: float = 0.01
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "constant"  # constant | step | cosine (by round, or by epoch: schedule_unit)
+    schedule_unit: str = "round"  # round | epoch (epoch = rounds covering one pass of the data)
+    step_gamma: float = 0.9
+    step_every: int = 1
+    cosine_t_max: int = 100
+    min_lr: float = 0.0
+
+
+@dataclass
+class QuantizationConfig:
+    method: str = "none"  # none | qsgd | sign
+    bits: int = 8  # 1..16 (qsgd)
+
+
+@dataclass
+class ClientConfig:
+    """Honest local training: H steps (local_steps) or E epochs (local_epochs), exactly one."""
+
+    local_steps: int | None = 1
+    local_epochs: float | None = None
+    batch_size: int = 16
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+
+
+@dataclass
+class AggregatorConfig:
+    """A core aggregator by registered ``name`` or a user callable by ``target`` (dotted path)."""
+
+    name: str = "mean"
+    target: str | None = None  # "my_module.my_aggregator" overrides name
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BlockConfig:
+    """Block-coordinate step (BGMD): aggregate a sampled block of k = ceil(beta d) coordinates."""
+
+    enabled: bool = False
+    beta: float = 0.1
+    selector: str = "sample"  # sample | topk | uniform | a registered or dotted-path selector
+    memory: str = "per_client"  # per_client | mean | none
+
+
+@dataclass
+class StrategyConfig:
+    """Server side: which class, which aggregator, block step, server optimizer, sampling."""
+
+    name: str = MISSING
+    target: str = "fedbgmd.strategies.RobustStrategy"  # any subclass of it (plug-in contract)
+    aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
+    block: BlockConfig = field(default_factory=BlockConfig)
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    server_nesterov: bool = False
+    weighted: bool = False  # weight rows by num_examples (FedAvg); robust aggregators ignore
+    clients_per_round: int | None = None  # None: fraction_train of the clients
+    fraction_train: float = 1.0
+    min_replies: int = 1  # fewer accepted replies than this: the round is skipped (logged)
+    max_update_norm: float | None = None  # reject replies whose norm exceeds this (None: off)
+    params: dict[str, Any] = field(default_factory=dict)  # extra kwargs for a custom strategy
+
+
+@dataclass
+class AttackConfig:
+    """Byzantine clients: ⌊fraction · num_clients⌋ of them, chosen once by a seeded generator."""
+
+    name: str = "none"
+    target: str | None = None  # dotted path of a user ClientAttack / OmniscientAttack class
+    mode: str = "client"  # client (runs in the Byzantine client) | omniscient (server hook)
+    fraction: float = 0.0
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EngineConfig:
+    """How the federation is executed."""
+
+    name: str = "simulation"  # simulation (Flower + Ray) | inprocess (no Ray, same apps)
+    num_cpus: float = 1.0  # per client (simulation)
+    num_gpus: float = 0.0  # per client, fraction allowed (simulation)
+    round_timeout_s: float = 600.0
+    verbose: bool = False
+
+
+@dataclass
+class Config:
+    data: DataConfig = MISSING
+    model: ModelConfig = MISSING
+    strategy: StrategyConfig = MISSING
+    client: ClientConfig = field(default_factory=ClientConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    num_clients: int = 10
+    num_rounds: int = 10
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    eval_every: int = 1  # centralised test evaluation every this many rounds (and the last)
+    eval_batch_size: int = 1024
+    max_eval_samples: int | None = None  # evaluate on the first N test samples (None: all)
+    progress: bool = True
+
+
+def register_configs() -> None:
+    """Register every schema in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    cs.store(group="data", name="base_data", node=DataConfig)
+    cs.store(group="model", name="base_model", node=ModelConfig)
+    cs.store(group="strategy", name="base_strategy", node=StrategyConfig)
+    cs.store(group="client", name="base_client", node=ClientConfig)
+    cs.store(group="attack", name="base_attack", node=AttackConfig)
+    cs.store(group="engine", name="base_engine", node=EngineConfig)
+
+
+_CHOICES = {
+    "data.name": ("fashion_mnist", "mnist", "cifar10", "synthetic"),
+    "data.partition": ("iid", "dirichlet", "shards"),
+    "model.name": ("cnn", "resnet18", "mlp", "logreg"),
+    "client.optimizer.name": ("sgd", "adam", "adamw"),
+    "client.optimizer.schedule": ("constant", "step", "cosine"),
+    "client.optimizer.schedule_unit": ("round", "epoch"),
+    "client.quantization.method": ("none", "qsgd", "sign"),
+    "strategy.block.memory": ("per_client", "mean", "none"),
+    "attack.mode": ("client", "omniscient"),
+    "engine.name": ("simulation", "inprocess"),
+}
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def validate(cfg: Any) -> None:
+    """Check the cross-field rules once at startup; raise one ConfigError listing all problems."""
+    p: list[str] = []
+    for key, choices in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            p.append(f"{key}={value!r} is not one of {', '.join(choices)}")
+    if cfg.num_clients < 1:
+        p.append(f"num_clients={cfg.num_clients} must be >= 1")
+    if cfg.num_rounds < 1:
+        p.append(f"num_rounds={cfg.num_rounds} must be >= 1")
+    if cfg.eval_every < 1:
+        p.append(f"eval_every={cfg.eval_every} must be >= 1")
+    if not (cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:")):
+        p.append(f"device={cfg.device!r} must be auto, cpu, cuda or cuda:N")
+    c = cfg.client
+    if (c.local_steps is None) == (c.local_epochs is None):
+        p.append("client.local_steps and client.local_epochs: set exactly one (the other null)")
+    if c.local_steps is not None and c.local_steps < 1:
+        p.append(f"client.local_steps={c.local_steps} must be >= 1")
+    if c.local_epochs is not None and c.local_epochs <= 0:
+        p.append(f"client.local_epochs={c.local_epochs} must be > 0")
+    if c.batch_size < 1:
+        p.append(f"client.batch_size={c.batch_size} must be >= 1")
+    if c.optimizer.lr <= 0:
+        p.append(f"client.optimizer.lr={c.optimizer.lr} must be > 0")
+    if not 1 <= c.quantization.bits <= 16:
+        p.append(f"client.quantization.bits={c.quantization.bits} must be in 1..16")
+    s = cfg.strategy
+    if not 0 < s.block.beta <= 1:
+        p.append(f"strategy.block.beta={s.block.beta} must satisfy 0 < beta <= 1")
+    if s.server_lr <= 0:
+        p.append(f"strategy.server_lr={s.server_lr} must be > 0")
+    if not 0 <= s.server_momentum < 1:
+        p.append(f"strategy.server_momentum={s.server_momentum} must be in [0, 1)")
+    if not 0 < s.fraction_train <= 1:
+        p.append(f"strategy.fraction_train={s.fraction_train} must be in (0, 1]")
+    per_round = clients_per_round(cfg)
+    if s.clients_per_round is not None and not 1 <= s.clients_per_round <= cfg.num_clients:
+        p.append(
+            f"strategy.clients_per_round={s.clients_per_round} must be in 1..num_clients"
+            f" ({cfg.num_clients})"
+        )
+    if s.min_replies < 1 or s.min_replies > max(per_round, 1):
+        p.append(
+            f"strategy.min_replies={s.min_replies} must be in 1..clients per round ({per_round})"
+        )
+    a = cfg.attack
+    if not 0 <= a.fraction < 0.5:
+        p.append(
+            f"attack.fraction={a.fraction} must satisfy 0 <= fraction < 0.5 "
+            "(a Byzantine majority cannot be tolerated by any aggregator)"
+        )
+    if a.name != "none" and a.fraction > 0 and int(a.fraction * cfg.num_clients) == 0:
+        p.append(
+            f"attack.fraction={a.fraction} with num_clients={cfg.num_clients} makes "
+            "⌊fraction·num_clients⌋ = 0 Byzantine clients; raise one of them or use attack=none"
+        )
+    f = s.aggregator.params.get("f")
+    if s.aggregator.name == "bulyan" and f is not None and per_round < 4 * int(f) + 3:
+        p.append(
+            f"strategy.aggregator.params.f={f}: Bulyan needs clients per round >= 4f+3 "
+            f"(= {4 * int(f) + 3}), got {per_round}"
+        )
+    if s.aggregator.name in ("krum", "multikrum") and f is not None and per_round < 2 * int(f) + 3:
+        p.append(
+            f"strategy.aggregator.params.f={f}: Krum needs clients per round >= 2f+3 "
+            f"(= {2 * int(f) + 3}), got {per_round}"
+        )
+    if cfg.engine.num_gpus < 0 or cfg.engine.num_cpus <= 0:
+        p.append("engine.num_cpus must be > 0 and engine.num_gpus >= 0")
+    if p:
+        raise ConfigError(p)
+
+
+def clients_per_round(cfg: Any) -> int:
+    """Clients sampled each round: ``clients_per_round`` or ⌊fraction_train · N⌋ (at least 1)."""
+    s = cfg.strategy
+    if s.clients_per_round is not None:
+        return int(s.clients_per_round)
+    return max(1, int(s.fraction_train * cfg.num_clients))

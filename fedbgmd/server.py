@@ -1,0 +1,278 @@
+"""The ServerApp: map nodes to partitions, drive the strategy, evaluate, write the run folder.
+
+The same ServerApp runs under every engine (Flower's simulation runtime, the in-process grid).
+It writes only into its run folder: ``metrics.csv``/``metrics.jsonl`` row by row as the run
+goes, ``summary.json`` at the end (status ``failed`` with the error when something broke), and
+the plots. See :mod:`fedbgmd.results` for the file formats.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedbgmd import plots
+from fedbgmd.components import (
+    build_aggregator,
+    build_attack,
+    load_data,
+    model_kwargs,
+    optim_config,
+    strategy_class,
+)
+from fedbgmd.config import clients_per_round
+from fedbgmd.models import build_model, count_parameters
+from fedbgmd.results import RunWriter, environment_versions, summarize
+from fedbgmd.training import evaluate, get_device, lr_at
+
+log = logging.getLogger("fedbgmd")
+
+
+def discover_nodes(grid: Grid, num_clients: int, timeout: float) -> dict[int, int]:
+    """Ask every node which partition it serves (Flower's node ids are random per run).
+
+    Waits up to ``timeout`` seconds for nodes to register; never blocks forever.
+    """
+    deadline = time.monotonic() + timeout
+    node_ids = list(grid.get_node_ids())
+    while len(node_ids) < num_clients and time.monotonic() < deadline:
+        time.sleep(0.2)
+        node_ids = list(grid.get_node_ids())
+    msgs = [Message(RecordDict(), n, "query", group_id="discover") for n in node_ids]
+    replies = grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic()))
+    mapping: dict[int, int] = {}
+    for reply in replies:
+        if reply.has_error() or "node" not in reply.content.metric_records:
+            log.warning("node %s did not report its partition", reply.metadata.src_node_id)
+            continue
+        pid = int(reply.content.metric_records["node"]["partition-id"])
+        if 0 <= pid < num_clients and pid not in mapping.values():
+            mapping[reply.metadata.src_node_id] = pid
+    return mapping
+
+
+def rounds_per_epoch(cfg: Any, num_train: int) -> float:
+    """Rounds that together consume one pass over the training set (for epoch-based schedules)."""
+    c = cfg.client
+    if c.local_epochs is not None:
+        return 1.0 / float(c.local_epochs)
+    per_round = clients_per_round(cfg) * c.batch_size * c.local_steps
+    return max(1.0, num_train / per_round)
+
+
+class ServerRun:
+    """Everything the ServerApp does for one run; separated from Flower for testability."""
+
+    def __init__(self, cfg: Any, run_dir: Path) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.device = get_device(cfg.device)
+        self.writer = RunWriter(self.run_dir)
+        self.started = time.time()
+        self.dataset = load_data(cfg)
+        self.model = build_model(
+            cfg.model.name,
+            self.dataset.num_classes,
+            self.dataset.input_shape,
+            seed=cfg.seed,
+            **model_kwargs(cfg),
+        ).to(self.device)
+        test = self.dataset.test
+        if cfg.max_eval_samples is not None:
+            test = test.subset(torch.arange(min(len(test), cfg.max_eval_samples)))
+        self.test = test.to(self.device)
+        self.attack = build_attack(cfg)
+        self.rpe = rounds_per_epoch(cfg, len(self.dataset.train))
+        self.strategy = self._build_strategy()
+        self.last_eval: tuple[float, float] | None = None
+
+    def _build_strategy(self) -> Any:
+        cfg, s = self.cfg, self.cfg.strategy
+        opt = optim_config(cfg)
+
+        def client_lr(server_round: int) -> float:
+            t = server_round - 1
+            if cfg.client.optimizer.schedule_unit == "epoch":
+                t = int(t // self.rpe)
+            return lr_at(opt, t)
+
+        cls = strategy_class(cfg)
+        return cls(
+            aggregator=build_aggregator(s.aggregator),
+            num_clients=cfg.num_clients,
+            clients_per_round=clients_per_round(cfg),
+            seed=cfg.seed,
+            device=self.device,
+            block=s.block.enabled,
+            beta=s.block.beta,
+            selector=s.block.selector,
+            memory=s.block.memory,
+            server_lr=s.server_lr,
+            server_momentum=s.server_momentum,
+            server_nesterov=s.server_nesterov,
+            weighted=s.weighted,
+            min_replies=s.min_replies,
+            max_update_norm=s.max_update_norm,
+            client_lr=client_lr,
+            adversary=self.attack.omniscient_attack,
+            byzantine_ids=self.attack.byzantine_ids,
+            **dict(s.params),
+        )
+
+    # ------------------------------------------------------------------------------
+    def evaluate_fn(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Centralised evaluation + the round's metrics row (Flower calls it after each round)."""
+        cfg = self.cfg
+        due = server_round in (0, cfg.num_rounds) or server_round % cfg.eval_every == 0
+        t0 = time.perf_counter()
+        acc = loss = None
+        if due:
+            self.model.load_state_dict(arrays.to_torch_state_dict())
+            loss, acc = evaluate(
+                self.model, self.test, batch_size=cfg.eval_batch_size, device=self.device
+            )
+            self.last_eval = (loss, acc)
+        eval_s = time.perf_counter() - t0
+        info = self.strategy.round_info.get(server_round, {})
+        now = time.perf_counter()
+        round_time = now - info["t_start"] if "t_start" in info else eval_s
+        client_s = info.get("client_time_s")
+        transport = info.get("transport_s")
+        parallel = getattr(self, "parallelism", 1)
+        comm = None
+        if transport is not None and client_s is not None:
+            comm = max(0.0, transport - client_s / parallel)
+        row = {
+            "round": server_round,
+            "epoch": server_round / self.rpe,
+            "test_accuracy": acc,
+            "test_loss": loss,
+            "train_loss": info.get("train_loss"),
+            "round_time_s": round_time,
+            "client_time_s": client_s,
+            "comm_time_s": comm,
+            "agg_time_s": info.get("agg_time_s"),
+            "eval_time_s": eval_s,
+            "wall_time_s": time.time() - self.started,
+            "bytes_up": info.get("bytes_up"),
+            "bytes_down": info.get("bytes_down"),
+            "replies_accepted": info.get("replies_accepted"),
+            "replies_rejected": info.get("replies_rejected"),
+            "gm_iterations": info.get("gm_iterations"),
+            "gm_converged": info.get("gm_converged"),
+            "memory_norm": info.get("memory_norm"),
+            "relative_residual": info.get("relative_residual"),
+            "rejections": info.get("rejections"),
+            "skipped": info.get("skipped"),
+            "lr": info.get("lr"),
+        }
+        self.writer.log_round(row)
+        if cfg.progress:
+            print(_progress_line(row, cfg.num_rounds), flush=True)
+        if acc is None:
+            return None
+        return MetricRecord({"accuracy": float(acc), "loss": float(loss)})
+
+    def run(self, grid: Grid) -> None:
+        cfg = self.cfg
+        status, error = "completed", None
+        try:
+            mapping = discover_nodes(grid, cfg.num_clients, cfg.engine.round_timeout_s)
+            if len(mapping) < cfg.strategy.min_replies:
+                raise RuntimeError(
+                    f"only {len(mapping)} of {cfg.num_clients} nodes reported a partition "
+                    f"(min_replies={cfg.strategy.min_replies})"
+                )
+            self.strategy.set_node_map(mapping)
+            initial = ArrayRecord(self.model.state_dict())
+            self.strategy.start(
+                grid=grid,
+                initial_arrays=initial,
+                num_rounds=cfg.num_rounds,
+                timeout=cfg.engine.round_timeout_s,
+                evaluate_fn=self.evaluate_fn,
+            )
+        except BaseException as err:
+            status, error = "failed", f"{type(err).__name__}: {err}"
+            raise
+        finally:
+            self.finish(status, error)
+
+    def finish(self, status: str, error: str | None) -> None:
+        from omegaconf import OmegaConf
+
+        rows = self.writer.rows()
+        summary = summarize(rows)
+        summary.update(
+            status=status,
+            error=error,
+            seed=self.cfg.seed,
+            strategy=self.cfg.strategy.name,
+            attack=self.attack.name,
+            fraction=float(self.cfg.attack.fraction),
+            byzantine_ids=list(self.attack.byzantine_ids),
+            setting=setting_of(self.cfg),
+            num_parameters=count_parameters(self.model),
+            wall_time_s=time.time() - self.started,
+            versions=environment_versions(str(self.device)),
+            config=OmegaConf.to_container(self.cfg, resolve=True),
+        )
+        self.writer.write_summary(summary)
+        try:
+            plots.plot_run(self.run_dir)
+        except Exception as err:  # plots must never turn a finished run into a failed one
+            log.warning("could not draw plots: %s", err)
+
+
+def setting_of(cfg: Any) -> dict[str, Any]:
+    """The config choices that define a run, for grouping runs across seeds in reports."""
+    return {
+        "strategy": cfg.strategy.name,
+        "attack": cfg.attack.name,
+        "attack.fraction": float(cfg.attack.fraction),
+        "data": cfg.data.name,
+        "model": cfg.model.name,
+        "block.beta": float(cfg.strategy.block.beta) if cfg.strategy.block.enabled else None,
+        "num_clients": int(cfg.num_clients),
+        "num_rounds": int(cfg.num_rounds),
+    }
+
+
+def _progress_line(row: dict[str, Any], num_rounds: int) -> str:
+    acc = row["test_accuracy"]
+    acc_s = "   -  " if acc is None else f"{100 * acc:6.2f}%"
+    loss = row["train_loss"]
+    loss_s = (
+        "-" if loss is None or (isinstance(loss, float) and math.isnan(loss)) else f"{loss:.4f}"
+    )
+    rej = row["replies_rejected"] or 0
+    extra = f"  rejected {rej}" if rej else ""
+    if row.get("skipped"):
+        extra += "  SKIPPED"
+    return (
+        f"round {row['round']:>4}/{num_rounds}  test acc {acc_s}  train loss {loss_s}  "
+        f"round {row['round_time_s']:.2f}s  agg {row['agg_time_s'] or 0.0:.3f}s  "
+        f"elapsed {row['wall_time_s']:.1f}s{extra}"
+    )
+
+
+def make_server_app(cfg: Any, run_dir: Path, parallelism: int = 1) -> tuple[ServerApp, dict]:
+    """The ServerApp for a config; ``state['run']`` holds the ServerRun once it started."""
+    app = ServerApp()
+    state: dict[str, Any] = {}
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run = ServerRun(cfg, run_dir)
+        run.parallelism = parallelism
+        state["run"] = run
+        run.run(grid)
+
+    return app, state

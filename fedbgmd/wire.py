@@ -1,0 +1,135 @@
+"""What travels between ClientApp and ServerApp: a flat update, optionally quantized and packed.
+
+A train reply's content is a RecordDict with
+- ``"update"``: ArrayRecord with key ``"update"`` (float32, shape (d,)) when unquantized, or keys
+  ``"packed"`` (the integer levels, packed) and ``"scale"`` when quantized;
+- ``"quant"``: ConfigRecord ``{"method", "bits", "numel"}`` (method "none" when unquantized);
+- ``"metrics"``: MetricRecord ``{"num-examples", "train-loss", "partition-id", "client-time-s"}``.
+
+Decoding is where the server's defences start: :func:`decode_update` raises :class:`BadReply`
+with a short machine-readable reason for anything that is not exactly what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedbgmd.core import QuantizedTensor, dequantize, quantize
+
+UPDATE_KEY = "update"
+QUANT_KEY = "quant"
+METRICS_KEY = "metrics"
+REQUIRED_METRICS = ("num-examples", "train-loss", "partition-id", "client-time-s")
+
+
+class BadReply(ValueError):
+    """A reply the server refuses; ``reason`` is a short label counted in the round's metrics."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+def encode_update(
+    update: torch.Tensor,
+    *,
+    method: str = "none",
+    bits: int = 8,
+    generator: torch.Generator | None = None,
+) -> tuple[dict[str, np.ndarray], ConfigRecord]:
+    """Turn a flat update into named arrays (quantized and packed when ``method`` != none)."""
+    flat = update.detach().reshape(-1)
+    if method == "none":
+        arrays = {"update": flat.to(torch.float32).cpu().numpy()}
+    else:
+        q = quantize(flat, bits=bits, method=method, generator=generator)
+        arrays = {"packed": q.packed.cpu().numpy(), "scale": q.scale.reshape(-1).cpu().numpy()}
+    return arrays, ConfigRecord({"method": method, "bits": int(bits), "numel": int(flat.numel())})
+
+
+def build_reply_content(
+    arrays: dict[str, np.ndarray], quant: ConfigRecord, metrics: dict[str, float | int]
+) -> RecordDict:
+    record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return RecordDict(
+        {UPDATE_KEY: record, QUANT_KEY: quant, METRICS_KEY: MetricRecord(dict(metrics))}
+    )
+
+
+def reply_nbytes(content: RecordDict) -> int:
+    """Bytes of array payload in a reply (what the update costs on the wire)."""
+    total = 0
+    for record in content.array_records.values():
+        for arr in record.values():
+            total += len(arr.data)
+    return total
+
+
+def _expect_array(record: ArrayRecord, key: str, dtype: np.dtype, numel: int | None) -> np.ndarray:
+    if key not in record:
+        raise BadReply("missing_key", f"array {key!r} absent")
+    arr = record[key]
+    if np.dtype(arr.dtype) != dtype:
+        raise BadReply("wrong_dtype", f"{key}: {arr.dtype}, expected {dtype}")
+    if len(arr.shape) != 1 or (numel is not None and arr.shape[0] != numel):
+        raise BadReply("wrong_shape", f"{key}: shape {tuple(arr.shape)}, expected ({numel},)")
+    expected_bytes = int(np.prod(arr.shape)) * dtype.itemsize
+    if len(arr.data) != expected_bytes:
+        raise BadReply("wrong_size", f"{key}: {len(arr.data)} bytes, expected {expected_bytes}")
+    return arr.numpy()
+
+
+def decode_update(content: RecordDict, dim: int, max_bytes: int) -> tuple[torch.Tensor, dict]:
+    """Validate a reply and return (flat float32 update of length ``dim``, its metrics).
+
+    Raises :class:`BadReply` for missing records or keys, extra keys, wrong dtype or shape, a
+    payload larger than ``max_bytes``, unknown quantizer settings, bad metrics or non-finite values.
+    """
+    if UPDATE_KEY not in content.array_records:
+        raise BadReply("missing_record", "no 'update' ArrayRecord")
+    if METRICS_KEY not in content.metric_records or QUANT_KEY not in content.config_records:
+        raise BadReply("missing_record", "no 'metrics' MetricRecord or 'quant' ConfigRecord")
+    if reply_nbytes(content) > max_bytes:
+        raise BadReply("too_large", f"{reply_nbytes(content)} bytes > limit {max_bytes}")
+    metrics = dict(content.metric_records[METRICS_KEY])
+    for key in REQUIRED_METRICS:
+        value = metrics.get(key)
+        if not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+            raise BadReply("bad_metrics", f"metric {key!r} missing or not finite")
+    if metrics["num-examples"] < 0:
+        raise BadReply("bad_metrics", "negative num-examples")
+    record = content.array_records[UPDATE_KEY]
+    quant = dict(content.config_records[QUANT_KEY])
+    method, bits, numel = quant.get("method"), quant.get("bits"), quant.get("numel")
+    if numel != dim:
+        raise BadReply("wrong_shape", f"numel {numel}, expected {dim}")
+    if method == "none":
+        if set(record.keys()) != {"update"}:
+            raise BadReply("unexpected_keys", f"keys {sorted(record.keys())}")
+        vec = torch.from_numpy(_expect_array(record, "update", np.dtype(np.float32), dim).copy())
+    elif method in ("qsgd", "sign") and isinstance(bits, int) and 1 <= bits <= 16:
+        if set(record.keys()) != {"packed", "scale"}:
+            raise BadReply("unexpected_keys", f"keys {sorted(record.keys())}")
+        expected = quantize(torch.zeros(1), bits=bits, method=method)
+        packed = _expect_array(record, "packed", np.dtype(expected.packed.numpy().dtype), None)
+        scale = _expect_array(record, "scale", np.dtype(np.float32), 1)
+        try:
+            q = QuantizedTensor(
+                packed=torch.from_numpy(packed.copy()),
+                scale=torch.from_numpy(scale.copy()).reshape(expected.scale.shape),
+                shape=(dim,),
+                bits=bits,
+                method=method,
+            )
+            vec = dequantize(q).reshape(-1).to(torch.float32)
+        except (ValueError, RuntimeError) as err:
+            raise BadReply("wrong_shape", f"cannot unpack quantized update: {err}") from err
+    else:
+        raise BadReply("bad_quantization", f"method={method!r} bits={bits!r}")
+    if not bool(torch.isfinite(vec).all()):
+        raise BadReply("non_finite", "update contains NaN or Inf")
+    return vec, metrics

@@ -1,0 +1,336 @@
+"""RobustStrategy: one Flower strategy for every aggregator, optionally inside the BGMD block step.
+
+Each round (Flower Message API, ``flwr.serverapp.strategy.Strategy``):
+
+1. ``configure_train`` samples ``clients_per_round`` partitions with a generator seeded by
+   (seed, round) and sends them the global model x_t and the round's learning rate.
+2. ``aggregate_train`` orders the replies by partition id, validates each one (wire format,
+   dtype, shape, size, finiteness, optional norm bound; rejected replies are counted by reason),
+   stacks the accepted updates G_t ∈ R^{n×d} on the server device, lets the omniscient adversary
+   (simulation only) replace the Byzantine rows, and computes the direction u_t:
+
+   - plain:  u_t = γ_s · AGG(G_t)
+   - block:  P_t = γ_s G_t + M_t,  Δ_t = C_k(P_t),  M_{t+1} = P_t − Δ_t,  u_t = AGG(Δ_t restricted
+     to I_k) scattered into R^d (FL-BGMD, Algorithm 3; AGG = GM gives BGMD, CM a block CM).
+
+   then x_{t+1} = x_t − u_t (or a heavy-ball / Nesterov step on u_t when server_momentum > 0).
+
+With fewer than ``min_replies`` accepted replies the round is skipped (x, memory unchanged) and
+the reason is logged. Per-round diagnostics are kept in :attr:`round_info`.
+
+Plug-in contract for a custom strategy: subclass and override :meth:`aggregate_updates`, which
+receives the validated (n, d) tensor, the partition ids of its rows and the round, and returns
+the direction u_t (d,) plus a dict of float diagnostics. Everything else (sampling, validation,
+memory, momentum, logging) is inherited.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedbgmd.attacks.base import OmniscientAttack
+from fedbgmd.components import generator
+from fedbgmd.core import (
+    AggregationResult,
+    FlatSpec,
+    bgmd_step,
+    flatten_state,
+    make_memory,
+    unflatten_state,
+)
+from fedbgmd.wire import BadReply, decode_update, reply_nbytes
+
+log = logging.getLogger("fedbgmd")
+
+LrSchedule = Callable[[int], float]
+
+
+class RobustStrategy(Strategy):
+    """Sampling, defences, (block) robust aggregation and server step. See the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        aggregator: Callable[..., AggregationResult],
+        num_clients: int,
+        clients_per_round: int,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        block: bool = False,
+        beta: float = 0.1,
+        selector: str = "sample",
+        memory: str = "per_client",
+        server_lr: float = 1.0,
+        server_momentum: float = 0.0,
+        server_nesterov: bool = False,
+        weighted: bool = False,
+        min_replies: int = 1,
+        max_update_norm: float | None = None,
+        client_lr: LrSchedule = lambda _round: 0.01,
+        adversary: OmniscientAttack | None = None,
+        byzantine_ids: Iterable[int] = (),
+        max_reply_bytes: int | None = None,
+    ) -> None:
+        self.aggregator = aggregator
+        self.num_clients = num_clients
+        self.clients_per_round = clients_per_round
+        self.seed = seed
+        self.device = torch.device(device)
+        self.block, self.beta, self.selector = block, beta, selector
+        self.memory_kind = memory
+        self.server_lr, self.momentum, self.nesterov = server_lr, server_momentum, server_nesterov
+        self.weighted = weighted
+        self.min_replies = min_replies
+        self.max_update_norm = max_update_norm
+        self.client_lr = client_lr
+        self.adversary = adversary
+        self.byzantine_ids = frozenset(int(i) for i in byzantine_ids)
+        self.max_reply_bytes = max_reply_bytes
+        self.node_to_partition: dict[int, int] = {}
+        self.round_info: dict[int, dict[str, Any]] = {}
+        self._x: torch.Tensor | None = None  # flat global model on self.device
+        self._spec: FlatSpec | None = None
+        self._passthrough: dict[str, torch.Tensor] = {}
+        self._momentum_buf: torch.Tensor | None = None
+        self._memory: Any = None
+        self._t_sent: float = 0.0
+
+    # ----------------------------------------------------------------------------- state
+    def set_node_map(self, node_to_partition: dict[int, int]) -> None:
+        self.node_to_partition = dict(node_to_partition)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "x": None if self._x is None else self._x.cpu(),
+            "momentum": None if self._momentum_buf is None else self._momentum_buf.cpu(),
+            "memory": None if self._memory is None else self._memory.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("x") is not None:
+            self._x = state["x"].to(self.device)
+        if state.get("momentum") is not None:
+            self._momentum_buf = state["momentum"].to(self.device)
+        if state.get("memory") is not None:
+            self._ensure_memory(int(self._x.numel()) if self._x is not None else 0)
+            self._memory.load_state_dict(state["memory"])
+
+    def _ensure_memory(self, dim: int) -> None:
+        if self._memory is None and self.block:
+            self._memory = make_memory(
+                self.memory_kind, dim=dim, device=self.device, dtype=torch.float32
+            )
+
+    # ----------------------------------------------------------------------------- rounds
+    def summary(self) -> None:
+        log.debug("RobustStrategy(%s, block=%s, beta=%s)", self.aggregator, self.block, self.beta)
+
+    def sample_partitions(self, server_round: int) -> list[int]:
+        """Seeded draw of this round's partitions (same draw on every engine)."""
+        if self.clients_per_round >= self.num_clients:
+            return list(range(self.num_clients))
+        g = generator(self.seed, server_round, "sampling")
+        perm = torch.randperm(self.num_clients, generator=g)[: self.clients_per_round]
+        return sorted(int(i) for i in perm)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        t0 = time.perf_counter()
+        if self._x is None:
+            self._x, self._spec = self._flatten(arrays)
+        partition_to_node = {p: n for n, p in self.node_to_partition.items()}
+        chosen = self.sample_partitions(server_round)
+        missing = [p for p in chosen if p not in partition_to_node]
+        present = [p for p in chosen if p in partition_to_node]
+        lr = float(self.client_lr(server_round))
+        cfg = ConfigRecord({**dict(config), "server-round": server_round, "lr": lr})
+        content = RecordDict({"arrays": arrays, "config": cfg})
+        msgs = [
+            Message(content, partition_to_node[p], "train", group_id=str(server_round))
+            for p in present
+        ]
+        self.round_info[server_round] = {
+            "t_start": t0,
+            "sampled": chosen,
+            "missing_nodes": len(missing),
+            "lr": lr,
+            "bytes_down": len(msgs) * sum(len(a.data) for a in arrays.values()),
+        }
+        if missing:
+            log.warning("round %d: no node serves partitions %s", server_round, missing)
+        self._t_sent = time.perf_counter()
+        return msgs
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        t_recv = time.perf_counter()
+        info = self.round_info.setdefault(server_round, {"t_start": self._t_sent})
+        info["transport_s"] = t_recv - self._t_sent
+        assert self._x is not None and self._spec is not None  # set in configure_train
+        dim = self._x.numel()
+        accepted, reasons, stats = self._validate(list(replies), dim, set(info.get("sampled", [])))
+        info.update(stats)
+        info["replies_accepted"] = len(accepted)
+        info["replies_rejected"] = sum(reasons.values())
+        info["rejections"] = dict(reasons)
+        if len(accepted) < self.min_replies:
+            info["skipped"] = f"{len(accepted)} accepted replies < min_replies={self.min_replies}"
+            log.warning("round %d skipped: %s", server_round, info["skipped"])
+            info["agg_time_s"] = 0.0
+            return None, None
+        ids = [pid for pid, _, _ in accepted]
+        updates = torch.stack([u for _, u, _ in accepted]).to(self.device)
+        num_examples = torch.tensor(
+            [m["num-examples"] for _, _, m in accepted], dtype=torch.float32
+        )
+        if self.adversary is not None:
+            updates = self._apply_adversary(updates, ids, server_round)
+        self._sync()
+        t_agg = time.perf_counter()
+        weights = num_examples.to(self.device) if self.weighted else None
+        direction, diag = self.aggregate_updates(updates, ids, server_round, weights)
+        self._x = self._server_step(self._x, direction)
+        self._sync()
+        info["agg_time_s"] = time.perf_counter() - t_agg
+        info.update(diag)
+        losses = [m["train-loss"] for _, _, m in accepted]
+        info["train_loss"] = float(sum(losses) / len(losses))
+        new = self._to_arrays(self._x)
+        metrics = MetricRecord(
+            {"train-loss": info["train_loss"], "replies-accepted": len(accepted)}
+        )
+        return new, metrics
+
+    def aggregate_updates(
+        self,
+        updates: torch.Tensor,
+        client_ids: list[int],
+        server_round: int,
+        weights: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Direction u_t (d,) from the validated updates (n, d); override in a custom strategy."""
+        if not self.block:
+            res = self.aggregator(updates, weights)
+            return self.server_lr * res.vector, _agg_diag(res)
+        dim = updates.shape[1]
+        self._ensure_memory(dim)
+        k = max(1, math.ceil(self.beta * dim))
+        step = bgmd_step(
+            updates,
+            aggregator=self.aggregator,
+            k=k,
+            memory=self._memory,
+            client_ids=client_ids,
+            step_size=self.server_lr,
+            selector=self.selector,
+            generator=generator(self.seed, server_round, "block", device=self.device),
+        )
+        diag = _agg_diag(step.aggregation)
+        diag["relative_residual"] = float(step.relative_residual)
+        diag["memory_norm"] = float(step.memory_norm)
+        return step.vector, diag
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return []  # evaluation is centralised (the ServerApp's evaluate_fn)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return None
+
+    # ----------------------------------------------------------------------------- helpers
+    def _validate(
+        self, replies: list[Message], dim: int, sampled: set[int]
+    ) -> tuple[list[tuple[int, torch.Tensor, dict]], Counter[str], dict[str, Any]]:
+        """Decode every reply; keep (partition id, update, metrics), count rejections by reason."""
+        max_bytes = self.max_reply_bytes or (8 * dim + 65536)
+        reasons: Counter[str] = Counter()
+        by_pid: dict[int, tuple[torch.Tensor, dict]] = {}
+        bytes_up, client_time = 0, 0.0
+        for msg in replies:
+            try:
+                if msg.has_error():
+                    raise BadReply("client_error", msg.error.reason)
+                node = msg.metadata.src_node_id
+                pid = self.node_to_partition.get(node)
+                if pid is None or (sampled and pid not in sampled):
+                    raise BadReply("unknown_node", f"node {node}")
+                bytes_up += reply_nbytes(msg.content)
+                vec, metrics = decode_update(msg.content, dim, max_bytes)
+                if int(metrics["partition-id"]) != pid:
+                    raise BadReply("wrong_partition", f"claims {metrics['partition-id']}, is {pid}")
+                if pid in by_pid:
+                    raise BadReply("duplicate", f"partition {pid}")
+                if self.max_update_norm is not None and vec.norm() > self.max_update_norm:
+                    raise BadReply("norm_too_large", f"{float(vec.norm()):.3g}")
+                client_time += float(metrics["client-time-s"])
+                by_pid[pid] = (vec, metrics)
+            except BadReply as err:
+                reasons[err.reason] += 1
+                log.warning("rejected reply: %s", err)
+        accepted = [(pid, *by_pid[pid]) for pid in sorted(by_pid)]  # order by partition id
+        return accepted, reasons, {"bytes_up": bytes_up, "client_time_s": client_time}
+
+    def _apply_adversary(
+        self, updates: torch.Tensor, ids: list[int], server_round: int
+    ) -> torch.Tensor:
+        """Simulation only: the omniscient attack sees the honest rows and rewrites Byzantine ones."""
+        assert self.adversary is not None
+        byz = [i for i, pid in enumerate(ids) if pid in self.byzantine_ids]
+        honest = [i for i, pid in enumerate(ids) if pid not in self.byzantine_ids]
+        if not byz or not honest:
+            return updates
+        g = generator(self.seed, server_round, "omniscient", device=updates.device)
+        fake = self.adversary(
+            updates[honest], len(byz), generator=g, aggregator=lambda x: self.aggregator(x).vector
+        )
+        out = updates.clone()
+        out[byz] = fake.to(out.dtype)
+        return out
+
+    def _server_step(self, x: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+        if self.momentum == 0.0:
+            return x - direction
+        buf = self._momentum_buf
+        buf = direction.clone() if buf is None else self.momentum * buf + direction
+        self._momentum_buf = buf
+        step = direction + self.momentum * buf if self.nesterov else buf
+        return x - step
+
+    def _flatten(self, arrays: ArrayRecord) -> tuple[torch.Tensor, FlatSpec]:
+        state = arrays.to_torch_state_dict()
+        flat, spec = flatten_state(state)
+        self._passthrough = {k: v for k, v in state.items() if not v.is_floating_point()}
+        return flat.to(self.device, torch.float32), spec
+
+    def _to_arrays(self, x: torch.Tensor) -> ArrayRecord:
+        assert self._spec is not None
+        state = unflatten_state(x.detach().cpu(), self._spec, passthrough=self._passthrough)
+        return ArrayRecord(state)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _agg_diag(res: AggregationResult) -> dict[str, float]:
+    diag: dict[str, float] = {
+        "gm_iterations": float(res.iterations),
+        "gm_converged": float(res.converged),
+    }
+    diag.update({k: float(v) for k, v in (res.extra or {}).items()})
+    return diag

@@ -1,0 +1,117 @@
+"""Every YAML composes against its schema; cross-field checks; the CLI's bad-config path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from fedbgmd.cli import check_config
+from fedbgmd.config import ConfigError, register_configs, validate
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = ["data", "model", "strategy", "client", "attack", "engine"]
+
+
+def compose_cfg(*overrides: str):
+    register_configs()
+    with initialize_config_module("fedbgmd.conf", version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def all_options():
+    for group in GROUPS:
+        for path in sorted((CONF / group).glob("*.yaml")):
+            yield group, path.stem
+
+
+@pytest.mark.parametrize("group, option", list(all_options()))
+def test_every_group_option_composes_and_validates(group, option):
+    overrides = [f"{group}={option}"]
+    if group == "strategy" and option in ("krum", "multikrum", "bulyan"):
+        overrides.append("num_clients=8")
+    cfg = compose_cfg(*overrides)
+    check_config(cfg)
+    assert cfg[group] is not None
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_every_experiment_composes_and_validates(experiment):
+    cfg = compose_cfg(f"+experiment={experiment}")
+    check_config(cfg)
+
+
+def test_required_group_names_exist():
+    names = {g: {p.stem for p in (CONF / g).glob("*.yaml")} for g in GROUPS}
+    assert {"fedbgmd", "fedavg", "gm", "cm"} <= names["strategy"]
+    assert {"fashion_mnist", "synthetic"} <= names["data"]
+
+
+def test_misspelt_key_fails_at_composition_naming_it():
+    with pytest.raises(ConfigKeyError, match="num_clinets"):
+        compose_cfg("num_clinets=3")
+
+
+def test_wrong_type_fails_at_composition():
+    with pytest.raises(ValidationError, match="num_rounds"):
+        compose_cfg("num_rounds=many")
+
+
+def test_cross_field_errors_are_collected_into_one_message():
+    cfg = compose_cfg(
+        "attack=bit_flip",
+        "attack.fraction=0.6",
+        "strategy.block.beta=0",
+        "client.quantization.bits=20",
+    )
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    text = str(info.value)
+    assert "attack.fraction" in text and "strategy.block.beta" in text and "bits" in text
+    assert len(info.value.problems) == 3
+
+
+def test_bulyan_needs_4f_plus_3_clients():
+    cfg = compose_cfg("strategy=bulyan", "strategy.aggregator.params.f=2", "num_clients=10")
+    with pytest.raises(ConfigError, match="4f\\+3"):
+        validate(cfg)
+
+
+def test_unknown_aggregator_and_attack_param_are_reported_at_startup():
+    cfg = compose_cfg(
+        "strategy.aggregator.name=medianish", "attack=bit_flip", "+attack.params.scal=3"
+    )
+    with pytest.raises(ConfigError) as info:
+        check_config(cfg)
+    assert "medianish" in str(info.value) and "scal" in str(info.value)
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", "from fedbgmd.cli import entry; entry()", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("strategy=fedbgmx", "fedbgmx"),
+        ("num_clinets=3", "num_clinets"),
+        ("num_rounds=many", "num_rounds"),
+        ("attack=bit_flip attack.fraction=0.7", "attack.fraction"),
+    ],
+)
+def test_cli_bad_config_exits_2_with_one_clear_message(tmp_path, override, needle):
+    proc = run_cli(*override.split(), "hydra.run.dir=" + str(tmp_path / "run"), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "run" / "summary.json").exists()

@@ -1,0 +1,246 @@
+"""RobustStrategy fed with mock replies (no Ray, no ClientApp): math, ordering, defences."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedbgmd.core import get_aggregator
+from fedbgmd.strategies import RobustStrategy
+from fedbgmd.wire import build_reply_content, encode_update
+
+D = 12
+
+
+def initial_arrays(seed: int = 0) -> ArrayRecord:
+    g = torch.Generator().manual_seed(seed)
+    return ArrayRecord({"w": torch.randn(3, 4, generator=g)})
+
+
+def make_strategy(agg: str = "mean", n: int = 5, **kw) -> RobustStrategy:
+    s = RobustStrategy(
+        aggregator=get_aggregator(agg, **kw.pop("agg_params", {})),
+        num_clients=n,
+        clients_per_round=kw.pop("clients_per_round", n),
+        **kw,
+    )
+    s.set_node_map({100 + p: p for p in range(n)})
+    return s
+
+
+def reply_for(ins: Message, content: RecordDict | None = None, error: bool = False) -> Message:
+    from flwr.app import Error
+
+    reply = (
+        Message(Error(code=1, reason="boom"), reply_to=ins)
+        if error
+        else Message(content, reply_to=ins)
+    )
+    reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+    return reply
+
+
+def send(strategy: RobustStrategy, arrays: ArrayRecord, rnd: int = 1) -> list[Message]:
+    msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid=None))
+    for m in msgs:
+        m.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+    return msgs
+
+
+def honest_content(update: torch.Tensor, pid: int, **quant) -> RecordDict:
+    arrays, q = encode_update(update, **quant)
+    metrics = {"num-examples": 10, "train-loss": 0.5, "partition-id": pid, "client-time-s": 0.01}
+    return build_reply_content(arrays, q, metrics)
+
+
+def updates(n: int = 5, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, D, generator=torch.Generator().manual_seed(seed))
+
+
+def flat(arrays: ArrayRecord) -> torch.Tensor:
+    return arrays.to_torch_state_dict()["w"].reshape(-1)
+
+
+def run_round(strategy, arrays, ups, rnd=1, order=None, extra=None):
+    msgs = send(strategy, arrays, rnd)
+    pid_of = strategy.node_to_partition
+    replies = [
+        reply_for(
+            m, honest_content(ups[pid_of[m.metadata.dst_node_id]], pid_of[m.metadata.dst_node_id])
+        )
+        for m in msgs
+    ]
+    if extra:
+        replies = [
+            extra.get(pid_of[m.metadata.dst_node_id], lambda r, m: r)(r, m)
+            for r, m in zip(replies, msgs)
+        ]
+    if order is not None:
+        replies = [replies[i] for i in order]
+    return strategy.aggregate_train(rnd, replies)
+
+
+def test_mean_step_matches_manual_computation():
+    s, x0, ups = make_strategy("mean"), initial_arrays(), updates()
+    new, metrics = run_round(s, x0, ups)
+    torch.testing.assert_close(flat(new), flat(x0) - ups.mean(0), rtol=0, atol=1e-6)
+    assert metrics["replies-accepted"] == 5
+
+
+def test_reply_order_does_not_change_the_result():
+    x0, ups = initial_arrays(), updates()
+    a, _ = run_round(make_strategy("gm"), x0, ups, order=[0, 1, 2, 3, 4])
+    b, _ = run_round(make_strategy("gm"), x0, ups, order=[4, 2, 0, 3, 1])
+    assert torch.equal(flat(a), flat(b))
+
+
+def test_block_step_with_full_block_and_no_memory_is_plain_gm():
+    x0, ups = initial_arrays(), updates()
+    plain, _ = run_round(make_strategy("gm"), x0, ups)
+    block, _ = run_round(make_strategy("gm", block=True, beta=1.0, memory="none"), x0, ups)
+    torch.testing.assert_close(flat(block), flat(plain), rtol=0, atol=1e-6)
+
+
+def test_block_step_records_diagnostics_and_keeps_memory_per_partition():
+    s = make_strategy("gm", block=True, beta=0.25, memory="per_client")
+    run_round(s, initial_arrays(), updates())
+    info = s.round_info[1]
+    assert 0 < info["relative_residual"] < 1
+    assert info["memory_norm"] > 0
+    assert info["gm_iterations"] >= 1
+    state = s.state_dict()["memory"]
+    assert state is not None
+
+
+@pytest.mark.parametrize(
+    "corrupt, reason",
+    [
+        (lambda r, m: reply_for(m, error=True), "client_error"),
+        (
+            lambda r, m: reply_for(m, honest_content(torch.full((D,), float("nan")), 0)),
+            "non_finite",
+        ),
+        (lambda r, m: reply_for(m, honest_content(torch.zeros(D + 1), 0)), "wrong_shape"),
+        (
+            lambda r, m: reply_for(m, RecordDict({"metrics": MetricRecord({"x": 1})})),
+            "missing_record",
+        ),
+    ],
+)
+def test_bad_replies_are_rejected_with_their_reason_and_do_not_touch_the_model(corrupt, reason):
+    x0, ups = initial_arrays(), updates()
+    s = make_strategy("mean")
+    new, _ = run_round(s, x0, ups, extra={0: corrupt})
+    info = s.round_info[1]
+    assert info["replies_rejected"] == 1 and info["rejections"] == {reason: 1}
+    torch.testing.assert_close(flat(new), flat(x0) - ups[1:].mean(0), rtol=0, atol=1e-6)
+
+
+def _content_with_arrays(arrays: dict[str, np.ndarray], pid: int) -> RecordDict:
+    q = ConfigRecord({"method": "none", "bits": 8, "numel": D})
+    metrics = {"num-examples": 10, "train-loss": 0.5, "partition-id": pid, "client-time-s": 0.0}
+    return RecordDict(
+        {
+            "update": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            "quant": q,
+            "metrics": MetricRecord(metrics),
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    "arrays, reason",
+    [
+        ({"update": np.zeros(D, dtype=np.float64)}, "wrong_dtype"),
+        ({"update": np.zeros(D, np.float32), "x": np.zeros(2, np.float32)}, "unexpected_keys"),
+        ({"other": np.zeros(D, np.float32)}, "unexpected_keys"),
+        ({"update": np.zeros((D, 2), np.float32)}, "wrong_shape"),
+        ({"update": np.zeros(D * 1000, np.float32)}, "too_large"),
+    ],
+)
+def test_malformed_arrays_are_rejected(arrays, reason):
+    s = make_strategy("mean")
+    x0, ups = initial_arrays(), updates()
+    new, _ = run_round(
+        s, x0, ups, extra={2: lambda r, m: reply_for(m, _content_with_arrays(arrays, 2))}
+    )
+    assert s.round_info[1]["rejections"] == {reason: 1}
+    torch.testing.assert_close(flat(new), flat(x0) - ups[[0, 1, 3, 4]].mean(0), atol=1e-6, rtol=0)
+
+
+def test_a_reply_claiming_another_partition_is_rejected():
+    s = make_strategy("mean")
+    run_round(
+        s,
+        initial_arrays(),
+        updates(),
+        extra={1: lambda r, m: reply_for(m, honest_content(torch.zeros(D), 3))},
+    )
+    assert s.round_info[1]["rejections"] == {"wrong_partition": 1}
+
+
+def test_round_is_skipped_below_min_replies():
+    s = make_strategy("mean", min_replies=5)
+    new, metrics = run_round(
+        s, initial_arrays(), updates(), extra={0: lambda r, m: reply_for(m, error=True)}
+    )
+    assert new is None and metrics is None
+    assert "min_replies" in s.round_info[1]["skipped"]
+
+
+def test_quantized_replies_are_dequantized_and_count_fewer_bytes():
+    x0, ups = initial_arrays(), updates()
+    s = make_strategy("mean")
+    msgs = send(s, x0)
+    pid = s.node_to_partition
+    replies = [
+        reply_for(
+            m,
+            honest_content(
+                ups[pid[m.metadata.dst_node_id]],
+                pid[m.metadata.dst_node_id],
+                method="qsgd",
+                bits=16,
+            ),
+        )
+        for m in msgs
+    ]
+    new, _ = s.aggregate_train(1, replies)
+    torch.testing.assert_close(flat(new), flat(x0) - ups.mean(0), atol=1e-3, rtol=0)
+    assert s.round_info[1]["bytes_up"] < 5 * D * 4
+
+
+def test_sampling_is_seeded_and_sized():
+    a = make_strategy("mean", n=20, clients_per_round=7, seed=3)
+    b = make_strategy("mean", n=20, clients_per_round=7, seed=3)
+    draws = [a.sample_partitions(r) for r in range(1, 6)]
+    assert draws == [b.sample_partitions(r) for r in range(1, 6)]
+    assert all(len(d) == 7 == len(set(d)) for d in draws)
+    assert len({tuple(d) for d in draws}) > 1  # changes across rounds
+
+
+def test_omniscient_adversary_rewrites_only_byzantine_rows():
+    class Constant:
+        def __call__(self, honest, num_byzantine, *, generator, aggregator=None):
+            return torch.full((num_byzantine, honest.shape[1]), 7.0)
+
+    s = make_strategy("mean", adversary=Constant(), byzantine_ids=[1, 3])
+    x0, ups = initial_arrays(), updates()
+    new, _ = run_round(s, x0, ups)
+    expected = ups.clone()
+    expected[[1, 3]] = 7.0
+    torch.testing.assert_close(flat(new), flat(x0) - expected.mean(0), atol=1e-6, rtol=0)
+
+
+def test_server_momentum_accumulates():
+    s = make_strategy("mean", server_momentum=0.5)
+    x0 = initial_arrays()
+    ups = updates()
+    x1, _ = run_round(s, x0, ups, rnd=1)
+    x2, _ = run_round(s, x1, ups, rnd=2)
+    g = ups.mean(0)
+    torch.testing.assert_close(flat(x2), flat(x0) - g - (0.5 * g + g), atol=1e-5, rtol=0)
