@@ -1,0 +1,53 @@
+"""fedbgmd.core — pure-torch math of FL-BGMD: geometric median, aggregators, block selection,
+residual memory, the block step, quantization and model flattening.
+
+Imports only torch and the standard library (no flwr, no hydra). See docs/core.md.
+"""
+
+from fedbgmd.core.aggregation import (
+    AggregationResult,
+    Aggregator,
+    available_aggregators,
+    get_aggregator,
+    register_aggregator,
+)
+from fedbgmd.core.bgmd import BlockStepResult, bgmd_step
+from fedbgmd.core.flatten import FlatSpec, flatten_state, unflatten_state
+from fedbgmd.core.geometric_median import GMResult, geometric_median
+from fedbgmd.core.memory import MeanMemory, Memory, NoMemory, PerClientMemory, make_memory
+from fedbgmd.core.nonfinite import drop_nonfinite_rows
+from fedbgmd.core.quantization import QuantizedTensor, dequantize, quantize
+from fedbgmd.core.selection import (
+    available_selectors,
+    column_sq_norms,
+    register_selector,
+    select_block,
+)
+
+__all__ = [
+    "AggregationResult",
+    "Aggregator",
+    "BlockStepResult",
+    "FlatSpec",
+    "GMResult",
+    "MeanMemory",
+    "Memory",
+    "NoMemory",
+    "PerClientMemory",
+    "QuantizedTensor",
+    "available_aggregators",
+    "available_selectors",
+    "bgmd_step",
+    "column_sq_norms",
+    "dequantize",
+    "drop_nonfinite_rows",
+    "flatten_state",
+    "geometric_median",
+    "get_aggregator",
+    "make_memory",
+    "quantize",
+    "register_aggregator",
+    "register_selector",
+    "select_block",
+    "unflatten_state",
+]

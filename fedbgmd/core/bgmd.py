@@ -1,0 +1,113 @@
+r"""One server step of FL-BGMD (SPEC §3.3/§3.5; Algorithm 3 of Acharya et al., AISTATS 2022).
+
+Given the round's stacked messages :math:`G_t \in \mathbb{R}^{n\times d}` (one row per client id):
+
+1. :math:`P_t = \gamma_s G_t + M_t` (memory rows of the present clients; ``mean`` memory adds
+   :math:`\hat m_t` to every row; ``none`` adds nothing);
+2. :math:`I_k` = ``select_block`` on :math:`P_t` (column squared norms, k columns);
+3. :math:`\Delta_t = P_t[:, I_k] \in \mathbb{R}^{n\times k}`;
+4. :math:`M_{t+1} = P_t - C_k(P_t)` is stored (per client / as the row mean / discarded) —
+   *before* aggregation, so the memory is consistent even if the aggregator raises;
+5. :math:`\tilde g = \mathrm{Agg}(\Delta_t) \in \mathbb{R}^k`, scattered into :math:`0 \in \mathbb{R}^d`.
+
+The server then applies :math:`x_{t+1} = x_t - \tilde g` (sign conventions are the caller's).
+Diagnostics: relative residual :math:`\lVert P - C_k(P)\rVert^2 / \lVert P\rVert^2` (computed from
+the column norms, Lemma 1) and the memory norm.
+
+Non-finite policy: rows of :math:`G_t` with NaN/Inf are dropped *before* touching the memory
+(those clients' residuals are left unchanged) and counted in ``aggregation.n_dropped``.
+With k = d, memory ``none`` and step size 1 the result equals ``aggregator(G_t).vector`` exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fedbgmd.core.aggregation import AggregationResult, Aggregator
+from fedbgmd.core.memory import Memory
+from fedbgmd.core.nonfinite import drop_nonfinite_rows
+from fedbgmd.core.selection import column_sq_norms, select_from_norms
+
+__all__ = ["BlockStepResult", "bgmd_step"]
+
+
+@dataclass(frozen=True)
+class BlockStepResult:
+    """Result of :func:`bgmd_step`.
+
+    Attributes:
+        vector: (d,) aggregated block scattered into zeros, dtype/device of the input.
+        selected: (k,) sorted int64 column indices I_k.
+        aggregation: the aggregator's result on the (n, k) block.
+        relative_residual: ||P − C_k(P)||² / ||P||² (0 when P = 0).
+        memory_norm: Frobenius norm of the memory after the step.
+    """
+
+    vector: Tensor
+    selected: Tensor
+    aggregation: AggregationResult
+    relative_residual: float
+    memory_norm: float
+
+
+def _finite_rows(x: Tensor, client_ids: list[int]) -> tuple[Tensor, list[int], int]:
+    xf, _, n_dropped = drop_nonfinite_rows(x)
+    if n_dropped == 0:
+        return x, client_ids, 0
+    ok = torch.isfinite(x).all(dim=1).tolist()
+    return xf, [c for c, keep in zip(client_ids, ok) if keep], n_dropped
+
+
+def bgmd_step(
+    x: Tensor,
+    aggregator: Aggregator,
+    k: int,
+    memory: Memory,
+    client_ids: Sequence[int],
+    step_size: float = 1.0,
+    selector: str = "sample",
+    generator: torch.Generator | None = None,
+) -> BlockStepResult:
+    """One block-coordinate aggregation step with residual memory (see module docstring).
+
+    Args:
+        x: (n, d) messages G_t, one row per entry of ``client_ids``.
+        aggregator: any registered aggregator (GM for FL-BGMD).
+        k: block size, 1 <= k <= d.
+        memory: a memory from :func:`fedbgmd.core.make_memory` with ``dim == d``.
+        client_ids: stable int ids of the rows (distinct).
+        step_size: γ_s scaling the messages.
+        selector: registered selector name.
+        generator: torch.Generator on ``x.device`` for random selectors.
+    """
+    ids = [int(c) for c in client_ids]
+    if x.ndim != 2 or len(ids) != x.shape[0]:
+        raise ValueError(f"need one client id per row: {len(ids)} ids, shape {tuple(x.shape)}")
+    xf, ids, n_dropped = _finite_rows(x, ids)
+    d = xf.shape[1]
+    if not 1 <= k <= d:
+        raise ValueError(f"block size k must be in [1, d={d}], got {k}")
+    p = memory.combine(xf, step_size, ids)
+    s = column_sq_norms(p)
+    sel = select_from_norms(s, k, selector, generator)
+    delta = p if k == d else p.index_select(1, sel)
+    total = float(s.sum(dtype=torch.float64))
+    kept = float(s.index_select(0, sel).sum(dtype=torch.float64))
+    rel = max(total - kept, 0.0) / total if total > 0 else 0.0
+    if k == d and delta is not x:
+        delta = delta.clone()
+    memory.commit(ids, p, sel)
+    agg = aggregator(delta)
+    if n_dropped:
+        agg = dataclasses.replace(agg, n_dropped=agg.n_dropped + n_dropped)
+    if k == d:
+        vec = agg.vector
+    else:
+        vec = torch.zeros(d, dtype=agg.vector.dtype, device=agg.vector.device)
+        vec.index_copy_(0, sel, agg.vector)
+    return BlockStepResult(vec, sel, agg, rel, memory.norm())

@@ -1,0 +1,206 @@
+r"""Geometric median oracle GM(ε) by smoothed Weiszfeld iterations (SPEC §3.1).
+
+Problem: given rows :math:`x_1, \dots, x_n \in \mathbb{R}^d` and weights :math:`w_i \ge 0`
+(default 1), find :math:`y^\star = \arg\min_y f(y)`, :math:`f(y) = \sum_i w_i \lVert y - x_i\rVert_2`.
+
+Smoothed Weiszfeld (Weiszfeld 1937; smoothing as in Pillutla, Kakade & Harchaoui, "Robust
+Aggregation for Federated Learning", IEEE TSP 2022):
+
+.. math::
+    \beta_i^{(t)} = \frac{w_i}{\max(\lVert x_i - y^{(t)}\rVert, \nu)}, \qquad
+    y^{(t+1)} = \frac{\sum_i \beta_i^{(t)} x_i}{\sum_i \beta_i^{(t)}}
+
+with ν > 0 the distance floor (a row equal to the iterate cannot divide by zero). Stop when the
+relative change of the objective :math:`|f(y^{(t-1)}) - f(y^{(t)})| \le \varepsilon f(y^{(t)})`
+or after ``max_iter`` updates; on non-convergence the best iterate so far is returned with
+``converged=False`` (never a zero vector).
+
+Two solvers compute the same iterates:
+
+* ``direct`` works on the (n, d) matrix: each iteration reads the data twice (distances, then the
+  weighted sum). Distances are accumulated in float64. The objective is tested every
+  ``check_every`` iterations so the device is synchronised only then.
+* ``gram`` uses that every iterate after the first is a convex combination :math:`y = X^\top \alpha`
+  of the rows. With rows centred at a reference row c, :math:`\tilde X = X - 1 c^\top` and
+  :math:`G = \tilde X \tilde X^\top` (n×n, float64 accumulation over column chunks),
+  :math:`\lVert x_i - X^\top\alpha\rVert^2 = G_{ii} - 2 (G\alpha)_i + \alpha^\top G \alpha`
+  whenever :math:`\sum_j \alpha_j = 1` (clamped at 0 against rounding). The data are read once for G
+  and once for the final :math:`X^\top\alpha`; the O(n²) iterations run on the host in float64. The
+  reference row is the medoid of a column sketch; if the medoid under the full Gram distances is a
+  different row and the first centre is far from the bulk (median centred norm² more than 100× the
+  median squared distance from the medoid), G is recomputed centred at the true medoid, so
+  outliers never cause cancellation in the distances between inliers. The gram solver always
+  starts from the weighted mean (its iterations are cheap), so ``init`` affects ``direct`` only.
+
+``solver="auto"`` picks ``gram`` when d >= 4 n (measured on CPU and GPU, see docs/core.md).
+
+Example:
+    >>> import torch
+    >>> from fedbgmd.core import geometric_median
+    >>> r = geometric_median(torch.tensor([[0.0], [1.0], [10.0]]))
+    >>> round(float(r.median[0]), 4), r.converged
+    (1.0, True)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fedbgmd.core.coordinatewise import coordinate_median
+from fedbgmd.core.gram import robust_centred_gram
+from fedbgmd.core.nonfinite import validate_matrix, validate_weights
+
+__all__ = ["GMResult", "geometric_median"]
+
+_SOLVERS = ("auto", "direct", "gram")
+_INITS = ("median", "mean")
+
+
+@dataclass(frozen=True)
+class GMResult:
+    """Result of :func:`geometric_median`.
+
+    Attributes:
+        median: (d,) the geometric median estimate, dtype/device of the input.
+        iterations: Weiszfeld updates performed.
+        converged: True iff the stopping rule was met before ``max_iter``.
+        objective: :math:`\\sum_i w_i \\lVert y - x_i \\rVert` at the returned point.
+        weights: (n,) final Weiszfeld weights :math:`\\beta_i / \\sum_j \\beta_j` (sum 1); small
+            values mark rows that were down-weighted.
+        solver: "direct" or "gram".
+    """
+
+    median: Tensor
+    iterations: int
+    converged: bool
+    objective: float
+    weights: Tensor
+    solver: str
+
+
+def geometric_median(
+    x: Tensor,
+    weights: Tensor | None = None,
+    eps: float = 1e-6,
+    max_iter: int = 1000,
+    nu: float = 1e-8,
+    init: str = "median",
+    solver: str = "auto",
+    check_every: int = 8,
+) -> GMResult:
+    """ε-approximate geometric median of the rows of ``x`` (see module docstring for the math).
+
+    Args:
+        x: (n, d) float tensor on any device; must be finite (aggregators drop non-finite rows).
+        weights: optional (n,) non-negative weights with positive sum.
+        eps: relative objective-change tolerance, > 0.
+        max_iter: maximum number of Weiszfeld updates, >= 1.
+        nu: distance floor ν > 0 of the smoothed iteration.
+        init: "median" (coordinate-wise median) or "mean" starting point (direct solver).
+        solver: "auto", "direct" or "gram".
+        check_every: test the stopping rule every this many iterations (direct solver).
+
+    Raises:
+        ValueError: on invalid arguments or shapes.
+    """
+    validate_matrix(x)
+    validate_weights(weights, x.shape[0])
+    if not eps > 0 or not nu > 0:
+        raise ValueError(f"eps and nu must be > 0, got eps={eps}, nu={nu}")
+    if max_iter < 1 or check_every < 1:
+        raise ValueError(f"max_iter and check_every must be >= 1, got {max_iter}, {check_every}")
+    if init not in _INITS:
+        raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+    if solver not in _SOLVERS:
+        raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}")
+    n, d = x.shape
+    if solver == "auto":
+        solver = "gram" if d >= 4 * n else "direct"
+    w = _normalised_weights(weights, n, x.device)
+    if n == 1:
+        return GMResult(
+            x[0].clone(), 0, True, 0.0, torch.ones(1, dtype=x.dtype, device=x.device), solver
+        )
+    if solver == "gram":
+        return _gram(x, w, eps, max_iter, nu)
+    return _direct(x, w, eps, max_iter, nu, init, check_every)
+
+
+def _normalised_weights(weights: Tensor | None, n: int, device: torch.device) -> Tensor:
+    if weights is None:
+        return torch.full((n,), 1.0 / n, dtype=torch.float64, device=device)
+    w = weights.to(device=device, dtype=torch.float64)
+    return w / w.sum()
+
+
+def _direct(
+    x: Tensor, w: Tensor, eps: float, max_iter: int, nu: float, init: str, check_every: int
+) -> GMResult:
+    if init == "median":
+        y = coordinate_median(x)
+    else:
+        y = w.to(x.dtype) @ x
+    best_y, best_f = y, torch.tensor(math.inf, dtype=torch.float64, device=x.device)
+    f_prev = torch.tensor(math.inf, dtype=torch.float64, device=x.device)
+    coef = w
+    converged = False
+    it = 0
+    while True:
+        dist = torch.linalg.vector_norm(x - y, dim=1, dtype=torch.float64)
+        f = (w * dist).sum()
+        better = f < best_f
+        best_y = torch.where(better, y, best_y)
+        best_f = torch.where(better, f, best_f)
+        stop_check = it == max_iter or (it > 0 and it % check_every == 0)
+        if stop_check:
+            fv, fp = float(f), float(f_prev)
+            if fv == 0.0 or abs(fp - fv) <= eps * fv:
+                converged = True
+                break
+            if it == max_iter:
+                break
+        inv = w / dist.clamp_min(nu)
+        coef = inv / inv.sum()
+        y = coef.to(x.dtype) @ x
+        f_prev = f
+        it += 1
+    return GMResult(best_y, it, converged, float(best_f), coef.to(x.dtype), "direct")
+
+
+def _gram(x: Tensor, w_dev: Tensor, eps: float, max_iter: int, nu: float) -> GMResult:
+    g, c_idx = robust_centred_gram(x, w_dev)
+    w = w_dev.cpu()
+    alpha, f, it, converged = _weiszfeld_gram(g, w, eps, max_iter, nu)
+    if f == 0.0:
+        median = x[c_idx].clone()
+    else:
+        median = alpha.to(device=x.device, dtype=x.dtype) @ x
+    return GMResult(median, it, converged, f, alpha.to(device=x.device, dtype=x.dtype), "gram")
+
+
+def _weiszfeld_gram(
+    g: Tensor, w: Tensor, eps: float, max_iter: int, nu: float
+) -> tuple[Tensor, float, int, bool]:
+    """Weiszfeld in coefficient space: returns (alpha of the best iterate, its objective, its, ok)."""
+    diag = g.diagonal()
+    alpha = w.clone()
+    best_alpha, best_f, f_prev = alpha, math.inf, math.inf
+    it = 0
+    while True:
+        ga = g @ alpha
+        dist = (diag - 2.0 * ga + alpha @ ga).clamp_min_(0.0).sqrt_()
+        f = float(w @ dist)
+        if f < best_f:
+            best_alpha, best_f = alpha, f
+        if f == 0.0 or abs(f_prev - f) <= eps * f:
+            return best_alpha, best_f, it, True
+        if it == max_iter:
+            return best_alpha, best_f, it, False
+        inv = w / dist.clamp_min_(nu)
+        alpha = inv / inv.sum()
+        f_prev = f
+        it += 1

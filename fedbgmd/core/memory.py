@@ -1,0 +1,228 @@
+r"""Residual (error-feedback) memory for block coordinate descent (SPEC §3.3).
+
+Each round the server forms :math:`P_t = \gamma_s G_t + M_t`, keeps the block :math:`C_k(P_t)` and
+stores the residual :math:`M_{t+1} = P_t - C_k(P_t)` (the columns outside the block).
+
+* ``per_client`` (Algorithm 3): one residual row per client, keyed by the client's stable int id,
+  so partial participation works: only the rows of the clients present in a round are read and
+  written. A client seen for the first time has a zero residual.
+* ``mean`` (Algorithm 1): one vector :math:`\hat m_t` added to every row;
+  :math:`\hat m_{t+1}` = mean over rows of :math:`P_t - C_k(P_t)`.
+* ``none``: no memory, :math:`P_t = \gamma_s G_t`.
+
+Protocol used by :func:`fedbgmd.core.bgmd_step`: ``combine(x, step_size, client_ids) -> P``
+returns a tensor owned by the memory (never the caller's ``x`` unless the memory keeps nothing) and
+``commit(client_ids, P, selected)`` stores the residual of P outside ``selected``; ``P`` may be
+modified in place. All memories have ``norm()``, ``state_dict()``, ``load_state_dict()``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["MeanMemory", "Memory", "NoMemory", "PerClientMemory", "make_memory"]
+
+
+class Memory(ABC):
+    """Base class of the residual memories; ``dim`` is the model dimension d."""
+
+    def __init__(
+        self, dim: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    ) -> None:
+        if dim < 1:
+            raise ValueError(f"memory dim must be >= 1, got {dim}")
+        self.dim = int(dim)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = dtype
+
+    def _check(self, x: Tensor, client_ids: Sequence[int]) -> None:
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"expected (n, {self.dim}) messages, got {tuple(x.shape)}")
+        if len(client_ids) != x.shape[0]:
+            raise ValueError(f"{len(client_ids)} client ids for {x.shape[0]} rows")
+        if len(set(client_ids)) != len(client_ids):
+            raise ValueError("client ids must be distinct")
+
+    @abstractmethod
+    def combine(self, x: Tensor, step_size: float, client_ids: Sequence[int]) -> Tensor:
+        """Return P = step_size * x + M for the given clients (the caller may modify it)."""
+
+    @abstractmethod
+    def commit(self, client_ids: Sequence[int], p: Tensor, selected: Tensor) -> None:
+        """Store the residual P − C_k(P) (P with the ``selected`` columns zeroed)."""
+
+    @abstractmethod
+    def norm(self) -> float:
+        """Frobenius norm of the whole stored residual."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpointable state (tensors and client ids)."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`."""
+
+
+class NoMemory(Memory):
+    """No error feedback: P = step_size * x, nothing stored."""
+
+    def combine(self, x: Tensor, step_size: float, client_ids: Sequence[int]) -> Tensor:
+        self._check(x, client_ids)
+        return x if step_size == 1.0 else x * step_size
+
+    def commit(self, client_ids: Sequence[int], p: Tensor, selected: Tensor) -> None:
+        return None
+
+    def norm(self) -> float:
+        return 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "none", "dim": self.dim}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "none" or state.get("dim") != self.dim:
+            raise ValueError("state_dict does not belong to a NoMemory of this dim")
+
+
+class MeanMemory(Memory):
+    """One residual vector m̂ (d,) shared by all rows (Algorithm 1)."""
+
+    def __init__(
+        self, dim: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    ) -> None:
+        super().__init__(dim, device, dtype)
+        self.m = torch.zeros(self.dim, device=self.device, dtype=dtype)
+
+    def combine(self, x: Tensor, step_size: float, client_ids: Sequence[int]) -> Tensor:
+        self._check(x, client_ids)
+        return torch.add(self.m.to(x.dtype), x, alpha=step_size)
+
+    def commit(self, client_ids: Sequence[int], p: Tensor, selected: Tensor) -> None:
+        m = p.mean(dim=0)
+        m[selected] = 0
+        self.m = m.to(device=self.device, dtype=self.dtype)
+
+    def norm(self) -> float:
+        return float(torch.linalg.vector_norm(self.m, dtype=torch.float64))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "mean", "dim": self.dim, "m": self.m.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "mean" or state["m"].shape != (self.dim,):
+            raise ValueError("state_dict does not belong to a MeanMemory of this dim")
+        self.m = state["m"].to(device=self.device, dtype=self.dtype).clone()
+
+
+class PerClientMemory(Memory):
+    """One residual row per client id, stored in a growable (capacity, d) matrix.
+
+    ``_rows`` maps a client id to its row; ``_row_sq`` caches each row's squared norm so that
+    :meth:`norm` costs O(#clients).
+    """
+
+    def __init__(
+        self, dim: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    ) -> None:
+        super().__init__(dim, device, dtype)
+        self._rows: dict[int, int] = {}
+        self._store = torch.zeros(0, self.dim, device=self.device, dtype=dtype)
+        self._row_sq = torch.zeros(0, dtype=torch.float64)
+
+    @property
+    def client_ids(self) -> list[int]:
+        """Ids with a stored residual, in row order."""
+        return sorted(self._rows, key=self._rows.__getitem__)
+
+    def _row_index(self, client_ids: Sequence[int]) -> list[int]:
+        new = [int(c) for c in client_ids if int(c) not in self._rows]
+        if new:
+            start = len(self._rows)
+            need = start + len(new)
+            if need > self._store.shape[0]:
+                cap = max(need, 2 * self._store.shape[0])
+                grown = torch.zeros(cap, self.dim, device=self.device, dtype=self.dtype)
+                grown[:start] = self._store[:start]
+                self._store = grown
+                sq = torch.zeros(cap, dtype=torch.float64)
+                sq[:start] = self._row_sq[:start]
+                self._row_sq = sq
+            for i, c in enumerate(new):
+                self._rows[c] = start + i
+        return [self._rows[int(c)] for c in client_ids]
+
+    def _contiguous(self, rows: list[int]) -> bool:
+        return rows == list(range(rows[0], rows[0] + len(rows)))
+
+    def combine(self, x: Tensor, step_size: float, client_ids: Sequence[int]) -> Tensor:
+        self._check(x, client_ids)
+        rows = self._row_index(client_ids)
+        if self._contiguous(rows) and x.dtype == self.dtype and x.device == self.device:
+            p = self._store[rows[0] : rows[0] + len(rows)]  # view: updated in place
+            return p.add_(x, alpha=step_size)
+        idx = torch.tensor(rows, device=self.device)
+        m = self._store.index_select(0, idx).to(device=x.device, dtype=x.dtype)
+        return m.add_(x, alpha=step_size)
+
+    def commit(self, client_ids: Sequence[int], p: Tensor, selected: Tensor) -> None:
+        rows = self._row_index(client_ids)
+        p[:, selected] = 0
+        if not (self._contiguous(rows) and p.data_ptr() == self._store[rows[0]].data_ptr()):
+            idx = torch.tensor(rows, device=self.device)
+            self._store.index_copy_(0, idx, p.to(device=self.device, dtype=self.dtype))
+        sq = torch.linalg.vector_norm(p, dim=1, dtype=torch.float64).square_().cpu()
+        self._row_sq[torch.tensor(rows)] = sq
+
+    def norm(self) -> float:
+        return float(self._row_sq[: len(self._rows)].sum().sqrt())
+
+    def residual(self, client_id: int) -> Tensor:
+        """Copy of the stored residual of ``client_id`` (zeros if never seen)."""
+        if int(client_id) not in self._rows:
+            return torch.zeros(self.dim, device=self.device, dtype=self.dtype)
+        return self._store[self._rows[int(client_id)]].clone()
+
+    def state_dict(self) -> dict[str, Any]:
+        ids = self.client_ids
+        return {
+            "kind": "per_client",
+            "dim": self.dim,
+            "client_ids": ids,
+            "rows": self._store[: len(ids)].clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "per_client" or state.get("dim") != self.dim:
+            raise ValueError("state_dict does not belong to a PerClientMemory of this dim")
+        ids = [int(c) for c in state["client_ids"]]
+        rows = state["rows"].to(device=self.device, dtype=self.dtype)
+        if rows.shape != (len(ids), self.dim):
+            raise ValueError("state_dict rows do not match its client ids")
+        self._rows = {c: i for i, c in enumerate(ids)}
+        self._store = rows.clone()
+        self._row_sq = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64).square_().cpu()
+
+
+_KINDS: dict[str, type[Memory]] = {
+    "per_client": PerClientMemory,
+    "mean": MeanMemory,
+    "none": NoMemory,
+}
+
+
+def make_memory(
+    kind: str,
+    dim: int,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Memory:
+    """Build a memory: ``"per_client"``, ``"mean"`` or ``"none"`` (unknown -> ValueError)."""
+    if kind not in _KINDS:
+        raise ValueError(f"unknown memory kind {kind!r}; valid: {sorted(_KINDS)}")
+    return _KINDS[kind](dim, device=device, dtype=dtype)

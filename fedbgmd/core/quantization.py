@@ -1,0 +1,133 @@
+r"""Message quantization Q_s for QBGMD (SPEC §3.4; Alistarh et al., QSGD, NeurIPS 2017).
+
+``method="qsgd"`` with b bits (1 <= b <= 16) per coordinate: one sign bit and a magnitude level
+:math:`\ell_j \in \{0, .., s\}`, :math:`s = 2^{b-1} - 1`. With :math:`r_j = s |v_j| / \lVert v\rVert_2`,
+:math:`\ell_j = \lfloor r_j \rfloor + \mathrm{Bernoulli}(r_j - \lfloor r_j \rfloor)` (unbiased
+stochastic rounding), and the decoded value is :math:`\lVert v\rVert_2\, \mathrm{sign}(v_j)\, \ell_j / s`,
+so :math:`\mathbb{E}[Q(v)] = v`. For b = 1 there is no magnitude bit (s = 0) and qsgd falls back to
+the scaled sign quantizer below (biased), documented rather than silently different.
+
+``method="sign"`` (1 bit; Bernstein et al., signSGD, 2018, scaled as in Karimireddy et al., EF-SGD,
+2019): :math:`Q(v)_j = (\lVert v\rVert_1 / d)\, \mathrm{sign}(v_j)` with sign(0) = +1. Biased,
+deterministic; ``bits`` must be 1.
+
+Packing: every coordinate becomes a b-bit code ``sign << (b-1) | level``; codes are bit-packed
+big-endian into a uint8 tensor (8 bits: one byte per value; 4 bits: two per byte; any b: ⌈n b / 8⌉
+bytes), so ``QuantizedTensor.nbytes`` = packed bytes + 4 bytes of float32 scale.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["QuantizedTensor", "dequantize", "quantize"]
+
+_METHODS = ("qsgd", "sign")
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A packed quantized tensor.
+
+    Attributes:
+        data: uint8 tensor of bit-packed b-bit codes (⌈numel·bits/8⌉ bytes).
+        scale: float32 0-d tensor (||v||₂ for qsgd, ||v||₁/d for sign).
+        shape: original shape.
+        bits: bits per coordinate.
+        method: "qsgd" or "sign".
+    """
+
+    data: Tensor
+    scale: Tensor
+    shape: tuple[int, ...]
+    bits: int
+    method: str
+
+    @property
+    def numel(self) -> int:
+        """Number of quantized coordinates."""
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on the wire: packed codes plus the float32 scale."""
+        return self.data.numel() * self.data.element_size() + 4
+
+
+def _pack(codes: Tensor, bits: int) -> Tensor:
+    """Bit-pack non-negative integer codes (< 2**bits) big-endian into uint8."""
+    if bits == 8:
+        return codes.to(torch.uint8)
+    shifts = torch.arange(bits - 1, -1, -1, device=codes.device, dtype=torch.int32)
+    bitmat = ((codes.to(torch.int32)[:, None] >> shifts) & 1).to(torch.uint8).reshape(-1)
+    pad = (-bitmat.numel()) % 8
+    if pad:
+        bitmat = torch.cat([bitmat, bitmat.new_zeros(pad)])
+    byte_w = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], device=codes.device, dtype=torch.int32)
+    return (bitmat.reshape(-1, 8).to(torch.int32) * byte_w).sum(dim=1).to(torch.uint8)
+
+
+def _unpack(data: Tensor, bits: int, numel: int) -> Tensor:
+    """Inverse of :func:`_pack`: int32 codes (numel,)."""
+    if bits == 8:
+        return data.to(torch.int32)
+    shifts = torch.arange(7, -1, -1, device=data.device, dtype=torch.int32)
+    bitmat = ((data.to(torch.int32)[:, None] >> shifts) & 1).reshape(-1)[: numel * bits]
+    weights = 2 ** torch.arange(bits - 1, -1, -1, device=data.device, dtype=torch.int32)
+    return (bitmat.reshape(numel, bits) * weights).sum(dim=1, dtype=torch.int32)
+
+
+def quantize(
+    v: Tensor, bits: int = 8, method: str = "qsgd", generator: torch.Generator | None = None
+) -> QuantizedTensor:
+    """Quantize and pack ``v`` (any shape, finite floating); see the module docstring.
+
+    Args:
+        v: tensor to quantize.
+        bits: bits per coordinate, 1..16 (``sign`` needs 1).
+        method: "qsgd" or "sign".
+        generator: torch.Generator on ``v.device`` for the stochastic rounding.
+
+    Raises:
+        ValueError: bits outside 1..16, unknown method, sign with bits != 1, non-finite input.
+    """
+    if method not in _METHODS:
+        raise ValueError(f"unknown quantization method {method!r}; valid: {list(_METHODS)}")
+    if not isinstance(bits, int) or not 1 <= bits <= 16:
+        raise ValueError(f"bits must be an int in 1..16, got {bits!r}")
+    if method == "sign" and bits != 1:
+        raise ValueError(f"sign quantization uses 1 bit, got bits={bits}")
+    if not v.is_floating_point() or not bool(torch.isfinite(v).all()):
+        raise ValueError("quantize needs a finite floating tensor")
+    flat = v.reshape(-1)
+    neg = flat < 0
+    if bits == 1:
+        scale = torch.linalg.vector_norm(flat, ord=1, dtype=torch.float64) / max(flat.numel(), 1)
+        codes = (~neg).to(torch.int32)
+        return QuantizedTensor(_pack(codes, 1), scale.float().cpu(), tuple(v.shape), 1, method)
+    s = 2 ** (bits - 1) - 1
+    norm = torch.linalg.vector_norm(flat, dtype=torch.float64)
+    safe = norm if float(norm) > 0 else torch.ones_like(norm)
+    r = flat.abs().to(torch.float64) * (s / safe)
+    u = torch.rand(r.shape, dtype=torch.float64, device=r.device, generator=generator)
+    level = torch.floor(r + u).clamp_(0, s).to(torch.int32)
+    codes = (neg.to(torch.int32) << (bits - 1)) | level
+    return QuantizedTensor(_pack(codes, bits), norm.float().cpu(), tuple(v.shape), bits, method)
+
+
+def dequantize(q: QuantizedTensor) -> Tensor:
+    """Decode a :class:`QuantizedTensor` to a float32 tensor of its original shape."""
+    codes = _unpack(q.data, q.bits, q.numel)
+    scale = q.scale.to(device=codes.device, dtype=torch.float64)
+    if q.bits == 1:
+        vals = (codes.to(torch.float64) * 2.0 - 1.0) * scale
+        return vals.float().reshape(q.shape)
+    s = 2 ** (q.bits - 1) - 1
+    sign: Tensor = 1.0 - 2.0 * (codes >> (q.bits - 1)).to(torch.float64)
+    level = (codes & s).to(torch.float64)
+    out: Tensor = sign * level * (scale / s)
+    return out.float().reshape(q.shape)
