@@ -55,7 +55,7 @@ class NormClipping(Aggregator):
 
     def _aggregate(self, x: Tensor, weights: Tensor | None) -> AggregationResult:
         norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)
-        tau = float(norms.median()) if self.tau is None else self.tau
+        tau = float(torch.quantile(norms, 0.5)) if self.tau is None else self.tau
         fac = torch.where(norms > tau, tau / norms.clamp_min(1e-300), torch.ones_like(norms))
         coef = fac * _bar_w(weights, x.shape[0], x.device)
         return AggregationResult(coef.to(x.dtype) @ x, weights=fac.to(x.dtype), extra={"tau": tau})

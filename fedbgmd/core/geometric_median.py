@@ -12,8 +12,14 @@ Aggregation for Federated Learning", IEEE TSP 2022):
 
 with ν > 0 the distance floor (a row equal to the iterate cannot divide by zero). Stop when the
 relative change of the objective :math:`|f(y^{(t-1)}) - f(y^{(t)})| \le \varepsilon f(y^{(t)})`
-or after ``max_iter`` updates; on non-convergence the best iterate so far is returned with
-``converged=False`` (never a zero vector).
+*and* the relative change of the iterate :math:`\lVert y^{(t)} - y^{(t-1)}\rVert \le \varepsilon
+\max(\mathrm{med}_i \lVert x_i - y^{(t)}\rVert, \nu)` (the objective alone is dominated by far
+outliers, so it would stop while the iterate still moves on the inliers' scale), or after
+``max_iter`` updates; on non-convergence the last iterate is returned with ``converged=False``
+(never a zero vector). Weiszfeld decreases f monotonically, so the last iterate is the best so
+far; the direct solver returns it rather than the argmin of noisy objective values (with far
+outliers f is dominated by their distances and its rounding noise exceeds the inliers' progress);
+the gram solver, whose objective is computed exactly from G, returns the best iterate.
 
 Two solvers compute the same iterates:
 
@@ -44,6 +50,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -58,6 +65,7 @@ __all__ = ["GMResult", "geometric_median"]
 
 _SOLVERS = ("auto", "direct", "gram")
 _INITS = ("median", "mean")
+_DIRECT_FLOAT64_NUMEL = 1 << 24  # direct solver works on a float64 copy up to this size
 
 
 @dataclass(frozen=True)
@@ -126,8 +134,11 @@ def geometric_median(
             x[0].clone(), 0, True, 0.0, torch.ones(1, dtype=x.dtype, device=x.device), solver
         )
     if solver == "gram":
-        return _gram(x, w, eps, max_iter, nu)
-    return _direct(x, w, eps, max_iter, nu, init, check_every)
+        r = _gram(x, w, eps, max_iter, nu)
+    else:
+        r = _direct(x, w, eps, max_iter, nu, init, check_every)
+    total = float(n) if weights is None else float(weights.sum())
+    return dataclasses.replace(r, objective=r.objective * total)
 
 
 def _normalised_weights(weights: Tensor | None, n: int, device: torch.device) -> Tensor:
@@ -140,35 +151,35 @@ def _normalised_weights(weights: Tensor | None, n: int, device: torch.device) ->
 def _direct(
     x: Tensor, w: Tensor, eps: float, max_iter: int, nu: float, init: str, check_every: int
 ) -> GMResult:
-    if init == "median":
-        y = coordinate_median(x)
-    else:
-        y = w.to(x.dtype) @ x
-    best_y, best_f = y, torch.tensor(math.inf, dtype=torch.float64, device=x.device)
+    xw = x.to(torch.float64) if x.numel() <= _DIRECT_FLOAT64_NUMEL else x
+    y = coordinate_median(xw) if init == "median" else w.to(xw.dtype) @ xw
     f_prev = torch.tensor(math.inf, dtype=torch.float64, device=x.device)
-    coef = w
+    y_prev, coef, f = y, w, f_prev
     converged = False
     it = 0
     while True:
-        dist = torch.linalg.vector_norm(x - y, dim=1, dtype=torch.float64)
+        dist = torch.linalg.vector_norm(xw - y, dim=1, dtype=torch.float64)
         f = (w * dist).sum()
-        better = f < best_f
-        best_y = torch.where(better, y, best_y)
-        best_f = torch.where(better, f, best_f)
-        stop_check = it == max_iter or (it > 0 and it % check_every == 0)
-        if stop_check:
-            fv, fp = float(f), float(f_prev)
-            if fv == 0.0 or abs(fp - fv) <= eps * fv:
+        if it == max_iter or (it > 0 and it % check_every == 0):
+            step = float(torch.linalg.vector_norm(y - y_prev, dtype=torch.float64))
+            if _stop(float(f), float(f_prev), step, float(dist.median()), eps, nu):
                 converged = True
                 break
             if it == max_iter:
                 break
         inv = w / dist.clamp_min(nu)
         coef = inv / inv.sum()
-        y = coef.to(x.dtype) @ x
+        y_prev, y = y, coef.to(xw.dtype) @ xw
         f_prev = f
         it += 1
-    return GMResult(best_y, it, converged, float(best_f), coef.to(x.dtype), "direct")
+    return GMResult(y.to(x.dtype), it, converged, float(f), coef.to(x.dtype), "direct")
+
+
+def _stop(f: float, f_prev: float, step: float, scale: float, eps: float, nu: float) -> bool:
+    """Objective and iterate both settled: |Δf| <= ε f and ||Δy|| <= ε max(median dist, ν)."""
+    if f == 0.0:
+        return True
+    return abs(f_prev - f) <= eps * f and step <= eps * max(scale, nu)
 
 
 def _gram(x: Tensor, w_dev: Tensor, eps: float, max_iter: int, nu: float) -> GMResult:
@@ -189,6 +200,7 @@ def _weiszfeld_gram(
     diag = g.diagonal()
     alpha = w.clone()
     best_alpha, best_f, f_prev = alpha, math.inf, math.inf
+    alpha_prev = alpha
     it = 0
     while True:
         ga = g @ alpha
@@ -196,11 +208,13 @@ def _weiszfeld_gram(
         f = float(w @ dist)
         if f < best_f:
             best_alpha, best_f = alpha, f
-        if f == 0.0 or abs(f_prev - f) <= eps * f:
+        delta = alpha - alpha_prev
+        step = math.sqrt(max(float(delta @ (g @ delta)), 0.0))
+        if (it > 0 or f == 0.0) and _stop(f, f_prev, step, float(dist.median()), eps, nu):
             return best_alpha, best_f, it, True
         if it == max_iter:
             return best_alpha, best_f, it, False
         inv = w / dist.clamp_min_(nu)
-        alpha = inv / inv.sum()
+        alpha_prev, alpha = alpha, inv / inv.sum()
         f_prev = f
         it += 1

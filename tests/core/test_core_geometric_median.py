@@ -1,0 +1,126 @@
+"""Geometric median oracle: optimality, equivariances, solvers, convergence reporting."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedbgmd.core import geometric_median, get_aggregator
+
+
+def _subgradient_norm(x: torch.Tensor, y: torch.Tensor) -> float:
+    diff = y - x
+    dist = diff.norm(dim=1, keepdim=True)
+    return float((diff / dist).sum(dim=0).norm())
+
+
+def _data(n: int, d: int, seed: int, outliers: int = 0, scale: float = 1e6) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    x[:outliers] += scale / d**0.5
+    return x
+
+
+@pytest.mark.parametrize("solver", ["direct", "gram"])
+def test_optimality(solver: str) -> None:
+    x = _data(15, 40, 0)
+    r = geometric_median(x, eps=1e-12, solver=solver)
+    assert r.converged and r.solver == solver
+    assert _subgradient_norm(x, r.median) < 1e-4
+    assert abs(r.objective - float((x - r.median).norm(dim=1).sum())) < 1e-8 * r.objective
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        y = r.median + 1e-3 * torch.randn(40, generator=g, dtype=torch.float64)
+        assert float((x - y).norm(dim=1).sum()) >= r.objective
+    assert abs(float(r.weights.sum()) - 1.0) < 1e-12
+
+
+@pytest.mark.parametrize("solver", ["direct", "gram"])
+def test_collinear_points_give_1d_median(solver: str) -> None:
+    t = torch.tensor([-3.0, 0.5, 2.0, 7.0, 100.0], dtype=torch.float64)
+    a = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    u = torch.tensor([0.6, 0.0, 0.8], dtype=torch.float64)
+    x = a + t[:, None] * u
+    x = x.repeat(1, 4) if solver == "gram" else x  # gram needs d >= 4n only for auto; any d works
+    r = geometric_median(x, eps=1e-12, solver=solver)
+    want = (a + 2.0 * u).repeat(1, 4)[0] if solver == "gram" else a + 2.0 * u
+    torch.testing.assert_close(r.median, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("solver", ["direct", "gram"])
+def test_translation_and_rotation_equivariance(solver: str) -> None:
+    x = _data(9, 6, 3)
+    g = torch.Generator().manual_seed(9)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
+    b = 50.0 * torch.randn(6, generator=g, dtype=torch.float64)
+    base = geometric_median(x, eps=1e-13, solver=solver).median
+    moved = geometric_median(x + b, eps=1e-13, solver=solver).median
+    rotated = geometric_median(x @ q, eps=1e-13, solver=solver).median
+    torch.testing.assert_close(moved, base + b, rtol=0, atol=1e-6)
+    torch.testing.assert_close(rotated, base @ q, rtol=0, atol=1e-6)
+
+
+def test_three_point_example_converges() -> None:
+    # Triangle with a 125° angle at the origin: the geometric median is that vertex (0, 0).
+    # Weiszfeld from the centroid approaches it slowly; stopping after 3 iterations (as one anchor
+    # library does) leaves it 0.1 away. Defaults must converge and say so.
+    a = math.radians(125.0)
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [math.cos(a), math.sin(a)]], dtype=torch.float64)
+    truncated = geometric_median(x, max_iter=3, init="mean", solver="direct", check_every=1)
+    assert not truncated.converged
+    assert float(truncated.median.norm()) > 0.05
+    for solver in ("direct", "gram"):
+        for init in ("mean", "median"):
+            r = geometric_median(x, solver=solver, init=init)
+            assert r.converged
+            assert float(r.median.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("outliers", [0, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_solvers_agree(outliers: int, dtype: torch.dtype) -> None:
+    x = _data(12, 300, 5, outliers=outliers).to(dtype)
+    a = geometric_median(x, solver="direct", eps=1e-10)
+    b = geometric_median(x, solver="gram", eps=1e-10)
+    assert a.converged and b.converged
+    spread = float((x[outliers:] - x[outliers:].mean(0)).norm(dim=1).median())
+    tol = 1e-5 if dtype == torch.float64 else 1e-3
+    assert float((a.median - b.median).norm()) < tol * spread
+    assert abs(a.objective - b.objective) <= tol * 1e-2 * a.objective
+
+
+def test_gram_precision_with_large_common_offset_and_hidden_spike() -> None:
+    # rows share a huge offset; the outliers differ from the honest bulk only in column 1, which
+    # the column sketch does not see, so the first centre is an outlier and G must be recentred.
+    g = torch.Generator().manual_seed(11)
+    n, d = 12, 8192
+    x = 1e3 + torch.randn(n, d, generator=g, dtype=torch.float64)
+    x[:5] = x[5:].mean(0)
+    x[:5, 1] += 1e6
+    x32 = x.float()
+    a = geometric_median(x32.double(), solver="direct", eps=1e-12)
+    b = geometric_median(x32, solver="gram", eps=1e-10)
+    assert float((a.median - b.median.double()).norm()) < 1e-3 * float(x[5:].std(0).norm())
+
+
+def test_non_convergence_reported() -> None:
+    x = _data(20, 30, 6, outliers=8)
+    for solver in ("direct", "gram"):
+        r = geometric_median(x, max_iter=1, solver=solver, check_every=1)
+        assert not r.converged and r.iterations == 1
+        assert bool(torch.isfinite(r.median).all()) and float(r.median.norm()) > 0
+        out = get_aggregator("gm", max_iter=1, solver=solver, check_every=1)(x)
+        assert not out.converged
+
+
+def test_auto_solver_choice_and_validation() -> None:
+    assert geometric_median(torch.randn(4, 16)).solver == "gram"
+    assert geometric_median(torch.randn(5, 16)).solver == "direct"
+    with pytest.raises(ValueError):
+        geometric_median(torch.randn(3, 2), solver="magic")
+    with pytest.raises(ValueError):
+        geometric_median(torch.randn(3, 2), eps=0.0)
+    with pytest.raises(ValueError):
+        geometric_median(torch.randn(3, 2), weights=torch.tensor([1.0, -1.0, 1.0]))

@@ -1,0 +1,144 @@
+"""Every aggregator against a slow float64 loop-based reference on random data."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedbgmd.core import available_aggregators, get_aggregator
+
+Rows = list[list[float]]
+
+
+def _median(vals: list[float]) -> float:
+    s = sorted(vals)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def _cols(x: Rows) -> list[list[float]]:
+    return [list(c) for c in zip(*x)]
+
+
+def _dist2(a: list[float], b: list[float]) -> float:
+    return sum((p - q) ** 2 for p, q in zip(a, b))
+
+
+def _mean_rows(x: Rows) -> list[float]:
+    return [sum(c) / len(c) for c in _cols(x)]
+
+
+def ref_mean(x: Rows) -> list[float]:
+    return _mean_rows(x)
+
+
+def ref_cm(x: Rows) -> list[float]:
+    return [_median(c) for c in _cols(x)]
+
+
+def ref_ctm(x: Rows, beta: float = 0.1) -> list[float]:
+    b = math.floor(beta * len(x))
+    return [sum(sorted(c)[b : len(c) - b]) / (len(c) - 2 * b) for c in _cols(x)]
+
+
+def ref_gm(x: Rows) -> list[float]:
+    y = _mean_rows(x)
+    for _ in range(20000):
+        w = [1.0 / max(math.sqrt(_dist2(r, y)), 1e-12) for r in x]
+        new = [sum(wi * r[j] for wi, r in zip(w, x)) / sum(w) for j in range(len(y))]
+        if _dist2(new, y) < 1e-26:
+            return new
+        y = new
+    return y
+
+
+def _krum_scores(x: Rows, f: int) -> list[float]:
+    n = len(x)
+    q = min(max(n - f - 2, 1), n - 1)
+    return [sum(sorted(_dist2(x[i], x[j]) for j in range(n) if j != i)[:q]) for i in range(n)]
+
+
+def ref_krum(x: Rows, f: int = 0) -> list[float]:
+    s = _krum_scores(x, f)
+    return x[s.index(min(s))]
+
+
+def ref_multikrum(x: Rows, f: int = 0) -> list[float]:
+    s = _krum_scores(x, f)
+    order = sorted(range(len(x)), key=lambda i: s[i])[: len(x) - f]
+    return _mean_rows([x[i] for i in order])
+
+
+def ref_bulyan(x: Rows, f: int = 1) -> list[float]:
+    n = len(x)
+    s = _krum_scores(x, f)
+    sel = [x[i] for i in sorted(range(n), key=lambda i: s[i])[: n - 2 * f]]
+    beta = n - 4 * f
+    out = []
+    for c in _cols(sel):
+        m = _median(c)
+        out.append(sum(sorted(c, key=lambda v: abs(v - m))[:beta]) / beta)
+    return out
+
+
+def _clip(z: list[float], tau: float) -> list[float]:
+    nz = math.sqrt(sum(v * v for v in z))
+    return z if nz <= tau else [v * tau / nz for v in z]
+
+
+def ref_nc(x: Rows) -> list[float]:
+    tau = _median([math.sqrt(sum(v * v for v in r)) for r in x])
+    return _mean_rows([_clip(r, tau) for r in x])
+
+
+def ref_cclip(x: Rows, tau: float = 1.0, iterations: int = 3) -> list[float]:
+    v = ref_cm(x)
+    for _ in range(iterations):
+        c = _mean_rows([_clip([a - b for a, b in zip(r, v)], tau) for r in x])
+        v = [a + b for a, b in zip(v, c)]
+    return v
+
+
+CASES = {
+    "mean": ({}, ref_mean),
+    "cm": ({}, ref_cm),
+    "ctm": ({"beta": 0.2}, lambda x: ref_ctm(x, 0.2)),
+    "gm": ({"eps": 1e-12}, ref_gm),
+    "krum": ({"f": 2}, lambda x: ref_krum(x, 2)),
+    "multikrum": ({"f": 2}, lambda x: ref_multikrum(x, 2)),
+    "bulyan": ({"f": 2}, lambda x: ref_bulyan(x, 2)),
+    "nc": ({}, ref_nc),
+    "cclip": ({"tau": 1.0, "iterations": 3}, ref_cclip),
+}
+
+
+def test_every_builtin_has_a_reference() -> None:
+    builtin = {"mean", "cm", "ctm", "gm", "krum", "multikrum", "bulyan", "nc", "cclip"}
+    assert builtin <= set(available_aggregators())
+    assert builtin == set(CASES)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("n", [11, 12])
+def test_against_reference(name: str, n: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, 6, generator=g, dtype=torch.float64)
+    x[:2] += 8.0  # a couple of outliers
+    params, ref = CASES[name]
+    got = get_aggregator(name, **params)(x).vector
+    want = torch.tensor(ref(x.tolist()), dtype=torch.float64)
+    tol = 1e-6 if name == "gm" else 1e-12
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_weighted_mean_and_gm_equal_duplication() -> None:
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    w = torch.tensor([1.0, 2.0, 1.0, 3.0, 1.0])
+    dup = x.repeat_interleave(w.long(), dim=0)
+    for name, tol in (("mean", 1e-12), ("gm", 1e-6)):
+        kw = {"eps": 1e-12} if name == "gm" else {}
+        agg = get_aggregator(name, **kw)
+        torch.testing.assert_close(agg(x, weights=w).vector, agg(dup).vector, rtol=tol, atol=tol)

@@ -1,0 +1,93 @@
+"""Registries, the non-finite helper and the import boundary of fedbgmd.core."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import sys
+
+import pytest
+import torch
+
+import fedbgmd.core as core
+from fedbgmd.core import (
+    Aggregator,
+    AggregationResult,
+    drop_nonfinite_rows,
+    get_aggregator,
+    register_aggregator,
+    register_selector,
+    select_block,
+)
+
+
+def test_unknown_name_lists_valid_names() -> None:
+    with pytest.raises(ValueError, match="gm"):
+        get_aggregator("no-such-rule")
+    with pytest.raises(ValueError, match="topk"):
+        select_block(torch.ones(2, 3), 1, method="nope")
+
+
+def test_unknown_param_is_named() -> None:
+    with pytest.raises(TypeError, match="epsilon"):
+        get_aggregator("gm", epsilon=1e-3)
+
+
+def test_invalid_params() -> None:
+    with pytest.raises(ValueError):
+        get_aggregator("ctm", beta=0.5)
+    with pytest.raises(ValueError):
+        get_aggregator("bulyan", f=2)(torch.randn(10, 3))
+    with pytest.raises(ValueError, match="weights"):
+        get_aggregator("cm")(torch.randn(3, 2), weights=torch.ones(3))
+
+
+def test_duplicate_registration_raises() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        register_aggregator("gm", lambda: get_aggregator("gm"))
+    with pytest.raises(ValueError, match="already registered"):
+        register_selector("topk", lambda s, k, g: torch.arange(k))
+
+
+def test_user_plugin_registration() -> None:
+    class First(Aggregator):
+        name = "test_first_row"
+
+        def _aggregate(self, x: torch.Tensor, weights: torch.Tensor | None) -> AggregationResult:
+            return AggregationResult(x.min(dim=0).values)
+
+    register_aggregator("test_first_row", First)
+    assert "test_first_row" in core.available_aggregators()
+    out = get_aggregator("test_first_row")(torch.tensor([[1.0, 5.0], [2.0, 3.0]]))
+    assert out.vector.tolist() == [1.0, 3.0]
+
+
+def test_drop_nonfinite_rows() -> None:
+    x = torch.tensor([[1.0, 2.0], [float("nan"), 0.0], [3e38, 3e38], [1.0, float("inf")]])
+    w = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    xf, wf, n = drop_nonfinite_rows(x, w)
+    assert n == 2 and xf.shape == (2, 2) and wf is not None and wf.shape == (2,)
+    assert torch.equal(xf[1], x[2])  # finite row whose sum overflows is kept
+    xf2, _, n2 = drop_nonfinite_rows(x[:1])
+    assert n2 == 0 and xf2 is x[:1] or torch.equal(xf2, x[:1])
+    _, _, n3 = drop_nonfinite_rows(x[:1].repeat(2, 1), torch.tensor([1.0, float("nan")]))
+    assert n3 == 1
+    with pytest.raises(ValueError):
+        drop_nonfinite_rows(x[1:2])
+
+
+def test_core_imports_only_torch_and_stdlib() -> None:
+    allowed = set(sys.stdlib_module_names) | {"torch", "fedbgmd"}
+    root = pathlib.Path(core.__file__).parent
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            for name in names:
+                top = name.split(".")[0]
+                assert top in allowed, f"{path.name} imports {name}"
+                if top == "fedbgmd":
+                    assert name.startswith("fedbgmd.core"), f"{path.name} imports {name}"
