@@ -11,8 +11,8 @@ import torch
 
 import fedbgmd.core as core
 from fedbgmd.core import (
-    Aggregator,
     AggregationResult,
+    Aggregator,
     drop_nonfinite_rows,
     get_aggregator,
     register_aggregator,
@@ -69,7 +69,7 @@ def test_drop_nonfinite_rows() -> None:
     assert n == 2 and xf.shape == (2, 2) and wf is not None and wf.shape == (2,)
     assert torch.equal(xf[1], x[2])  # finite row whose sum overflows is kept
     xf2, _, n2 = drop_nonfinite_rows(x[:1])
-    assert n2 == 0 and xf2 is x[:1] or torch.equal(xf2, x[:1])
+    assert (n2 == 0 and xf2 is x[:1]) or torch.equal(xf2, x[:1])
     _, _, n3 = drop_nonfinite_rows(x[:1].repeat(2, 1), torch.tensor([1.0, float("nan")]))
     assert n3 == 1
     with pytest.raises(ValueError):
