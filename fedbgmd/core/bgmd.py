@@ -101,7 +101,7 @@ def bgmd_step(
     rel = max(total - kept, 0.0) / total if total > 0 else 0.0
     if k == d and delta is not x:
         delta = delta.clone()
-    memory.commit(ids, p, sel)
+    memory.commit(ids, p, sel, residual_sq=max(total - kept, 0.0))
     agg = aggregator(delta)
     if n_dropped:
         agg = dataclasses.replace(agg, n_dropped=agg.n_dropped + n_dropped)

@@ -208,10 +208,11 @@ def _weiszfeld_gram(
         f = float(w @ dist)
         if f < best_f:
             best_alpha, best_f = alpha, f
-        delta = alpha - alpha_prev
-        step = math.sqrt(max(float(delta @ (g @ delta)), 0.0))
-        if (it > 0 or f == 0.0) and _stop(f, f_prev, step, float(dist.median()), eps, nu):
-            return best_alpha, best_f, it, True
+        if f == 0.0 or (it > 0 and abs(f_prev - f) <= eps * f):
+            delta = alpha - alpha_prev
+            step = math.sqrt(max(float(delta @ (g @ delta)), 0.0))
+            if _stop(f, f_prev, step, float(dist.median()), eps, nu):
+                return best_alpha, best_f, it, True
         if it == max_iter:
             return best_alpha, best_f, it, False
         inv = w / dist.clamp_min_(nu)

@@ -18,6 +18,7 @@ modified in place. All memories have ``norm()``, ``state_dict()``, ``load_state_
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
@@ -53,8 +54,17 @@ class Memory(ABC):
         """Return P = step_size * x + M for the given clients (the caller may modify it)."""
 
     @abstractmethod
-    def commit(self, client_ids: Sequence[int], p: Tensor, selected: Tensor) -> None:
-        """Store the residual P − C_k(P) (P with the ``selected`` columns zeroed)."""
+    def commit(
+        self,
+        client_ids: Sequence[int],
+        p: Tensor,
+        selected: Tensor,
+        residual_sq: float | None = None,
+    ) -> None:
+        """Store the residual P − C_k(P) (P with the ``selected`` columns zeroed).
+
+        ``residual_sq`` = ||P − C_k(P)||² when the caller already knows it (saves a pass).
+        """
 
     @abstractmethod
     def norm(self) -> float:
@@ -76,7 +86,13 @@ class NoMemory(Memory):
         self._check(x, client_ids)
         return x if step_size == 1.0 else x * step_size
 
-    def commit(self, client_ids: Sequence[int], p: Tensor, selected: Tensor) -> None:
+    def commit(
+        self,
+        client_ids: Sequence[int],
+        p: Tensor,
+        selected: Tensor,
+        residual_sq: float | None = None,
+    ) -> None:
         return None
 
     def norm(self) -> float:
@@ -103,7 +119,13 @@ class MeanMemory(Memory):
         self._check(x, client_ids)
         return torch.add(self.m.to(x.dtype), x, alpha=step_size)
 
-    def commit(self, client_ids: Sequence[int], p: Tensor, selected: Tensor) -> None:
+    def commit(
+        self,
+        client_ids: Sequence[int],
+        p: Tensor,
+        selected: Tensor,
+        residual_sq: float | None = None,
+    ) -> None:
         m = p.mean(dim=0)
         m[selected] = 0
         self.m = m.to(device=self.device, dtype=self.dtype)
@@ -124,7 +146,9 @@ class PerClientMemory(Memory):
     """One residual row per client id, stored in a growable (capacity, d) matrix.
 
     ``_rows`` maps a client id to its row; ``_row_sq`` caches each row's squared norm so that
-    :meth:`norm` costs O(#clients).
+    :meth:`norm` costs O(#clients). When the caller passes the round's residual total
+    (``bgmd_step`` knows it from the column norms), the present rows' individual norms are only
+    computed when a later round does not include all of them.
     """
 
     def __init__(
@@ -134,6 +158,8 @@ class PerClientMemory(Memory):
         self._rows: dict[int, int] = {}
         self._store = torch.zeros(0, self.dim, device=self.device, dtype=dtype)
         self._row_sq = torch.zeros(0, dtype=torch.float64)
+        self._group: list[int] = []
+        self._group_sq = 0.0
 
     @property
     def client_ids(self) -> list[int]:
@@ -170,17 +196,45 @@ class PerClientMemory(Memory):
         m = self._store.index_select(0, idx).to(device=x.device, dtype=x.dtype)
         return m.add_(x, alpha=step_size)
 
-    def commit(self, client_ids: Sequence[int], p: Tensor, selected: Tensor) -> None:
+    def commit(
+        self,
+        client_ids: Sequence[int],
+        p: Tensor,
+        selected: Tensor,
+        residual_sq: float | None = None,
+    ) -> None:
         rows = self._row_index(client_ids)
         p[:, selected] = 0
         if not (self._contiguous(rows) and p.data_ptr() == self._store[rows[0]].data_ptr()):
             idx = torch.tensor(rows, device=self.device)
             self._store.index_copy_(0, idx, p.to(device=self.device, dtype=self.dtype))
-        sq = torch.linalg.vector_norm(p, dim=1, dtype=torch.float64).square_().cpu()
-        self._row_sq[torch.tensor(rows)] = sq
+        self._flush_group(keep=rows)
+        if residual_sq is None:
+            self._row_sq[torch.tensor(rows)] = self._rows_sq(rows)
+        else:  # row norms of this group are computed only if later needed separately
+            self._group, self._group_sq = rows, float(residual_sq)
+
+    def _rows_sq(self, rows: list[int]) -> Tensor:
+        idx = torch.tensor(rows, device=self.device)
+        block = self._store.index_select(0, idx)
+        sq: Tensor = torch.linalg.vector_norm(block, dim=1, dtype=torch.float64)
+        return sq.square_().cpu()
+
+    def _flush_group(self, keep: list[int]) -> None:
+        """Give the last round's rows that are not in ``keep`` their own cached norms."""
+        stale = sorted(set(self._group) - set(keep))
+        if stale:
+            self._row_sq[torch.tensor(stale)] = self._rows_sq(stale)
+        self._group, self._group_sq = [], 0.0
 
     def norm(self) -> float:
-        return float(self._row_sq[: len(self._rows)].sum().sqrt())
+        """Frobenius norm of all stored residual rows (O(#clients) after a full-round commit)."""
+        used = len(self._rows)
+        if not self._group:
+            return float(self._row_sq[:used].sum().sqrt())
+        mask = torch.ones(used, dtype=torch.bool)
+        mask[torch.tensor(self._group)] = False
+        return math.sqrt(max(self._group_sq + float(self._row_sq[:used][mask].sum()), 0.0))
 
     def residual(self, client_id: int) -> Tensor:
         """Copy of the stored residual of ``client_id`` (zeros if never seen)."""
@@ -206,6 +260,7 @@ class PerClientMemory(Memory):
             raise ValueError("state_dict rows do not match its client ids")
         self._rows = {c: i for i, c in enumerate(ids)}
         self._store = rows.clone()
+        self._group, self._group_sq = [], 0.0
         self._row_sq = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64).square_().cpu()
 
 
