@@ -155,8 +155,10 @@ class ClientRuntime:
 def _unflat_like(model: torch.nn.Module, flat: torch.Tensor) -> dict[str, torch.Tensor]:
     from fedbgmd.core import unflatten_state
 
-    _, spec = flatten_state(model.state_dict())
-    return unflatten_state(flat, spec, passthrough=model.state_dict())
+    state = model.state_dict()
+    _, spec = flatten_state(state)
+    passthrough = {k: v for k, v in state.items() if not v.is_floating_point()}
+    return unflatten_state(flat, spec, passthrough=passthrough)
 
 
 def _data_transform(

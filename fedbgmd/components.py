@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +75,10 @@ def build_aggregator(agg_cfg: Any) -> Aggregate:
 def _bind(fn: Callable[..., Any], params: dict[str, Any]) -> Aggregate:
     if not params:
         return fn
+    try:  # fail at startup, naming the parameter, not in round 1
+        inspect.signature(fn).bind(None, None, **params)
+    except TypeError as err:
+        raise TypeError(f"{getattr(fn, '__name__', fn)}: {err} (params {sorted(params)})") from err
 
     def bound(x: torch.Tensor, weights: torch.Tensor | None = None) -> AggregationResult:
         return fn(x, weights, **params)

@@ -23,12 +23,21 @@ from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import SUPERLINK_NODE_ID as SERVER_NODE_ID
 from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
 
 log = logging.getLogger("fedbgmd")
 
-SERVER_NODE_ID = 0
 RUN_ID = 1
+
+
+def set_server_identity(run_id: int = RUN_ID) -> None:
+    """Flower's Message constructor reads the process's task identity; the runtimes set it,
+    so an in-process driver must too."""
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = run_id
+    TaskIdentity.node_id = SERVER_NODE_ID
 
 
 class InProcessGrid(Grid):
@@ -109,6 +118,7 @@ def run_inprocess(cfg: Any, run_dir: Path) -> Any:
     from fedbgmd.clients.honest import make_client_app
     from fedbgmd.server import ServerRun
 
+    set_server_identity()
     grid = InProcessGrid(make_client_app(cfg), cfg.num_clients)
     server = ServerRun(cfg, run_dir)
     server.parallelism = 1

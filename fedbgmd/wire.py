@@ -43,11 +43,13 @@ def encode_update(
 ) -> tuple[dict[str, np.ndarray], ConfigRecord]:
     """Turn a flat update into named arrays (quantized and packed when ``method`` != none)."""
     flat = update.detach().reshape(-1)
+    if method == "sign":
+        bits = 1  # sign quantization is 1 bit per coordinate whatever `bits` says
     if method == "none":
         arrays = {"update": flat.to(torch.float32).cpu().numpy()}
     else:
         q = quantize(flat, bits=bits, method=method, generator=generator)
-        arrays = {"packed": q.packed.cpu().numpy(), "scale": q.scale.reshape(-1).cpu().numpy()}
+        arrays = {"packed": q.data.cpu().numpy(), "scale": q.scale.reshape(-1).cpu().numpy()}
     return arrays, ConfigRecord({"method": method, "bits": int(bits), "numel": int(flat.numel())})
 
 
@@ -61,12 +63,20 @@ def build_reply_content(
 
 
 def reply_nbytes(content: RecordDict) -> int:
-    """Bytes of array payload in a reply (what the update costs on the wire)."""
+    """Payload bytes of a reply's arrays (element count x item size; what the update costs)."""
     total = 0
     for record in content.array_records.values():
         for arr in record.values():
-            total += len(arr.data)
+            try:
+                total += int(np.prod(arr.shape)) * np.dtype(arr.dtype).itemsize
+            except TypeError:  # an unknown dtype string: count the raw bytes
+                total += len(arr.data)
     return total
+
+
+def received_nbytes(content: RecordDict) -> int:
+    """Bytes actually received for a reply's arrays (serialised, headers included)."""
+    return sum(len(a.data) for r in content.array_records.values() for a in r.values())
 
 
 def _expect_array(record: ArrayRecord, key: str, dtype: np.dtype, numel: int | None) -> np.ndarray:
@@ -77,10 +87,13 @@ def _expect_array(record: ArrayRecord, key: str, dtype: np.dtype, numel: int | N
         raise BadReply("wrong_dtype", f"{key}: {arr.dtype}, expected {dtype}")
     if len(arr.shape) != 1 or (numel is not None and arr.shape[0] != numel):
         raise BadReply("wrong_shape", f"{key}: shape {tuple(arr.shape)}, expected ({numel},)")
-    expected_bytes = int(np.prod(arr.shape)) * dtype.itemsize
-    if len(arr.data) != expected_bytes:
-        raise BadReply("wrong_size", f"{key}: {len(arr.data)} bytes, expected {expected_bytes}")
-    return arr.numpy()
+    try:
+        out = arr.numpy()
+    except Exception as err:  # hostile bytes that do not deserialise
+        raise BadReply("undecodable", f"{key}: {err}") from err
+    if out.dtype != dtype or out.shape != tuple(arr.shape):
+        raise BadReply("wrong_size", f"{key}: payload does not match its declared shape/dtype")
+    return out
 
 
 def decode_update(content: RecordDict, dim: int, max_bytes: int) -> tuple[torch.Tensor, dict]:
@@ -93,8 +106,8 @@ def decode_update(content: RecordDict, dim: int, max_bytes: int) -> tuple[torch.
         raise BadReply("missing_record", "no 'update' ArrayRecord")
     if METRICS_KEY not in content.metric_records or QUANT_KEY not in content.config_records:
         raise BadReply("missing_record", "no 'metrics' MetricRecord or 'quant' ConfigRecord")
-    if reply_nbytes(content) > max_bytes:
-        raise BadReply("too_large", f"{reply_nbytes(content)} bytes > limit {max_bytes}")
+    if received_nbytes(content) > max_bytes:
+        raise BadReply("too_large", f"{received_nbytes(content)} bytes > limit {max_bytes}")
     metrics = dict(content.metric_records[METRICS_KEY])
     for key in REQUIRED_METRICS:
         value = metrics.get(key)
@@ -114,13 +127,12 @@ def decode_update(content: RecordDict, dim: int, max_bytes: int) -> tuple[torch.
     elif method in ("qsgd", "sign") and isinstance(bits, int) and 1 <= bits <= 16:
         if set(record.keys()) != {"packed", "scale"}:
             raise BadReply("unexpected_keys", f"keys {sorted(record.keys())}")
-        expected = quantize(torch.zeros(1), bits=bits, method=method)
-        packed = _expect_array(record, "packed", np.dtype(expected.packed.numpy().dtype), None)
+        packed = _expect_array(record, "packed", np.dtype(np.uint8), math.ceil(dim * bits / 8))
         scale = _expect_array(record, "scale", np.dtype(np.float32), 1)
         try:
             q = QuantizedTensor(
-                packed=torch.from_numpy(packed.copy()),
-                scale=torch.from_numpy(scale.copy()).reshape(expected.scale.shape),
+                data=torch.from_numpy(packed.copy()),
+                scale=torch.from_numpy(scale.copy()).reshape(()),
                 shape=(dim,),
                 bits=bits,
                 method=method,

@@ -200,7 +200,13 @@ class RobustStrategy(Strategy):
         self._sync()
         t_agg = time.perf_counter()
         weights = num_examples.to(self.device) if self.weighted else None
-        direction, diag = self.aggregate_updates(updates, ids, server_round, weights)
+        try:
+            direction, diag = self.aggregate_updates(updates, ids, server_round, weights)
+        except ValueError as err:  # e.g. Krum/Bulyan with too few rows this round
+            info["skipped"] = f"aggregation refused: {err}"
+            info["agg_time_s"] = time.perf_counter() - t_agg
+            log.warning("round %d skipped: %s", server_round, info["skipped"])
+            return None, None
         self._x = self._server_step(self._x, direction)
         self._sync()
         info["agg_time_s"] = time.perf_counter() - t_agg
@@ -257,7 +263,7 @@ class RobustStrategy(Strategy):
         self, replies: list[Message], dim: int, sampled: set[int]
     ) -> tuple[list[tuple[int, torch.Tensor, dict]], Counter[str], dict[str, Any]]:
         """Decode every reply; keep (partition id, update, metrics), count rejections by reason."""
-        max_bytes = self.max_reply_bytes or (8 * dim + 65536)
+        max_bytes = self.max_reply_bytes or (8 * dim + 4096)  # 2x a float32 update + headers
         reasons: Counter[str] = Counter()
         by_pid: dict[int, tuple[torch.Tensor, dict]] = {}
         bytes_up, client_time = 0, 0.0

@@ -10,10 +10,16 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedbgmd.core import get_aggregator
+from fedbgmd.engine import set_server_identity
 from fedbgmd.strategies import RobustStrategy
 from fedbgmd.wire import build_reply_content, encode_update
 
 D = 12
+
+
+@pytest.fixture(autouse=True)
+def _server_identity():
+    set_server_identity()
 
 
 def initial_arrays(seed: int = 0) -> ArrayRecord:
