@@ -146,6 +146,7 @@ def methods(n: int, d: int, device: torch.device, x: torch.Tensor) -> dict[str, 
     gm = core.get_aggregator("gm", eps=1e-6)
     ids = list(range(n))
     mems = {s: core.make_memory("per_client", dim=d, device=device) for s in ("sample", "topk")}
+    nomem = core.make_memory("none", dim=d, device=device)
     gens = {s: torch.Generator(device=device).manual_seed(1) for s in ("sample", "topk")}
 
     def step(sel: str) -> Callable[[], Any]:
@@ -156,6 +157,9 @@ def methods(n: int, d: int, device: torch.device, x: torch.Tensor) -> dict[str, 
         "gm_direct": lambda: core.geometric_median(x, eps=1e-6, solver="direct"),
         "bgmd_sample": step("sample"),
         "bgmd_topk": step("topk"),
+        "bgmd_sample_nomem": lambda: core.bgmd_step(
+            x, gm, k, nomem, ids, selector="sample", generator=gens["sample"]
+        ),
         "weiszfeld_textbook": lambda: textbook_weiszfeld(x),
     }
     f_bulyan = min((n - 3) // 4, n // 10)
@@ -278,11 +282,11 @@ def micro(n: int, d: int, device: torch.device, repeats: int) -> list[dict[str, 
     ops: dict[str, Callable[[], Any]] = {
         "op_row_sums (finite check)": lambda: x.sum(1),
         "op_gram_fp32 (X Xt)": lambda: x @ x.T,
-        "op_centred_gram": lambda: core.gram.centred_gram(x, x[0]),
+        "op_centred_gram": lambda: centred_gram(x, x[0]),
         "op_matvec (alpha X)": lambda: alpha @ x,
         "op_column_sq_norms": lambda: core.column_sq_norms(x),
-        "op_select_sample": lambda: core.selection.select_from_norms(s, k, "sample"),
-        "op_select_topk": lambda: core.selection.select_from_norms(s, k, "topk"),
+        "op_select_sample": lambda: select_from_norms(s, k, "sample"),
+        "op_select_topk": lambda: select_from_norms(s, k, "topk"),
         "op_multinomial": lambda: torch.multinomial(s, k, replacement=False),
     }
     if device.type == "cuda":
