@@ -40,11 +40,11 @@ import torch
 
 try:
     import fedbgmd.core as core
-    import fedbgmd.core.gram
-    import fedbgmd.core.selection
 except ImportError:  # not installed: use the checkout this script lives in
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import fedbgmd.core as core
+from fedbgmd.core.gram import centred_gram
+from fedbgmd.core.selection import select_from_norms
 
 SMALL_GRID = [(100, 100_000), (100, 1_000_000)]
 FULL_GRID = [(20, 1_000_000), (100, 1_000_000), (100, 11_000_000), (1000, 1_000_000)]
