@@ -204,7 +204,7 @@ class PerClientMemory(Memory):
         residual_sq: float | None = None,
     ) -> None:
         rows = self._row_index(client_ids)
-        p[:, selected] = 0
+        p.index_fill_(1, selected, 0.0)
         if not (self._contiguous(rows) and p.data_ptr() == self._store[rows[0]].data_ptr()):
             idx = torch.tensor(rows, device=self.device)
             self._store.index_copy_(0, idx, p.to(device=self.device, dtype=self.dtype))
