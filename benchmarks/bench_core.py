@@ -214,13 +214,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--grid", default="small", choices=["small", "full"])
-    p.add_argument("--sizes", default=None, help="explicit grid, e.g. 100x1000000,20x50000")
+    p.add_argument(
+        "--sizes", default=None, help="explicit grid, e.g. 100x1000000,20x50000; 'none' = no grid"
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--only", default=None, help="comma-separated method names to run")
     p.add_argument("--force", action="store_true", help="run every size, even slow on CPU")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument(
         "--micro", action="store_true", help="also time primitive ops at the largest size"
+    )
+    p.add_argument(
+        "--threshold", action="store_true", help="time gram vs direct around d = 4n (solver choice)"
     )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -231,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         dev_name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(dev_name)
     grid = FULL_GRID if args.grid == "full" else SMALL_GRID
-    if args.sizes:
+    if args.sizes == "none":
+        grid = []
+    elif args.sizes:
         grid = [tuple(int(float(v)) for v in s.split("x")) for s in args.sizes.split(",")]  # type: ignore[misc]
     out_path = Path(args.out or f"benchmarks/results/core-{device.type}.json")
     info = machine_info(device)
@@ -263,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         del x, todo
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if args.threshold:
+        rows += threshold(device, args.repeats)
     if args.micro:
         n, d = max(grid, key=lambda nd: nd[0] * nd[1])
         rows += micro(n, d, device, args.repeats)
@@ -271,6 +280,23 @@ def main(argv: list[str] | None = None) -> int:
     out_path.write_text(json.dumps({"machine": info, "results": rows}, indent=2))
     print(f"\nwrote {out_path}")
     return 0
+
+
+def threshold(device: torch.device, repeats: int) -> list[dict[str, Any]]:
+    """Direct vs gram solver time for d/n around the auto threshold (d >= 4n -> gram)."""
+    out = []
+    for n in (20, 100, 500):
+        for ratio in (0.5, 1, 2, 4, 8, 32):
+            d = int(n * ratio)
+            x = make_data(n, d, device)
+            for solver in ("direct", "gram"):
+                ms, res, runs = time_it(
+                    lambda s=solver, x=x: core.geometric_median(x, solver=s), device, repeats
+                )
+                row = {"n": n, "d": d, "method": f"threshold_{solver}", "ms": ms, "runs": runs}
+                out.append({**row, **describe(res)})
+                print(f"  n={n:5d} d={d:9d} {solver:8s} {ms:9.3f} ms", flush=True)
+    return out
 
 
 def micro(n: int, d: int, device: torch.device, repeats: int) -> list[dict[str, Any]]:
