@@ -285,17 +285,18 @@ def main(argv: list[str] | None = None) -> int:
 def threshold(device: torch.device, repeats: int) -> list[dict[str, Any]]:
     """Direct vs gram solver time for d/n around the auto threshold (d >= 4n -> gram)."""
     out = []
-    for n in (20, 100, 500):
-        for ratio in (0.5, 1, 2, 4, 8, 32):
-            d = int(n * ratio)
-            x = make_data(n, d, device)
-            for solver in ("direct", "gram"):
-                ms, res, runs = time_it(
-                    lambda s=solver, x=x: core.geometric_median(x, solver=s), device, repeats
-                )
-                row = {"n": n, "d": d, "method": f"threshold_{solver}", "ms": ms, "runs": runs}
-                out.append({**row, **describe(res)})
-                print(f"  n={n:5d} d={d:9d} {solver:8s} {ms:9.3f} ms", flush=True)
+    shapes = [(n, int(n * r)) for n in (20, 100, 500) for r in (0.5, 1, 2, 4, 8, 32)]
+    if device.type == "cuda":
+        shapes += [(n, 1_000_000) for n in (200, 400, 700, 1000)]
+    for n, d in shapes:
+        x = make_data(n, d, device)
+        for solver in ("direct", "gram"):
+            ms, res, runs = time_it(
+                lambda s=solver, x=x: core.geometric_median(x, solver=s), device, repeats
+            )
+            row = {"n": n, "d": d, "method": f"threshold_{solver}", "ms": ms, "runs": runs}
+            out.append({**row, **describe(res)})
+            print(f"  n={n:5d} d={d:9d} {solver:8s} {ms:9.3f} ms", flush=True)
     return out
 
 

@@ -158,7 +158,7 @@ def _direct(
     converged = False
     it = 0
     while True:
-        dist = torch.linalg.vector_norm(xw - y, dim=1, dtype=torch.float64)
+        dist = torch.linalg.vector_norm(xw - y, dim=1).to(torch.float64)
         f = (w * dist).sum()
         if it == max_iter or (it > 0 and it % check_every == 0):
             step = float(torch.linalg.vector_norm(y - y_prev, dtype=torch.float64))
