@@ -1,10 +1,10 @@
 r"""``gm`` — geometric median aggregator (GMD / RFA; Pillutla et al. 2022, Acharya et al. 2022).
 
-:math:`v = \arg\min_y \sum_i w_i \lVert y - x_i \rVert_2`, computed to relative objective tolerance
-ε by :func:`fedbgmd.core.geometric_median` (smoothed Weiszfeld; see that module for the math and
-the ``direct``/``gram`` solvers). Breakdown point 1/2. ``weights`` holds the final Weiszfeld
-weights (rows far from the median get small weights); ``converged`` and ``iterations`` report the
-oracle's stopping state.
+:math:`v = \arg\min_y \sum_i w_i \lVert y - x_i \rVert_2` (weights :math:`w_i \ge 0`, default 1),
+computed to relative tolerance ε by :func:`fedbgmd.core.geometric_median` (smoothed Weiszfeld;
+see that module for the math and the ``direct``/``gram`` solvers). Breakdown point 1/2.
+``weights`` holds the final Weiszfeld weights (rows far from the median get small weights);
+``converged`` and ``iterations`` report the oracle's stopping state.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class GeometricMedian(Aggregator):
     """Geometric median of the rows.
 
     Args:
-        eps: relative objective-change tolerance ε > 0.
+        eps: relative tolerance ε > 0 (objective change and iterate move).
         max_iter: maximum Weiszfeld updates.
         nu: distance floor ν > 0.
         init: "median" or "mean" (direct solver start).

@@ -105,7 +105,7 @@ def geometric_median(
     Args:
         x: (n, d) float tensor on any device; must be finite (aggregators drop non-finite rows).
         weights: optional (n,) non-negative weights with positive sum.
-        eps: relative objective-change tolerance, > 0.
+        eps: relative tolerance ε > 0 on the objective change and on the iterate's move.
         max_iter: maximum number of Weiszfeld updates, >= 1.
         nu: distance floor ν > 0 of the smoothed iteration.
         init: "median" (coordinate-wise median) or "mean" starting point (direct solver).
