@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fedbgmd.core as core
+from fedbgmd.core import aggregation
 from fedbgmd.core import (
     AggregationResult,
     Aggregator,
@@ -57,9 +58,13 @@ def test_user_plugin_registration() -> None:
             return AggregationResult(x.min(dim=0).values)
 
     register_aggregator("test_first_row", First)
-    assert "test_first_row" in core.available_aggregators()
-    out = get_aggregator("test_first_row")(torch.tensor([[1.0, 5.0], [2.0, 3.0]]))
-    assert out.vector.tolist() == [1.0, 3.0]
+    try:
+        assert "test_first_row" in core.available_aggregators()
+        out = get_aggregator("test_first_row")(torch.tensor([[1.0, 5.0], [2.0, 3.0]]))
+        assert out.vector.tolist() == [1.0, 3.0]
+    finally:  # do not leak the plug-in into other test modules of the session
+        aggregation._REGISTRY._entries.pop("test_first_row")
+    assert "test_first_row" not in core.available_aggregators()
 
 
 def test_drop_nonfinite_rows() -> None:
