@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import fedbgmd.core as core
-from fedbgmd.core import aggregation
 from fedbgmd.core import (
     AggregationResult,
     Aggregator,
+    aggregation,
     drop_nonfinite_rows,
     get_aggregator,
     register_aggregator,
