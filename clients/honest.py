@@ -173,12 +173,16 @@ def _data_transform(
 _RUNTIMES: dict[str, ClientRuntime] = {}
 
 
-def runtime_for(cfg: Any) -> ClientRuntime:
-    """One runtime per process and config: data and model are loaded once, whatever the engine
-    does with the ClientApp object (Ray may unpickle it afresh for every message)."""
+def config_key(cfg: Any) -> str:
     from omegaconf import OmegaConf
 
-    key = OmegaConf.to_yaml(cfg, resolve=True) if OmegaConf.is_config(cfg) else repr(cfg)
+    return OmegaConf.to_yaml(cfg, resolve=True) if OmegaConf.is_config(cfg) else repr(cfg)
+
+
+def runtime_for(cfg: Any, key: str | None = None) -> ClientRuntime:
+    """One runtime per process and config: data and model are loaded once, whatever the engine
+    does with the ClientApp object (Ray may unpickle it afresh for every message)."""
+    key = config_key(cfg) if key is None else key
     if key not in _RUNTIMES:
         _RUNTIMES.clear()  # a new run in the same process replaces the old one
         _RUNTIMES[key] = ClientRuntime(cfg)
@@ -188,14 +192,15 @@ def runtime_for(cfg: Any) -> ClientRuntime:
 def make_client_app(cfg: Any) -> ClientApp:
     """The ClientApp for a resolved fedbgmd config (shared by every engine)."""
     app = ClientApp()
+    key = config_key(cfg)  # computed once here, shipped with the app
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return runtime_for(cfg).train(msg, context)
+        return runtime_for(cfg, key).train(msg, context)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        return runtime_for(cfg).query(msg, context)
+        return runtime_for(cfg, key).query(msg, context)
 
     return app
 

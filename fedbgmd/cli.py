@@ -39,6 +39,11 @@ def run(cfg: Any, run_dir: Path) -> int:
     from fedbgmd.results import read_summary
 
     _quiet_flower(cfg.engine.verbose)
+    if cfg.engine.num_threads is not None:
+        import torch
+
+        # small models lose badly to thread oversubscription on busy machines
+        torch.set_num_threads(int(cfg.engine.num_threads))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     t0 = time.time()

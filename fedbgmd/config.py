@@ -142,6 +142,7 @@ class EngineConfig:
     num_cpus: float = 1.0  # per client (simulation)
     num_gpus: float = 0.0  # per client, fraction allowed (simulation)
     round_timeout_s: float = 600.0
+    num_threads: int | None = None  # torch CPU threads in this process (None: torch's default)
     verbose: bool = False
 
 
@@ -265,6 +266,8 @@ def validate(cfg: Any) -> None:
             f"strategy.aggregator.params.f={f}: Krum needs clients per round >= 2f+3 "
             f"(= {2 * int(f) + 3}), got {per_round}"
         )
+    if cfg.engine.num_threads is not None and cfg.engine.num_threads < 1:
+        p.append(f"engine.num_threads={cfg.engine.num_threads} must be >= 1 (or null)")
     if cfg.engine.num_gpus < 0 or cfg.engine.num_cpus <= 0:
         p.append("engine.num_cpus must be > 0 and engine.num_gpus >= 0")
     if p:
