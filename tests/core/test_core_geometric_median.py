@@ -124,3 +124,14 @@ def test_auto_solver_choice_and_validation() -> None:
         geometric_median(torch.randn(3, 2), eps=0.0)
     with pytest.raises(ValueError):
         geometric_median(torch.randn(3, 2), weights=torch.tensor([1.0, -1.0, 1.0]))
+
+
+def test_reported_objective_is_accurate_for_large_float32_inputs() -> None:
+    # 20 x 1e6 float32 takes the direct solver's float32 path (no float64 copy)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 1_000_000, generator=g)
+    x[:2] += 100.0
+    for solver in ("direct", "gram"):
+        r = geometric_median(x, solver=solver)
+        exact = float(torch.stack([(row.double() - r.median.double()).norm() for row in x]).sum())
+        assert abs(r.objective - exact) <= 1e-7 * exact
