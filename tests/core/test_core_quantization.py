@@ -18,7 +18,7 @@ def _v(d: int = 64, seed: int = 0) -> torch.Tensor:
 def test_qsgd_unbiased(bits: int) -> None:
     v = _v(32)
     g = torch.Generator().manual_seed(1)
-    draws = 3000
+    draws = 1200
     acc = torch.zeros(32, dtype=torch.float64)
     for _ in range(draws):
         acc += dequantize(quantize(v, bits=bits, generator=g)).double()
