@@ -27,6 +27,7 @@ from torch import Tensor
 
 from fedbgmd.core.aggregation import AggregationResult, Aggregator
 from fedbgmd.core.coordinatewise import coordinate_median, trimmed_mean
+from fedbgmd.core.norms import weighted_row_mean
 
 __all__ = ["CoordinateMedian", "Mean", "TrimmedMean"]
 
@@ -39,9 +40,9 @@ class Mean(Aggregator):
 
     def _aggregate(self, x: Tensor, weights: Tensor | None) -> AggregationResult:
         if weights is None:
-            return AggregationResult(x.mean(dim=0))
+            return AggregationResult(weighted_row_mean(x))
         w = (weights / weights.sum()).to(device=x.device, dtype=x.dtype)
-        return AggregationResult(w @ x, weights=w)
+        return AggregationResult(weighted_row_mean(x, weights), weights=w)
 
 
 class CoordinateMedian(Aggregator):

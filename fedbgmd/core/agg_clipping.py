@@ -21,13 +21,14 @@ from torch import Tensor
 
 from fedbgmd.core.aggregation import AggregationResult, Aggregator
 from fedbgmd.core.coordinatewise import coordinate_median
+from fedbgmd.core.norms import row_norms
 
 __all__ = ["CenteredClipping", "NormClipping", "clip_factors"]
 
 
 def clip_factors(z: Tensor, tau: float | Tensor) -> Tensor:
     """Per-row factors ``min(1, tau / ||z_i||)`` (float64, 1 for zero rows)."""
-    norms = torch.linalg.vector_norm(z, dim=1, dtype=torch.float64)
+    norms = row_norms(z)
     return torch.where(norms > tau, tau / norms.clamp_min(1e-300), torch.ones_like(norms))
 
 
@@ -54,7 +55,7 @@ class NormClipping(Aggregator):
         self.tau = tau
 
     def _aggregate(self, x: Tensor, weights: Tensor | None) -> AggregationResult:
-        norms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)
+        norms = row_norms(x)
         tau = float(torch.quantile(norms, 0.5)) if self.tau is None else self.tau
         fac = torch.where(norms > tau, tau / norms.clamp_min(1e-300), torch.ones_like(norms))
         coef = fac * _bar_w(weights, x.shape[0], x.device)

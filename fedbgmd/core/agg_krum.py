@@ -27,6 +27,7 @@ from torch import Tensor
 from fedbgmd.core.aggregation import AggregationResult, Aggregator
 from fedbgmd.core.coordinatewise import coordinate_median
 from fedbgmd.core.gram import robust_centred_gram
+from fedbgmd.core.norms import weighted_row_mean
 
 __all__ = ["Bulyan", "Krum", "MultiKrum", "krum_scores"]
 
@@ -111,7 +112,7 @@ class MultiKrum(Aggregator):
         sel = _lowest(scores, m).to(x.device)
         rows = x.index_select(0, sel)
         if weights is None:
-            vec = rows.mean(dim=0)
+            vec = weighted_row_mean(rows)
         else:
             ws = weights.index_select(0, sel).to(x.dtype)
             if not float(ws.sum()) > 0:

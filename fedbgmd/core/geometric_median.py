@@ -60,13 +60,13 @@ from torch import Tensor
 from fedbgmd.core.coordinatewise import coordinate_median
 from fedbgmd.core.gram import robust_centred_gram
 from fedbgmd.core.nonfinite import validate_matrix, validate_weights
+from fedbgmd.core.norms import row_norms
 
 __all__ = ["GMResult", "geometric_median"]
 
 _SOLVERS = ("auto", "direct", "gram")
 _INITS = ("median", "mean")
 _DIRECT_FLOAT64_NUMEL = 1 << 24  # direct solver works on a float64 copy up to this size
-_DIST_CHUNK = 8192
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ def _direct(
     converged = False
     it = 0
     while True:
-        dist = _row_distances(xw, y)
+        dist = row_norms(xw, y)
         f = (w * dist).sum()
         if it == max_iter or (it > 0 and it % check_every == 0):
             step = float(torch.linalg.vector_norm(y - y_prev, dtype=torch.float64))
@@ -174,23 +174,6 @@ def _direct(
         f_prev = f
         it += 1
     return GMResult(y.to(x.dtype), it, converged, float(f), coef.to(x.dtype), "direct")
-
-
-def _row_distances(x: Tensor, y: Tensor) -> Tensor:
-    """||x_i − y|| in float64. Low-precision inputs: float32 partial sums over column chunks
-    (short enough to stay accurate), accumulated in float64 — a single float32 reduction over
-    10⁶ columns is off by ~1e-5 on CPU, and a float64 copy of the difference costs a full pass."""
-    if x.dtype == torch.float64:
-        exact: Tensor = torch.linalg.vector_norm(x - y, dim=1)
-        return exact
-    chunk = _DIST_CHUNK if x.device.type == "cpu" else 1 << 22
-    acc = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-    for start in range(0, x.shape[1], chunk):
-        part = torch.linalg.vector_norm(
-            x[:, start : start + chunk] - y[start : start + chunk], dim=1
-        )
-        acc += part.to(torch.float64).square_()
-    return acc.sqrt_()
 
 
 def _stop(f: float, f_prev: float, step: float, scale: float, eps: float, nu: float) -> bool:

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fedbgmd.core.norms import row_norms, weighted_row_mean
+
 __all__ = ["MeanMemory", "Memory", "NoMemory", "PerClientMemory", "make_memory"]
 
 
@@ -126,7 +128,7 @@ class MeanMemory(Memory):
         selected: Tensor,
         residual_sq: float | None = None,
     ) -> None:
-        m = p.mean(dim=0)
+        m = weighted_row_mean(p)
         m[selected] = 0
         self.m = m.to(device=self.device, dtype=self.dtype)
 
@@ -217,8 +219,7 @@ class PerClientMemory(Memory):
     def _rows_sq(self, rows: list[int]) -> Tensor:
         idx = torch.tensor(rows, device=self.device)
         block = self._store.index_select(0, idx)
-        sq: Tensor = torch.linalg.vector_norm(block, dim=1, dtype=torch.float64)
-        return sq.square_().cpu()
+        return row_norms(block).square_().cpu()
 
     def _flush_group(self, keep: list[int]) -> None:
         """Give the last round's rows that are not in ``keep`` their own cached norms."""
@@ -261,7 +262,7 @@ class PerClientMemory(Memory):
         self._rows = {c: i for i, c in enumerate(ids)}
         self._store = rows.clone()
         self._group, self._group_sq = [], 0.0
-        self._row_sq = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64).square_().cpu()
+        self._row_sq = row_norms(rows).square_().cpu()
 
 
 _KINDS: dict[str, type[Memory]] = {
