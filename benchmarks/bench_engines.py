@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--engines", default="inprocess,simulation")
     args, extra = ap.parse_known_args()
     overrides = [
-        "+experiment=smoke",
+        "experiment=smoke",
         f"num_rounds={args.rounds}",
         f"num_clients={args.clients}",
         "client.local_steps=1",

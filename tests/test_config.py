@@ -41,7 +41,7 @@ def test_every_group_option_composes_and_validates(group, option):
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
 def test_every_experiment_composes_and_validates(experiment):
-    cfg = compose_cfg(f"+experiment={experiment}")
+    cfg = compose_cfg(f"experiment={experiment}")
     check_config(cfg)
 
 

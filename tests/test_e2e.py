@@ -54,7 +54,7 @@ def check_run_folder(run: Path, rounds: int) -> dict:
 
 def test_inprocess_run_learns_and_writes_the_result_folder(tmp_path):
     run = tmp_path / "run"
-    proc = fedbgmd("+experiment=smoke", "num_rounds=4", f"hydra.run.dir={run}", cwd=tmp_path)
+    proc = fedbgmd("experiment=smoke", "num_rounds=4", f"hydra.run.dir={run}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "final test accuracy" in proc.stdout and str(run) in proc.stdout
     assert len(re.findall(r"^round +\d+/4", proc.stdout, re.M)) == 5  # a progress line per round
@@ -71,7 +71,7 @@ def test_inprocess_run_learns_and_writes_the_result_folder(tmp_path):
 def test_nan_and_malformed_attackers_never_stop_or_poison_a_run(tmp_path, strategy, attack):
     run = tmp_path / "run"
     proc = fedbgmd(
-        "+experiment=smoke",
+        "experiment=smoke",
         f"strategy={strategy}",
         f"attack={attack}",
         "attack.fraction=0.4",
@@ -88,7 +88,7 @@ def test_nan_and_malformed_attackers_never_stop_or_poison_a_run(tmp_path, strate
 @pytest.mark.ray
 def test_ray_simulation_gives_the_same_metrics_as_the_inprocess_engine(tmp_path):
     common = [
-        "+experiment=smoke",
+        "experiment=smoke",
         "num_clients=4",
         "num_rounds=2",
         "attack=bit_flip",
@@ -119,7 +119,7 @@ def test_ray_simulation_gives_the_same_metrics_as_the_inprocess_engine(tmp_path)
 def test_missing_data_set_fails_with_where_it_looked(tmp_path):
     run = tmp_path / "run"
     proc = fedbgmd(
-        "+experiment=smoke",
+        "experiment=smoke",
         "data=fashion_mnist",
         "model=logreg",
         f"data.root={tmp_path / 'nowhere'}",
