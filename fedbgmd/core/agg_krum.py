@@ -110,14 +110,15 @@ class MultiKrum(Aggregator):
             raise ValueError(f"multikrum: m={m} must be in [1, n={n}]")
         scores = krum_scores(x, self.f)
         sel = _lowest(scores, m).to(x.device)
-        rows = x.index_select(0, sel)
+        # mean of the selected rows as one matrix-vector product (no copy of the rows)
+        coef = torch.zeros(n, dtype=torch.float64, device=x.device)
         if weights is None:
-            vec = weighted_row_mean(rows)
+            coef[sel] = 1.0
         else:
-            ws = weights.index_select(0, sel).to(x.dtype)
-            if not float(ws.sum()) > 0:
+            coef[sel] = weights.to(device=x.device, dtype=torch.float64).index_select(0, sel)
+            if not float(coef.sum()) > 0:
                 raise ValueError("multikrum: selected rows have zero total weight")
-            vec = (ws / ws.sum()) @ rows
+        vec = weighted_row_mean(x, coef)
         return AggregationResult(
             vec, weights=scores.to(device=x.device, dtype=x.dtype), selected=sel
         )
