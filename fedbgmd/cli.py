@@ -17,7 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from fedbgmd.config import ConfigError, register_configs, validate
+from fedbgmd.config import Config, ConfigError, register_configs, validate
 
 CONFIG_MODULE = "fedbgmd.conf"
 EXIT_RUN_FAILED = 1
@@ -72,6 +72,20 @@ def run(cfg: Any, run_dir: Path) -> int:
     return 0
 
 
+def resumed_config(cfg: Any) -> tuple[Any, Path]:
+    """The saved config of the run folder ``cfg.resume`` (its choices win, so the continued run
+    is the same run); only ``num_rounds`` may be raised from the command line."""
+    run_dir = Path(cfg.resume)
+    saved_path = run_dir / "config.yaml"
+    if not (run_dir / "checkpoint.pt").is_file() or not saved_path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no checkpoint.pt and config.yaml to resume from")
+    saved = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved_path))
+    saved.num_rounds = max(int(saved.num_rounds), int(cfg.num_rounds))
+    saved.resume = str(run_dir)
+    check_config(saved)
+    return saved, run_dir
+
+
 def _quiet_flower(verbose: bool) -> None:
     """Flower logs every round at INFO and warns that run_simulation is deprecated (see engine)."""
     if verbose:
@@ -88,6 +102,12 @@ def _hydra_main(cfg: DictConfig) -> None:
         print(f"fedbgmd: {err}", file=sys.stderr)
         sys.exit(EXIT_BAD_CONFIG)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.resume:
+        try:
+            cfg, run_dir = resumed_config(cfg)
+        except (OSError, ConfigError) as err:
+            print(f"fedbgmd: cannot resume: {err}", file=sys.stderr)
+            sys.exit(EXIT_BAD_CONFIG)
     status = run(cfg, run_dir)
     if status and not HydraConfig.get().mode.name == "MULTIRUN":
         sys.exit(status)

@@ -162,6 +162,8 @@ class Config:
     eval_batch_size: int = 1024
     max_eval_samples: int | None = None  # evaluate on the first N test samples (None: all)
     progress: bool = True
+    checkpoint_every: int = 0  # save checkpoint.pt every N rounds (0: off; the last round always)
+    resume: str | None = None  # a run folder with checkpoint.pt: continue it there
 
 
 def register_configs() -> None:
@@ -208,6 +210,8 @@ def validate(cfg: Any) -> None:
         p.append(f"num_clients={cfg.num_clients} must be >= 1")
     if cfg.num_rounds < 1:
         p.append(f"num_rounds={cfg.num_rounds} must be >= 1")
+    if cfg.checkpoint_every < 0:
+        p.append(f"checkpoint_every={cfg.checkpoint_every} must be >= 0")
     if cfg.eval_every < 1:
         p.append(f"eval_every={cfg.eval_every} must be >= 1")
     if not (cfg.device in ("auto", "cpu", "cuda") or str(cfg.device).startswith("cuda:")):

@@ -247,6 +247,18 @@ class RunWriter:
         text = json.dumps(_json_safe(merged), indent=2, sort_keys=True) + "\n"
         _atomic_write_text(self.summary_json, text)
 
+    def truncate_after(self, last_round: int) -> None:
+        """Drop rows after ``last_round`` (a resumed run redoes the rounds after its checkpoint)."""
+        kept = [r for r in self._rows if int(r.get("round") or 0) <= last_round]
+        if len(kept) == len(self._rows):
+            return
+        self._rows = []
+        with self.metrics_csv.open("w", newline="", encoding="utf-8") as fh:
+            csv.writer(fh).writerow(METRIC_COLUMNS)
+        self.metrics_jsonl.write_text("", encoding="utf-8")
+        for row in kept:
+            self.log_round(row)
+
     def rows(self) -> list[dict[str, Any]]:
         """The rows logged so far (copies; all METRIC_COLUMNS keys plus extras)."""
         return [dict(r) for r in self._rows]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from fedbgmd.results import RunWriter, environment_versions, summarize
 from fedbgmd.training import evaluate, get_device, lr_at
 
 log = logging.getLogger("fedbgmd")
+CHECKPOINT = "checkpoint.pt"
 
 
 def discover_nodes(grid: Grid, num_clients: int, timeout: float) -> dict[int, int]:
@@ -174,11 +176,47 @@ class ServerRun:
             "lr": info.get("lr"),
         }
         self.writer.log_round(row)
+        every = cfg.checkpoint_every
+        if server_round > 0 and (
+            server_round == cfg.num_rounds or (every and server_round % every == 0)
+        ):
+            self.save_checkpoint(server_round, arrays)
         if cfg.progress:
             print(_progress_line(row, cfg.num_rounds), flush=True)
         if acc is None:
             return None
         return MetricRecord({"accuracy": float(acc), "loss": float(loss)})
+
+    def save_checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
+        """Global model + strategy state (memory, momentum) after ``server_round``; atomic.
+
+        Every other source of randomness is derived from (seed, round, client id), so this is
+        all a resumed run needs to replay the remaining rounds exactly.
+        """
+        state = {
+            "round": server_round,
+            "model": {k: v.cpu() for k, v in arrays.to_torch_state_dict().items()},
+            "strategy": self.strategy.state_dict(),
+            "node_map": dict(self.strategy.node_to_partition),
+        }
+        tmp = self.run_dir / "checkpoint.pt.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.run_dir / CHECKPOINT)
+
+    def _resume(self) -> tuple[ArrayRecord, int]:
+        """Initial arrays and first round: fresh, or from ``run_dir/checkpoint.pt`` on resume."""
+        if not self.cfg.resume:
+            return ArrayRecord(self.model.state_dict()), 1
+        path = self.run_dir / CHECKPOINT
+        if not path.is_file():
+            raise FileNotFoundError(f"resume={self.cfg.resume}: no {CHECKPOINT} in {self.run_dir}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.strategy.load_state_dict(state["strategy"])
+        done = int(state["round"])
+        self.writer.truncate_after(done)
+        log.warning("resuming %s after round %d", self.run_dir, done)
+        return ArrayRecord(self.model.state_dict()), done + 1
 
     def run(self, grid: Grid) -> None:
         cfg = self.cfg
@@ -191,13 +229,14 @@ class ServerRun:
                     f"(min_replies={cfg.strategy.min_replies})"
                 )
             self.strategy.set_node_map(mapping)
-            initial = ArrayRecord(self.model.state_dict())
+            initial, first_round = self._resume()
             self.strategy.start(
                 grid=grid,
                 initial_arrays=initial,
                 num_rounds=cfg.num_rounds,
                 timeout=cfg.engine.round_timeout_s,
                 evaluate_fn=self.evaluate_fn,
+                start_round=first_round,
             )
         except BaseException as err:
             status, error = "failed", f"{type(err).__name__}: {err}"

@@ -39,6 +39,7 @@ __all__ = [
     "SCHEDULES",
     "LocalResult",
     "OptimConfig",
+    "batch_indices",
     "evaluate",
     "get_device",
     "local_train",
@@ -180,7 +181,7 @@ class LocalResult:
     steps: int
 
 
-def _batches(
+def batch_indices(
     n: int, batch_size: int, steps: int | None, epochs: float | None, g: torch.Generator
 ) -> Iterator[Tensor]:
     """Mini-batch index tensors (int64, on ``g``'s device) drawn with ``g``; ``b = min(batch_size, n)``.
@@ -204,6 +205,9 @@ def _batches(
         chunks = torch.randperm(n, generator=g, device=g.device).split(b)
         yield from chunks[:remaining]
         remaining -= len(chunks)
+
+
+_batches = batch_indices  # the former private name
 
 
 def _check_local_args(
@@ -262,7 +266,7 @@ def local_train(
     Why: the client half of FL-BGMD (H local steps from x_t) and the centralised baseline.
 
     Minimises the mean cross-entropy with ``make_optimizer(model.parameters(), optim, lr)``.
-    Mini-batches (see :func:`_batches`) and dropout masks come from ``generator`` (CPU or
+    Mini-batches (see :func:`batch_indices`) and dropout masks come from ``generator`` (CPU or
     device generator; a CPU one gives the same batches on every machine). ``transform(x, y) -> (x', y')`` is applied to every batch before the forward
     pass (feature / label attacks). ``data`` is moved to ``device`` once; ``model`` must
     already be there.
@@ -283,7 +287,7 @@ def local_train(
     model.train()
     total = torch.zeros((), device=device, dtype=torch.float64)
     count = 0
-    batches = list(_batches(len(data), batch_size, steps, epochs, generator))
+    batches = list(batch_indices(len(data), batch_size, steps, epochs, generator))
     # one host-to-device copy of all batch indices instead of one per step
     all_idx = torch.cat(batches).to(device).split([len(b) for b in batches])
     with _rng_from(generator, device):

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 
 from fedbgmd.attacks.base import OmniscientAttack
 from fedbgmd.components import generator
@@ -147,8 +147,9 @@ class RobustStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         t0 = time.perf_counter()
-        if self._x is None:
-            self._x, self._spec = self._flatten(arrays)
+        if self._spec is None:  # first round (or first round after a resume)
+            x, self._spec = self._flatten(arrays)
+            self._x = x if self._x is None else self._x
         partition_to_node = {p: n for n, p in self.node_to_partition.items()}
         chosen = self.sample_partitions(server_round)
         missing = [p for p in chosen if p not in partition_to_node]
@@ -166,6 +167,7 @@ class RobustStrategy(Strategy):
             "missing_nodes": len(missing),
             "lr": lr,
             "bytes_down": len(msgs) * sum(len(a.data) for a in arrays.values()),
+            "sent": len(msgs),
         }
         if missing:
             log.warning("round %d: no node serves partitions %s", server_round, missing)
@@ -180,7 +182,12 @@ class RobustStrategy(Strategy):
         info["transport_s"] = t_recv - self._t_sent
         assert self._x is not None and self._spec is not None  # set in configure_train
         dim = self._x.numel()
-        accepted, reasons, stats = self._validate(list(replies), dim, set(info.get("sampled", [])))
+        replies = list(replies)
+        accepted, reasons, stats = self._validate(replies, dim, set(info.get("sampled", [])))
+        missing = info.get("sent", len(replies)) - len(replies)
+        if missing > 0:  # no reply before the round's timeout (or the node vanished)
+            reasons["timeout"] += missing
+            log.warning("round %d: %d sampled clients did not reply in time", server_round, missing)
         info.update(stats)
         info["replies_accepted"] = len(accepted)
         info["replies_rejected"] = sum(reasons.values())
@@ -247,6 +254,50 @@ class RobustStrategy(Strategy):
         diag["relative_residual"] = float(step.relative_residual)
         diag["memory_norm"] = float(step.memory_norm)
         return step.vector, diag
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        start_round: int = 1,
+    ) -> Result:
+        """Flower's round loop (``Strategy.start``), able to continue from ``start_round``.
+
+        Same sequence as Flower's: configure_train -> send_and_receive -> aggregate_train ->
+        configure_evaluate -> send_and_receive -> aggregate_evaluate -> evaluate_fn.
+        """
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        result, arrays = Result(), initial_arrays
+        if evaluate_fn is not None and start_round == 1:
+            res = evaluate_fn(0, arrays)
+            if res is not None:
+                result.evaluate_metrics_serverapp[0] = res
+        for rnd in range(start_round, num_rounds + 1):
+            messages = list(self.configure_train(rnd, arrays, train_config, grid))
+            replies = grid.send_and_receive(messages, timeout=timeout)
+            new, metrics = self.aggregate_train(rnd, replies)
+            if new is not None:
+                result.arrays = arrays = new
+            if metrics is not None:
+                result.train_metrics_clientapp[rnd] = metrics
+            eval_msgs = list(self.configure_evaluate(rnd, arrays, evaluate_config, grid))
+            if eval_msgs:
+                agg = self.aggregate_evaluate(
+                    rnd, grid.send_and_receive(eval_msgs, timeout=timeout)
+                )
+                if agg is not None:
+                    result.evaluate_metrics_clientapp[rnd] = agg
+            if evaluate_fn is not None:
+                res = evaluate_fn(rnd, arrays)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[rnd] = res
+        return result
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

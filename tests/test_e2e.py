@@ -161,3 +161,37 @@ def test_readme_plugin_commands_run_end_to_end(tmp_path, command):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["final_accuracy"] > 0.5
+
+
+def test_resume_from_a_checkpoint_gives_the_uninterrupted_metrics(tmp_path):
+    common = [
+        "experiment=smoke",
+        "strategy.server_momentum=0.5",
+        "attack=bit_flip",
+        "attack.fraction=0.2",
+    ]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert fedbgmd(*common, "num_rounds=4", f"hydra.run.dir={full}", cwd=tmp_path).returncode == 0
+    proc = fedbgmd(
+        *common, "num_rounds=2", "checkpoint_every=1", f"hydra.run.dir={part}", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (part / "checkpoint.pt").is_file()
+    proc = fedbgmd(
+        *common,
+        "num_rounds=4",
+        f"resume={part}",
+        f"hydra.run.dir={tmp_path / 'ignored'}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    a, b = read_metrics(full), read_metrics(part)
+    assert [r["round"] for r in b] == [0, 1, 2, 3, 4]
+    assert [r["test_accuracy"] for r in a] == [r["test_accuracy"] for r in b]
+    assert [r["test_loss"] for r in a] == [r["test_loss"] for r in b]
+    assert json.loads((part / "summary.json").read_text())["rounds"] == 4
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path):
+    proc = fedbgmd("experiment=smoke", f"resume={tmp_path}", cwd=tmp_path)
+    assert proc.returncode == 2 and "checkpoint.pt" in proc.stderr
