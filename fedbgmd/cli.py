@@ -130,10 +130,53 @@ def _precheck(overrides: list[str]) -> int | None:
         print(f"fedbgmd: {err}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     except (HydraException, OmegaConfBaseException, ValueError) as err:
-        msg = str(err).split("\n")[0] if str(err) else type(err).__name__
-        print(f"fedbgmd: invalid configuration: {msg}", file=sys.stderr)
+        print(f"fedbgmd: invalid configuration: {explain(err, run_overrides)}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     return None
+
+
+def explain(err: BaseException, overrides: list[str]) -> str:
+    """One readable message for a Hydra/OmegaConf composition error: the key and what is valid."""
+    import difflib
+    import re
+
+    text = str(err)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    head = lines[0] if lines else type(err).__name__
+    options = re.search(r"Available options in '([^']+)':(.*)", text, re.S)
+    if options:
+        listing = options.group(2).split("Config search path")[0]
+        names = ", ".join(
+            o for o in (t.strip() for t in listing.split()) if o and not o.startswith("base_")
+        )
+        return f"{head} (valid {options.group(1)} options: {names})"
+    cause = err.__cause__ or err.__context__
+    key = getattr(cause, "full_key", None)
+    if cause is not None and key:
+        detail = str(cause).splitlines()[0]
+        parent, _, leaf = str(key).rpartition(".")
+        valid = _keys_at(parent)
+        hint = ""
+        if valid and leaf not in valid:
+            close = difflib.get_close_matches(leaf, valid, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            hint += f" (keys at {parent or 'top level'}: {', '.join(sorted(valid))})"
+        return f"{key}: {detail}{hint}"
+    return head
+
+
+def _keys_at(path: str) -> list[str]:
+    """Keys of the default config at ``path`` ("" = top level), for suggestions."""
+    from hydra import compose, initialize_config_module
+
+    try:
+        with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+            node = compose("config")
+        for part in [p for p in path.split(".") if p]:
+            node = node[part]
+        return [str(k) for k in node.keys()]
+    except Exception:  # suggestions are best effort
+        return []
 
 
 def entry(argv: list[str] | None = None) -> None:

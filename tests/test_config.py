@@ -103,8 +103,9 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "override, needle",
     [
-        ("strategy=fedbgmx", "fedbgmx"),
-        ("num_clinets=3", "num_clinets"),
+        ("strategy=fedbgmx", "valid strategy options: block_cm, bulyan"),
+        ("num_clinets=3", "did you mean num_clients"),
+        ("strategy.block.bta=0.2", "did you mean beta"),
         ("num_rounds=many", "num_rounds"),
         ("attack=bit_flip attack.fraction=0.7", "attack.fraction"),
     ],
