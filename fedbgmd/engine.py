@@ -120,8 +120,7 @@ def run_inprocess(cfg: Any, run_dir: Path) -> Any:
 
     set_server_identity()
     grid = InProcessGrid(make_client_app(cfg), cfg.num_clients)
-    server = ServerRun(cfg, run_dir)
-    server.parallelism = 1
+    server = ServerRun(cfg, run_dir, parallelism=1)
     server.run(grid)
     return server
 

@@ -72,8 +72,9 @@ def rounds_per_epoch(cfg: Any, num_train: int) -> float:
 class ServerRun:
     """Everything the ServerApp does for one run; separated from Flower for testability."""
 
-    def __init__(self, cfg: Any, run_dir: Path) -> None:
+    def __init__(self, cfg: Any, run_dir: Path, parallelism: int = 1) -> None:
         self.cfg = cfg
+        self.parallelism = parallelism  # clients computing at once (for comm_time_s)
         self.run_dir = Path(run_dir)
         self.device = get_device(cfg.device)
         self.writer = RunWriter(self.run_dir)
@@ -147,10 +148,9 @@ class ServerRun:
         round_time = now - info["t_start"] if "t_start" in info else eval_s
         client_s = info.get("client_time_s")
         transport = info.get("transport_s")
-        parallel = getattr(self, "parallelism", 1)
         comm = None
         if transport is not None and client_s is not None:
-            comm = max(0.0, transport - client_s / parallel)
+            comm = max(0.0, transport - client_s / self.parallelism)
         row = {
             "round": server_round,
             "epoch": server_round / self.rpe,
@@ -309,8 +309,7 @@ def make_server_app(cfg: Any, run_dir: Path, parallelism: int = 1) -> tuple[Serv
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run = ServerRun(cfg, run_dir)
-        run.parallelism = parallelism
+        run = ServerRun(cfg, run_dir, parallelism)
         state["run"] = run
         run.run(grid)
 
