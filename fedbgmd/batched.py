@@ -49,7 +49,7 @@ Example::
     >>> gens = [torch.Generator().manual_seed(i) for i in range(3)]
     >>> upd, loss = trainer.train(x_t, [ds.train] * 3, gens, lr=0.1)
     >>> tuple(upd.shape), tuple(loss.shape)
-    ((3, 7850), (3,))
+    ((3, 132), (3,))
 """
 
 from __future__ import annotations
@@ -272,16 +272,11 @@ class BatchedTrainer:
         sizes = [len(p[0]) for p in plans]  # b_i, the same at every step of a client
         width = max(sizes)
         masked = any(b != width for b in sizes)
-        mask = count = None
-        if masked:
-            mask = torch.arange(width, device=dev).unsqueeze(0) < torch.tensor(
-                sizes, device=dev
-            ).unsqueeze(1)
-            count = torch.tensor(sizes, device=dev, dtype=x_t.dtype)
+        sizes_t = torch.tensor(sizes, device=dev)
+        mask = torch.arange(width, device=dev).unsqueeze(0) < sizes_t.unsqueeze(1)  # (m, width)
+        count = sizes_t.to(x_t.dtype)  # b_i; used only when the batch sizes differ
         # one copy of each client's batch indices to its data's device (as local_train)
-        idx = [
-            torch.cat(p).to(d.x.device).split([len(b) for b in p]) for p, d in zip(plans, datas)
-        ]
+        idx = [torch.cat(p).to(d.x.device).split([len(b) for b in p]) for p, d in zip(plans, datas)]
         total = torch.zeros(m, dtype=torch.float64, device=dev)
         for s in range(self.steps):
             xs, ys = [], []
@@ -318,4 +313,3 @@ class BatchedTrainer:
                 [(base[k].unsqueeze(0) - params[k]).reshape(m, -1) for k in self._keys], dim=1
             )
         return update, total / self.steps
-
