@@ -48,6 +48,10 @@ def run(cfg: Any, run_dir: Path) -> int:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     t0 = time.time()
     engine = run_inprocess if cfg.engine.name == "inprocess" else run_ray_simulation
+    if cfg.engine.name == "deployment":
+        from fedbgmd.deploy import run_deployment
+
+        engine = run_deployment
     try:
         engine(cfg, run_dir)
     except DatasetMissingError as err:

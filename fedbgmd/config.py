@@ -138,12 +138,17 @@ class AttackConfig:
 class EngineConfig:
     """How the federation is executed."""
 
-    name: str = "simulation"  # simulation (Flower + Ray) | inprocess (no Ray, same apps)
+    name: str = "simulation"  # simulation (Flower + Ray) | inprocess (no Ray) | deployment
     num_cpus: float = 1.0  # per client (simulation)
     num_gpus: float = 0.0  # per client, fraction allowed (simulation)
     round_timeout_s: float = 600.0
     num_threads: int | None = None  # torch CPU threads in this process (None: torch's default)
     verbose: bool = False
+    # deployment: a running SuperLink (its Control API address, host:port) and TLS settings
+    superlink: str = "127.0.0.1:8000"
+    insecure: bool = True
+    root_certificates: str | None = None  # CA certificate (PEM) to verify the SuperLink
+    timeout_s: float = 3600.0  # the whole run; it is stopped on the federation when exceeded
 
 
 @dataclass
@@ -188,7 +193,7 @@ _CHOICES = {
     "client.quantization.method": ("none", "qsgd", "sign"),
     "strategy.block.memory": ("per_client", "mean", "none"),
     "attack.mode": ("client", "omniscient"),
-    "engine.name": ("simulation", "inprocess"),
+    "engine.name": ("simulation", "inprocess", "deployment"),
 }
 
 
@@ -272,6 +277,8 @@ def validate(cfg: Any) -> None:
         )
     if cfg.engine.num_threads is not None and cfg.engine.num_threads < 1:
         p.append(f"engine.num_threads={cfg.engine.num_threads} must be >= 1 (or null)")
+    if cfg.engine.timeout_s <= 0:
+        p.append(f"engine.timeout_s={cfg.engine.timeout_s} must be > 0")
     if cfg.engine.num_gpus < 0 or cfg.engine.num_cpus <= 0:
         p.append("engine.num_cpus must be > 0 and engine.num_gpus >= 0")
     if p:
