@@ -67,8 +67,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--chunk", type=int, default=None, help="clients per vmap call (all)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--no-tf32", action="store_true", help="full fp32 convs/matmuls on CUDA")
     ap.add_argument("--out", default=None, help="also write the JSON result here")
     args = ap.parse_args()
+    if args.no_tf32:
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
@@ -125,6 +129,7 @@ def main() -> None:
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "tf32_conv": torch.backends.cudnn.allow_tf32,
         "params": count_parameters(model),
         "clients": args.clients,
         "batch": args.batch,
