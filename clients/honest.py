@@ -11,8 +11,10 @@ engine and in any order.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
@@ -21,6 +23,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedbgmd.attacks.base import ClientAttack
+from fedbgmd.batched import BatchedTrainer
 from fedbgmd.components import (
     build_attack,
     generator,
@@ -34,6 +37,24 @@ from fedbgmd.data import TensorData
 from fedbgmd.models import build_model
 from fedbgmd.training import get_device, local_train
 from fedbgmd.wire import build_reply_content, encode_update
+
+log = logging.getLogger("fedbgmd")
+
+
+@dataclass
+class _Job:
+    """One client's round in progress."""
+
+    msg: Message
+    pid: int
+    rnd: int
+    lr: float
+    attack: ClientAttack | None
+    x0: torch.Tensor
+    t0: float
+
+
+Transform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class ClientRuntime:
@@ -71,55 +92,69 @@ class ClientRuntime:
         return frozenset(spec.byzantine_ids), spec.client_attack
 
     @cached_property
-    def _local(self) -> dict[int, TensorData]:
+    def _data_cache(self) -> dict[int, TensorData]:
         return {}
 
     def local_data(self, pid: int) -> TensorData:
         """The partition's training data, copied to the device once per process."""
-        if pid not in self._local:
-            self._local[pid] = self.dataset.train.subset(self.parts[pid]).to(self.device)
-        return self._local[pid]
+        if pid not in self._data_cache:
+            self._data_cache[pid] = self.dataset.train.subset(self.parts[pid]).to(self.device)
+        return self._data_cache[pid]
 
-    def train(self, msg: Message, context: Context) -> Message:
+    def _prepare(self, msg: Message, context: Context, x0: torch.Tensor | None = None) -> _Job:
+        """Everything a client needs for this round; ``x0`` may be shared by a batch of jobs."""
         t0 = time.perf_counter()
-        cfg = self.cfg
         pid = int(context.node_config["partition-id"])
         conf = msg.content["config"]
-        rnd, lr = int(conf["server-round"]), float(conf["lr"])
-        data = self.local_data(pid)
         byz, attack = self.attack
-        attack = attack if pid in byz else None
-        model = self.model
-        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-        x0, _ = flatten_state(model.state_dict())
-        x0 = x0.clone()
+        if x0 is None:
+            x0 = flatten_state(msg.content["arrays"].to_torch_state_dict())[0].to(self.device)
+        return _Job(
+            msg=msg,
+            pid=pid,
+            rnd=int(conf["server-round"]),
+            lr=float(conf["lr"]),
+            attack=attack if pid in byz else None,
+            x0=x0,
+            t0=t0,
+        )
 
-        def run_local(purpose: str) -> tuple[torch.Tensor, Any]:
-            model.load_state_dict(_unflat_like(model, x0))
-            transform = None
-            if attack is not None and attack.kind == "data":
-                g_data = generator(cfg.seed, rnd, pid, "data", purpose, device="cpu")
-                transform = _data_transform(attack, g_data, self.dataset.num_classes)
-            res, _ = local_train(
-                model,
-                data,
-                steps=cfg.client.local_steps,
-                epochs=cfg.client.local_epochs,
-                batch_size=cfg.client.batch_size,
-                optim=optim_config(cfg),
-                lr=lr,
-                generator=generator(cfg.seed, rnd, pid, "batches", purpose),
-                device=self.device,
-                transform=transform,
-            )
-            y, _ = flatten_state(model.state_dict())
-            return x0 - y, res
+    def _transform(self, job: _Job, purpose: str) -> Transform | None:
+        if job.attack is None or job.attack.kind != "data":
+            return None
+        g = generator(self.cfg.seed, job.rnd, job.pid, "data", purpose, device="cpu")
+        return _data_transform(job.attack, g, self.dataset.num_classes)
 
-        update, res = run_local("honest")
+    def _batches(self, job: _Job, purpose: str) -> torch.Generator:
+        return generator(self.cfg.seed, job.rnd, job.pid, "batches", purpose)
+
+    def _local(self, job: _Job, purpose: str = "honest") -> tuple[torch.Tensor, float]:
+        """H local steps (or E epochs) from x_t with ``local_train``; returns (x_t − y, loss)."""
+        cfg, model = self.cfg, self.model
+        model.load_state_dict(_unflat_like(model, job.x0))
+        res, _ = local_train(
+            model,
+            self.local_data(job.pid),
+            steps=cfg.client.local_steps,
+            epochs=cfg.client.local_epochs,
+            batch_size=cfg.client.batch_size,
+            optim=optim_config(cfg),
+            lr=job.lr,
+            generator=self._batches(job, purpose),
+            device=self.device,
+            transform=self._transform(job, purpose),
+        )
+        y, _ = flatten_state(model.state_dict())
+        return job.x0 - y, res.train_loss
+
+    def _finish(self, job: _Job, update: torch.Tensor, loss: float, device_ref: bool) -> Message:
+        """Update/message attacks, quantization and the reply Message."""
+        cfg, pid, rnd = self.cfg, job.pid, job.rnd
+        attack = job.attack
         if attack is not None and attack.kind == "update":
 
             def sample_updates(m: int) -> torch.Tensor:
-                return torch.stack([run_local(f"sample{j}")[0] for j in range(m)])
+                return torch.stack([self._local(job, f"sample{j}")[0] for j in range(m)])
 
             update = attack.corrupt_update(
                 update,
@@ -127,21 +162,81 @@ class ClientRuntime:
                 sample_updates=sample_updates,
             )
         q = cfg.client.quantization
+        message_attack = attack is not None and attack.kind == "message"
         arrays, quant = encode_update(
             update,
             method=q.method,
             bits=q.bits,
             generator=generator(cfg.seed, rnd, pid, "quant", device=update.device),
+            device_ref=device_ref and q.method == "none" and not message_attack,
         )
-        if attack is not None and attack.kind == "message":
+        if message_attack:
             arrays = attack.corrupt_arrays(arrays, generator=generator(cfg.seed, rnd, pid, "msg"))
         metrics = {
-            "num-examples": int(res.num_examples),
-            "train-loss": float(res.train_loss),
+            "num-examples": len(self.parts[pid]),
+            "train-loss": float(loss),
             "partition-id": pid,
-            "client-time-s": time.perf_counter() - t0,
+            "client-time-s": time.perf_counter() - job.t0,
         }
-        return Message(build_reply_content(arrays, quant, metrics), reply_to=msg)
+        return Message(build_reply_content(arrays, quant, metrics), reply_to=job.msg)
+
+    def train(self, msg: Message, context: Context, device_ref: bool = False) -> Message:
+        """One client's round, as the ClientApp runs it (any engine)."""
+        job = self._prepare(msg, context)
+        update, loss = self._local(job)
+        return self._finish(job, update, loss, device_ref)
+
+    def train_many(
+        self, msgs: list[Message], contexts: list[Context], device_ref: bool = True
+    ) -> list[Message]:
+        """Many clients' rounds at once (the in-process engine's batched mode).
+
+        The local steps of all clients run as one vmapped computation
+        (:class:`fedbgmd.batched.BatchedTrainer`) from the same x_t, with each client's own
+        data, mini-batches (same generator as :meth:`train`) and data attack; update and message
+        attacks and quantization then run per client. Falls back to :meth:`train` per message
+        when the batched trainer cannot serve the config (non-SGD, epochs, BatchNorm buffers) or
+        the messages do not share one global model. Replies are those :meth:`train` would give
+        (bitwise on models without dropout; dropout masks differ, see fedbgmd.batched).
+        """
+        trainer = self.batched_trainer
+        arrays = msgs[0].content["arrays"] if msgs else None
+        same_model = all(m.content["arrays"] is arrays for m in msgs)
+        if trainer is None or not same_model:
+            return [self.train(m, c, device_ref) for m, c in zip(msgs, contexts)]
+        x0 = flatten_state(arrays.to_torch_state_dict())[0].to(self.device)
+        jobs = [self._prepare(m, c, x0) for m, c in zip(msgs, contexts)]
+        updates, losses = trainer.train(
+            x0,
+            [self.local_data(j.pid) for j in jobs],
+            [self._batches(j, "honest") for j in jobs],
+            lr=jobs[0].lr,
+            transforms=[self._transform(j, "honest") for j in jobs],
+        )
+        share = (time.perf_counter() - jobs[0].t0) / len(jobs)
+        replies = []
+        for i, job in enumerate(jobs):
+            job.t0 = time.perf_counter() - share  # each client is billed its share of the batch
+            replies.append(self._finish(job, updates[i], float(losses[i]), device_ref))
+        return replies
+
+    @cached_property
+    def batched_trainer(self) -> BatchedTrainer | None:
+        c = self.cfg.client
+        if c.local_steps is None:
+            return None
+        try:
+            return BatchedTrainer(
+                self.model,
+                optim=optim_config(self.cfg),
+                batch_size=c.batch_size,
+                steps=c.local_steps,
+                device=self.device,
+                max_chunk=self.cfg.engine.batch_chunk,
+            )
+        except NotImplementedError as err:
+            log.warning("batched client training unavailable (%s); using the per-client loop", err)
+            return None
 
     def query(self, msg: Message, context: Context) -> Message:
         """Tell the server which partition this node serves (node ids are random per run)."""

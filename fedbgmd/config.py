@@ -144,6 +144,11 @@ class EngineConfig:
     round_timeout_s: float = 600.0
     num_threads: int | None = None  # torch CPU threads in this process (None: torch's default)
     verbose: bool = False
+    # inprocess: all clients' local steps as one vmapped computation (SGD, local_steps, no
+    # BatchNorm; otherwise the per-client loop), updates handed to the server on their device
+    batched: bool = False
+    device_resident: bool = True
+    batch_chunk: int | None = None  # at most this many clients per vmapped call (memory bound)
     # deployment: a running SuperLink (its Control API address, host:port) and TLS settings
     superlink: str = "127.0.0.1:8000"
     insecure: bool = True
@@ -275,6 +280,10 @@ def validate(cfg: Any) -> None:
             f"strategy.aggregator.params.f={f}: Krum needs clients per round >= 2f+3 "
             f"(= {2 * int(f) + 3}), got {per_round}"
         )
+    if cfg.engine.batched and cfg.engine.name != "inprocess":
+        p.append("engine.batched=true needs engine=inprocess (one process holds every client)")
+    if cfg.engine.batch_chunk is not None and cfg.engine.batch_chunk < 1:
+        p.append(f"engine.batch_chunk={cfg.engine.batch_chunk} must be >= 1 (or null)")
     if cfg.engine.num_threads is not None and cfg.engine.num_threads < 1:
         p.append(f"engine.num_threads={cfg.engine.num_threads} must be >= 1 (or null)")
     if cfg.engine.timeout_s <= 0:

@@ -17,7 +17,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from flwr.supercore.task_identity import TaskIdentity
 log = logging.getLogger("fedbgmd")
 
 RUN_ID = 1
+BatchFn = Callable[[list[Message], list[Context]], list[Message]]
 
 
 def set_server_identity(run_id: int = RUN_ID) -> None:
@@ -48,8 +49,15 @@ class InProcessGrid(Grid):
     A ClientApp exception becomes an error reply (as in Flower), never a crash of the server.
     """
 
-    def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict | None = None):
+    def __init__(
+        self,
+        client_app: ClientApp,
+        num_nodes: int,
+        run_config: dict | None = None,
+        batch_fn: BatchFn | None = None,
+    ):
         self.client_app = client_app
+        self.batch_fn = batch_fn
         self.contexts = {
             1000 + pid: Context(
                 run_id=RUN_ID,
@@ -84,26 +92,52 @@ class InProcessGrid(Grid):
         return list(self.contexts)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for msg in messages:
-            msg_id = uuid.uuid4().hex
+        msgs = list(messages)
+        for msg in msgs:
             md = msg.metadata.__dict__
-            md["_message_id"], md["_run_id"], md["_src_node_id"] = msg_id, RUN_ID, SERVER_NODE_ID
-            self._replies[msg_id] = self._deliver(msg)
-            ids.append(msg_id)
-        return ids
+            md["_message_id"], md["_run_id"], md["_src_node_id"] = (
+                uuid.uuid4().hex,
+                RUN_ID,
+                SERVER_NODE_ID,
+            )
+        replies = self._deliver_batch(msgs) if self._batchable(msgs) else None
+        if replies is None:
+            replies = [self._deliver(msg) for msg in msgs]
+        for msg, reply in zip(msgs, replies):
+            reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            self._replies[msg.metadata.message_id] = reply
+        return [msg.metadata.message_id for msg in msgs]
+
+    def _batchable(self, msgs: list[Message]) -> bool:
+        return (
+            self.batch_fn is not None
+            and len(msgs) > 1
+            and all(m.metadata.message_type == "train" for m in msgs)
+            and all(m.metadata.dst_node_id in self.contexts for m in msgs)
+        )
+
+    def _deliver_batch(self, msgs: list[Message]) -> list[Message] | None:
+        """All train messages of a round in one call of ``batch_fn`` (batched client training).
+
+        If the batched call fails, every message is delivered on its own instead, so a failing
+        client still gets its own error reply and the others are unaffected.
+        """
+        assert self.batch_fn is not None
+        try:
+            return self.batch_fn(msgs, [self.contexts[m.metadata.dst_node_id] for m in msgs])
+        except Exception as err:
+            log.warning("batched client training failed (%r); delivering one by one", err)
+            return None
 
     def _deliver(self, msg: Message) -> Message:
         context = self.contexts.get(msg.metadata.dst_node_id)
         if context is None:
             return Message(Error(code=1, reason="unknown destination node"), reply_to=msg)
         try:
-            reply = self.client_app(msg, context)
+            return self.client_app(msg, context)
         except Exception as err:  # a crashing client is an error reply, as in Flower
             log.warning("ClientApp on node %s raised %r", msg.metadata.dst_node_id, err)
             return Message(Error(code=2, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
-        reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-        return reply
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
@@ -115,11 +149,18 @@ class InProcessGrid(Grid):
 
 
 def run_inprocess(cfg: Any, run_dir: Path) -> Any:
-    from fedbgmd.clients.honest import make_client_app
+    from fedbgmd.clients.honest import make_client_app, runtime_for
     from fedbgmd.server import ServerRun
 
     set_server_identity()
-    grid = InProcessGrid(make_client_app(cfg), cfg.num_clients)
+    batch_fn = None
+    if cfg.engine.batched:
+        runtime = runtime_for(cfg)
+
+        def batch_fn(msgs: list[Message], contexts: list[Context]) -> list[Message]:
+            return runtime.train_many(msgs, contexts, device_ref=cfg.engine.device_resident)
+
+    grid = InProcessGrid(make_client_app(cfg), cfg.num_clients, batch_fn=batch_fn)
     server = ServerRun(cfg, run_dir, parallelism=1)
     server.run(grid)
     return server

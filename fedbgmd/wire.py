@@ -13,6 +13,7 @@ with a short machine-readable reason for anything that is not exactly what was e
 from __future__ import annotations
 
 import math
+import uuid
 
 import numpy as np
 import torch
@@ -34,15 +35,52 @@ class BadReply(ValueError):
         super().__init__(f"{reason}: {detail}" if detail else reason)
 
 
+class DeviceStore:
+    """In-process hand-over of updates that stay on their device (the in-process engine only).
+
+    The reply carries a reference instead of the bytes, so a GPU update goes from the client's
+    training to the server's aggregation without a round trip through host memory. A reference
+    can be taken once; what nobody took is dropped by :meth:`clear` at the end of each round.
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[str, torch.Tensor] = {}
+
+    def put(self, tensor: torch.Tensor) -> str:
+        key = uuid.uuid4().hex
+        self._items[key] = tensor
+        return key
+
+    def take(self, key: object) -> torch.Tensor:
+        if not isinstance(key, str) or key not in self._items:
+            raise BadReply("missing_key", "unknown device reference")
+        return self._items.pop(key)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+DEVICE_STORE = DeviceStore()
+
+
 def encode_update(
     update: torch.Tensor,
     *,
     method: str = "none",
     bits: int = 8,
     generator: torch.Generator | None = None,
+    device_ref: bool = False,
 ) -> tuple[dict[str, np.ndarray], ConfigRecord]:
-    """Turn a flat update into named arrays (quantized and packed when ``method`` != none)."""
+    """Turn a flat update into named arrays (quantized and packed when ``method`` != none).
+
+    With ``device_ref`` (in-process engine, no quantization) the tensor stays where it is and
+    the record carries a reference into :data:`DEVICE_STORE` instead of the bytes.
+    """
     flat = update.detach().reshape(-1)
+    if device_ref and method == "none":
+        ref = DEVICE_STORE.put(flat.to(torch.float32))
+        record = {"method": "device", "bits": 32, "numel": int(flat.numel()), "ref": ref}
+        return {}, ConfigRecord(record)
     if method == "sign":
         bits = 1  # sign quantization is 1 bit per coordinate whatever `bits` says
     if method == "none":
@@ -63,8 +101,14 @@ def build_reply_content(
 
 
 def reply_nbytes(content: RecordDict) -> int:
-    """Payload bytes of a reply's arrays (element count x item size; what the update costs)."""
+    """Payload bytes of a reply's arrays (element count x item size; what the update costs).
+
+    A device reference counts as the float32 update it stands for."""
     total = 0
+    quant = content.config_records.get(QUANT_KEY)
+    if quant is not None and quant.get("method") == "device":
+        numel = quant.get("numel")
+        total += 4 * numel if isinstance(numel, int) and numel > 0 else 0
     for record in content.array_records.values():
         for arr in record.values():
             try:
@@ -102,8 +146,6 @@ def decode_update(content: RecordDict, dim: int, max_bytes: int) -> tuple[torch.
     Raises :class:`BadReply` for missing records or keys, extra keys, wrong dtype or shape, a
     payload larger than ``max_bytes``, unknown quantizer settings, bad metrics or non-finite values.
     """
-    if UPDATE_KEY not in content.array_records:
-        raise BadReply("missing_record", "no 'update' ArrayRecord")
     if METRICS_KEY not in content.metric_records or QUANT_KEY not in content.config_records:
         raise BadReply("missing_record", "no 'metrics' MetricRecord or 'quant' ConfigRecord")
     if received_nbytes(content) > max_bytes:
@@ -115,12 +157,20 @@ def decode_update(content: RecordDict, dim: int, max_bytes: int) -> tuple[torch.
             raise BadReply("bad_metrics", f"metric {key!r} missing or not finite")
     if metrics["num-examples"] < 0:
         raise BadReply("bad_metrics", "negative num-examples")
+    if UPDATE_KEY not in content.array_records:
+        raise BadReply("missing_record", "no 'update' ArrayRecord")
     record = content.array_records[UPDATE_KEY]
     quant = dict(content.config_records[QUANT_KEY])
     method, bits, numel = quant.get("method"), quant.get("bits"), quant.get("numel")
     if numel != dim:
         raise BadReply("wrong_shape", f"numel {numel}, expected {dim}")
-    if method == "none":
+    if method == "device":
+        if len(record.keys()):
+            raise BadReply("unexpected_keys", f"keys {sorted(record.keys())}")
+        vec = DEVICE_STORE.take(quant.get("ref"))
+        if vec.dtype != torch.float32 or tuple(vec.shape) != (dim,):
+            raise BadReply("wrong_shape", f"device update {vec.dtype} {tuple(vec.shape)}")
+    elif method == "none":
         if set(record.keys()) != {"update"}:
             raise BadReply("unexpected_keys", f"keys {sorted(record.keys())}")
         vec = torch.from_numpy(_expect_array(record, "update", np.dtype(np.float32), dim).copy())

@@ -48,7 +48,7 @@ from fedbgmd.core import (
     make_memory,
     unflatten_state,
 )
-from fedbgmd.wire import BadReply, decode_update, reply_nbytes
+from fedbgmd.wire import DEVICE_STORE, BadReply, decode_update, reply_nbytes
 
 log = logging.getLogger("fedbgmd")
 
@@ -184,6 +184,7 @@ class RobustStrategy(Strategy):
         dim = self._x.numel()
         replies = list(replies)
         accepted, reasons, stats = self._validate(replies, dim, set(info.get("sampled", [])))
+        DEVICE_STORE.clear()  # device references of rejected replies are dropped here
         missing = info.get("sent", len(replies)) - len(replies)
         if missing > 0:  # no reply before the round's timeout (or the node vanished)
             reasons["timeout"] += missing

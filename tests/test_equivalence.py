@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hydra import compose, initialize_config_module
 
@@ -61,3 +62,23 @@ def test_fedbgmd_with_full_block_and_no_memory_equals_gmd(tmp_path):
     b = torch.load(tmp_path / "bgmd" / "checkpoint.pt", weights_only=True)["model"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def _metrics(path):
+    from fedbgmd.results import read_metrics
+
+    return read_metrics(path)
+
+
+@pytest.mark.parametrize("attack", ["bit_flip", "label_flip", "malformed", "none"])
+def test_batched_inprocess_engine_gives_the_per_client_metrics(tmp_path, attack):
+    common = ["num_rounds=3", f"attack={attack}", "client.optimizer.momentum=0.9"]
+    if attack != "none":
+        common.append("attack.fraction=0.4")
+    run_inprocess(cfg_for(*common), tmp_path / "loop")
+    run_inprocess(cfg_for(*common, "engine.batched=true"), tmp_path / "batched")
+    a, b = _metrics(tmp_path / "loop"), _metrics(tmp_path / "batched")
+    assert [r["test_accuracy"] for r in a] == [r["test_accuracy"] for r in b]
+    assert [r["test_loss"] for r in a] == pytest.approx([r["test_loss"] for r in b], rel=1e-5)
+    assert [r["replies_rejected"] for r in a] == [r["replies_rejected"] for r in b]
+    assert [r["bytes_up"] for r in a] == [r["bytes_up"] for r in b]
