@@ -27,6 +27,7 @@ except ImportError:
 
 import torch
 
+from fedbgmd.batched import BatchedTrainer
 from fedbgmd.core import bgmd_step, flatten_state, get_aggregator, make_memory, unflatten_state
 from fedbgmd.data import TensorData
 from fedbgmd.models import build_model
@@ -45,13 +46,16 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--batched", action="store_true", help="fedbgmd.batched.BatchedTrainer")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dev = torch.device(args.device)
     g = torch.Generator().manual_seed(0)
     model = build_model("cnn", 10, (1, 28, 28), seed=0).to(dev)
     data = [
-        TensorData(torch.randn(512, 1, 28, 28, generator=g), torch.randint(0, 10, (512,), generator=g)).to(dev)
+        TensorData(
+            torch.randn(512, 1, 28, 28, generator=g), torch.randint(0, 10, (512,), generator=g)
+        ).to(dev)
         for _ in range(args.clients)
     ]
     x, spec = flatten_state(model.state_dict())
@@ -61,21 +65,40 @@ def main() -> None:
     gm = get_aggregator("gm", eps=1e-6)
     memory = make_memory("per_client", dim=d, device=dev, dtype=torch.float32)
     opt = OptimConfig(lr=0.01, momentum=0.0, weight_decay=1e-5)
+    trainer = BatchedTrainer(model, optim=opt, batch_size=args.batch, steps=1, device=dev)
     times: dict[str, list[float]] = {"clients": [], "bgmd": [], "gm_full": []}
     for r in range(args.rounds + 3):
         sync(dev)
         t0 = time.perf_counter()
-        ups = []
-        for i in range(args.clients):
-            model.load_state_dict(unflatten_state(x, spec))
-            local_train(model, data[i], steps=1, batch_size=args.batch, optim=opt, lr=0.01,
-                        generator=torch.Generator().manual_seed(r * 1000 + i), device=dev)
-            ups.append(x - flatten_state(model.state_dict())[0])
-        G = torch.stack(ups)
+        gens = [torch.Generator().manual_seed(r * 1000 + i) for i in range(args.clients)]
+        if args.batched:
+            G, _ = trainer.train(x, data, gens, lr=0.01)
+        else:
+            ups = []
+            for i in range(args.clients):
+                model.load_state_dict(unflatten_state(x, spec))
+                local_train(
+                    model,
+                    data[i],
+                    steps=1,
+                    batch_size=args.batch,
+                    optim=opt,
+                    lr=0.01,
+                    generator=gens[i],
+                    device=dev,
+                )
+                ups.append(x - flatten_state(model.state_dict())[0])
+            G = torch.stack(ups)
         sync(dev)
         t1 = time.perf_counter()
-        step = bgmd_step(G, aggregator=gm, k=k, memory=memory, client_ids=list(range(args.clients)),
-                         generator=torch.Generator(device=dev).manual_seed(r))
+        step = bgmd_step(
+            G,
+            aggregator=gm,
+            k=k,
+            memory=memory,
+            client_ids=list(range(args.clients)),
+            generator=torch.Generator(device=dev).manual_seed(r),
+        )
         sync(dev)
         t2 = time.perf_counter()
         full = gm(G)
@@ -88,12 +111,19 @@ def main() -> None:
             times["gm_full"].append(t3 - t2)
     med = {key: 1000 * statistics.median(v) for key, v in times.items()}
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    print(f"device {name}, torch {torch.__version__}, d={d}, clients={args.clients}, batch={args.batch}, beta={args.beta}")
-    print(f"client loop {med['clients']:.1f} ms/round, BGMD step {med['bgmd']:.2f} ms, full GM {med['gm_full']:.2f} ms "
-          f"(GM iterations {full.iterations}, converged {full.converged}); "
-          f"round (clients + BGMD) {med['clients'] + med['bgmd']:.1f} ms")
+    mode = "batched (vmap)" if args.batched else "per-client loop"
+    print(
+        f"device {name}, torch {torch.__version__}, d={d}, clients={args.clients}, batch={args.batch}, beta={args.beta}, {mode}"
+    )
+    print(
+        f"clients {med['clients']:.1f} ms/round, BGMD step {med['bgmd']:.2f} ms, full GM {med['gm_full']:.2f} ms "
+        f"(GM iterations {full.iterations}, converged {full.converged}); "
+        f"round (clients + BGMD) {med['clients'] + med['bgmd']:.1f} ms"
+    )
     if args.out:
-        Path(args.out).write_text(json.dumps({"device": name, "torch": torch.__version__, "ms": med}, indent=2))
+        Path(args.out).write_text(
+            json.dumps({"device": name, "torch": torch.__version__, "ms": med}, indent=2)
+        )
 
 
 if __name__ == "__main__":

@@ -172,6 +172,7 @@ class Config:
     eval_batch_size: int = 1024
     max_eval_samples: int | None = None  # evaluate on the first N test samples (None: all)
     progress: bool = True
+    plots: bool = True  # draw the run's PNG plots at the end (1-2 s; sweeps may turn it off)
     checkpoint_every: int = 0  # save checkpoint.pt every N rounds (0: off; the last round always)
     resume: str | None = None  # a run folder with checkpoint.pt: continue it there
 

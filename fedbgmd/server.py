@@ -19,7 +19,6 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedbgmd import plots
 from fedbgmd.components import (
     build_aggregator,
     build_attack,
@@ -255,7 +254,7 @@ class ServerRun:
             seed=self.cfg.seed,
             strategy=self.cfg.strategy.name,
             attack=self.attack.name,
-            fraction=float(self.cfg.attack.fraction),
+            fraction=setting_of(self.cfg)["attack.fraction"],
             byzantine_ids=list(self.attack.byzantine_ids),
             setting=setting_of(self.cfg),
             num_parameters=count_parameters(self.model),
@@ -264,7 +263,11 @@ class ServerRun:
             config=OmegaConf.to_container(self.cfg, resolve=True),
         )
         self.writer.write_summary(summary)
+        if not self.cfg.plots:
+            return
         try:
+            from fedbgmd import plots  # matplotlib only when plots are drawn
+
             plots.plot_run(self.run_dir)
         except Exception as err:  # plots must never turn a finished run into a failed one
             log.warning("could not draw plots: %s", err)
@@ -275,10 +278,13 @@ def setting_of(cfg: Any) -> dict[str, Any]:
     return {
         "strategy": cfg.strategy.name,
         "attack": cfg.attack.name,
-        "attack.fraction": float(cfg.attack.fraction),
+        # no Byzantine clients without an attack, whatever the fraction says
+        "attack.fraction": float(cfg.attack.fraction) if cfg.attack.name != "none" else 0.0,
         "data": cfg.data.name,
         "model": cfg.model.name,
-        "block.beta": float(cfg.strategy.block.beta) if cfg.strategy.block.enabled else None,
+        "strategy.block.beta": (
+            float(cfg.strategy.block.beta) if cfg.strategy.block.enabled else None
+        ),
         "num_clients": int(cfg.num_clients),
         "num_rounds": int(cfg.num_rounds),
     }
