@@ -89,7 +89,17 @@ class Group:
 
     @property
     def completed(self) -> list[Run]:
-        return [r for r in self.runs if r.completed]
+        """Completed runs, one per (seed, full setting): a sweep that runs the same setting twice
+        (e.g. attack=none at two fractions, which draws no Byzantine client either way) counts
+        it once, so n and the std are over distinct runs."""
+        seen: set[str] = set()
+        out = []
+        for r in self.runs:
+            key = json.dumps([r.summary.get("seed"), r.setting], sort_keys=True, default=str)
+            if r.completed and key not in seen:
+                seen.add(key)
+                out.append(r)
+        return out
 
     @property
     def failed(self) -> list[Run]:

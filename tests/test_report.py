@@ -386,3 +386,16 @@ def test_main_writes_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     md = (out / "report.md").read_text()
     assert "(best, mean ± std over seeds)" in md
     assert (out / "report.csv").is_file()
+
+
+def test_identical_runs_in_one_group_are_counted_once(tmp_path: Path) -> None:
+    for job, acc in ((0, 0.5), (1, 0.5), (2, 0.7)):
+        w = RunWriter(tmp_path / str(job))
+        w.log_round({"round": 1, "test_accuracy": acc})
+        seed = 0 if job < 2 else 1  # jobs 0 and 1: the same setting and seed (a repeated run)
+        w.write_summary({"seed": seed, "setting": {"strategy": "gm", "attack": "none"}})
+    group = report.group_runs(report.collect_runs(tmp_path)[0])[0]
+    assert len(group.runs) == 3 and len(group.completed) == 2
+    assert report.mean_std(r.summary["final_accuracy"] for r in group.completed)[
+        0
+    ] == pytest.approx(0.6)
