@@ -122,7 +122,12 @@ def check_components(cfg: Any) -> None:
     """Construct every plug-in once so that bad names/params fail at startup, all reported."""
     problems: list[str] = []
     try:
-        build_aggregator(cfg.strategy.aggregator)
+        agg = build_aggregator(cfg.strategy.aggregator)
+        if cfg.strategy.weighted and getattr(agg, "supports_weights", True) is False:
+            problems.append(
+                f"strategy.weighted=true, but aggregator {cfg.strategy.aggregator.name!r} has "
+                "no weighted form; set strategy.weighted=false"
+            )
     except (ValueError, TypeError) as err:
         problems.append(f"strategy.aggregator: {err}")
     try:

@@ -116,3 +116,9 @@ def test_cli_bad_config_exits_2_with_one_clear_message(tmp_path, override, needl
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_weighting_an_aggregator_without_a_weighted_form_is_refused():
+    cfg = compose_cfg("strategy=cm", "strategy.weighted=true")
+    with pytest.raises(ConfigError, match="no weighted form"):
+        check_config(cfg)
