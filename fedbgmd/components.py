@@ -19,7 +19,12 @@ import torch
 from fedbgmd.attacks import get_attack, get_omniscient_attack
 from fedbgmd.attacks.base import ClientAttack, OmniscientAttack
 from fedbgmd.config import ConfigError
-from fedbgmd.core import AggregationResult, get_aggregator
+from fedbgmd.core import (
+    AggregationResult,
+    available_selectors,
+    get_aggregator,
+    register_selector,
+)
 from fedbgmd.data import Dataset, load_dataset, partition
 from fedbgmd.training import OptimConfig
 
@@ -118,6 +123,23 @@ def build_attack(cfg: Any) -> AttackSpec:
     )
 
 
+def resolve_selector(name: str) -> str:
+    """A registered block selector, or a user's ``fn(col_sq_norms, k, generator)`` given by
+    dotted path (registered under that path on first use). Unknown names raise ValueError."""
+    if name in available_selectors():
+        return name
+    if "." not in name:
+        raise ValueError(
+            f"unknown block selector {name!r}; valid: {', '.join(available_selectors())} "
+            "or a dotted path to your function"
+        )
+    fn = locate(name)
+    if not callable(fn):
+        raise TypeError(f"block selector {name!r} is not callable")
+    register_selector(name, fn)
+    return name
+
+
 def check_components(cfg: Any) -> None:
     """Construct every plug-in once so that bad names/params fail at startup, all reported."""
     problems: list[str] = []
@@ -134,6 +156,10 @@ def check_components(cfg: Any) -> None:
         build_attack(cfg)
     except (ValueError, TypeError) as err:
         problems.append(f"attack: {err}")
+    try:
+        resolve_selector(cfg.strategy.block.selector)
+    except (ValueError, TypeError) as err:
+        problems.append(f"strategy.block.selector: {err}")
     try:
         strategy_class(cfg)
     except (ValueError, TypeError) as err:

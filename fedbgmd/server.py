@@ -25,6 +25,7 @@ from fedbgmd.components import (
     load_data,
     model_kwargs,
     optim_config,
+    resolve_selector,
     strategy_class,
 )
 from fedbgmd.config import clients_per_round
@@ -114,7 +115,7 @@ class ServerRun:
             device=self.device,
             block=s.block.enabled,
             beta=s.block.beta,
-            selector=s.block.selector,
+            selector=resolve_selector(s.block.selector),
             memory=s.block.memory,
             server_lr=s.server_lr,
             server_momentum=s.server_momentum,

@@ -15,6 +15,11 @@ def medoid(x: torch.Tensor, weights: torch.Tensor | None = None) -> AggregationR
     return AggregationResult(vector=x[best].clone(), selected=torch.tensor([best]))
 
 
+def largest_magnitude_block(col_sq_norms: torch.Tensor, k: int, generator=None) -> torch.Tensor:
+    """A block selector: the k coordinates with the largest column norms, returned sorted."""
+    return torch.topk(col_sq_norms, k).indices.sort().values
+
+
 class DropLargestStrategy(RobustStrategy):
     """Discards the `drop` updates with the largest norms, then applies the configured aggregator."""
 
