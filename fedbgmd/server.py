@@ -95,6 +95,7 @@ class ServerRun:
         self.rpe = rounds_per_epoch(cfg, len(self.dataset.train))
         self.strategy = self._build_strategy()
         self.last_eval: tuple[float, float] | None = None
+        self.diverged_at: int | None = None  # first evaluated round with a non-finite model
 
     def _build_strategy(self) -> Any:
         cfg, s = self.cfg, self.cfg.strategy
@@ -142,6 +143,16 @@ class ServerRun:
                 self.model, self.test, batch_size=cfg.eval_batch_size, device=self.device
             )
             self.last_eval = (loss, acc)
+            if self.diverged_at is None and not (
+                math.isfinite(loss)
+                and all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+            ):
+                self.diverged_at = server_round
+                log.warning(
+                    "round %d: the global model diverged (non-finite loss or parameters); clients "
+                    "training from it send non-finite losses, which are rejected",
+                    server_round,
+                )
         eval_s = time.perf_counter() - t0
         info = self.strategy.round_info.get(server_round, {})
         now = time.perf_counter()
@@ -259,6 +270,7 @@ class ServerRun:
             byzantine_ids=list(self.attack.byzantine_ids),
             setting=setting_of(self.cfg),
             num_parameters=count_parameters(self.model),
+            diverged_at=self.diverged_at,
             wall_time_s=time.time() - self.started,
             versions=environment_versions(str(self.device)),
             config=OmegaConf.to_container(self.cfg, resolve=True),

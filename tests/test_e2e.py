@@ -195,3 +195,20 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_metrics(tmp_path):
 def test_resume_without_a_checkpoint_is_refused(tmp_path):
     proc = fedbgmd("experiment=smoke", f"resume={tmp_path}", cwd=tmp_path)
     assert proc.returncode == 2 and "checkpoint.pt" in proc.stderr
+
+
+def test_a_diverged_model_is_reported(tmp_path):
+    run = tmp_path / "run"
+    proc = fedbgmd(
+        "experiment=smoke",
+        "strategy=fedavg",
+        "attack=bit_flip",
+        "attack.fraction=0.4",
+        "attack.params.scale=1e30",
+        "num_rounds=3",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "diverged" in proc.stdout + proc.stderr
+    assert json.loads((run / "summary.json").read_text())["diverged_at"] is not None
