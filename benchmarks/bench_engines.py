@@ -23,13 +23,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(engine: str, overrides: list[str], out: Path) -> dict:
+    """``engine`` is an engine name, or ``inprocess:batched`` for the batched in-process mode."""
+    name, _, mode = engine.partition(":")
+    extra = ["engine.batched=true"] if mode == "batched" else []
     t0 = time.perf_counter()
     proc = subprocess.run(
         [
             sys.executable,
             "-c",
             "from fedbgmd.cli import entry; entry()",
-            f"engine={engine}",
+            f"engine={name}",
+            *extra,
             "progress=false",
             f"hydra.run.dir={out}",
             *overrides,
@@ -71,7 +75,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--clients", type=int, default=10)
-    ap.add_argument("--engines", default="inprocess,simulation")
+    ap.add_argument("--engines", default="inprocess,inprocess:batched,simulation")
     args, extra = ap.parse_known_args()
     overrides = [
         "experiment=smoke",
@@ -99,12 +103,12 @@ def main() -> None:
             f"{m['client_time_s']:.4f} | {m['agg_time_s']:.4f} | {m['eval_time_s']:.4f} | "
             f"{m['overhead_s']:.4f} | {100 * m['overhead_frac']:.0f}% |"
         )
-    if len(results) == 2:
-        a, b = results
+    base = results[-1]
+    for r in results[:-1]:
         print(
-            f"end-to-end ratio {b['engine']}/{a['engine']}: "
-            f"{b['process_wall_s'] / a['process_wall_s']:.1f}x; per round: "
-            f"{b['median']['round_time_s'] / a['median']['round_time_s']:.1f}x"
+            f"{base['engine']} / {r['engine']}: end to end "
+            f"{base['process_wall_s'] / r['process_wall_s']:.1f}x, per round "
+            f"{base['median']['round_time_s'] / r['median']['round_time_s']:.1f}x"
         )
     out = ROOT / "benchmarks" / "results" / f"engines-{socket.gethostname()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -66,6 +66,12 @@ class ClientRuntime:
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
+        c = cfg.client
+        # plain copies of what every message reads: OmegaConf attribute access is slow
+        self.seed = int(cfg.seed)
+        self.steps, self.epochs, self.batch_size = c.local_steps, c.local_epochs, c.batch_size
+        self.quant_method, self.quant_bits = str(c.quantization.method), int(c.quantization.bits)
+        self.optim = optim_config(cfg)
 
     @cached_property
     def device(self) -> torch.device:
@@ -122,23 +128,23 @@ class ClientRuntime:
     def _transform(self, job: _Job, purpose: str) -> Transform | None:
         if job.attack is None or job.attack.kind != "data":
             return None
-        g = generator(self.cfg.seed, job.rnd, job.pid, "data", purpose, device="cpu")
+        g = generator(self.seed, job.rnd, job.pid, "data", purpose, device="cpu")
         return _data_transform(job.attack, g, self.dataset.num_classes)
 
     def _batches(self, job: _Job, purpose: str) -> torch.Generator:
-        return generator(self.cfg.seed, job.rnd, job.pid, "batches", purpose)
+        return generator(self.seed, job.rnd, job.pid, "batches", purpose)
 
     def _local(self, job: _Job, purpose: str = "honest") -> tuple[torch.Tensor, float]:
         """H local steps (or E epochs) from x_t with ``local_train``; returns (x_t − y, loss)."""
-        cfg, model = self.cfg, self.model
+        model = self.model
         model.load_state_dict(_unflat_like(model, job.x0))
         res, _ = local_train(
             model,
             self.local_data(job.pid),
-            steps=cfg.client.local_steps,
-            epochs=cfg.client.local_epochs,
-            batch_size=cfg.client.batch_size,
-            optim=optim_config(cfg),
+            steps=self.steps,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            optim=self.optim,
             lr=job.lr,
             generator=self._batches(job, purpose),
             device=self.device,
@@ -149,7 +155,7 @@ class ClientRuntime:
 
     def _finish(self, job: _Job, update: torch.Tensor, loss: float, device_ref: bool) -> Message:
         """Update/message attacks, quantization and the reply Message."""
-        cfg, pid, rnd = self.cfg, job.pid, job.rnd
+        seed, pid, rnd = self.seed, job.pid, job.rnd
         attack = job.attack
         if attack is not None and attack.kind == "update":
 
@@ -158,20 +164,19 @@ class ClientRuntime:
 
             update = attack.corrupt_update(
                 update,
-                generator=generator(cfg.seed, rnd, pid, "attack", device=update.device),
+                generator=generator(seed, rnd, pid, "attack", device=update.device),
                 sample_updates=sample_updates,
             )
-        q = cfg.client.quantization
         message_attack = attack is not None and attack.kind == "message"
         arrays, quant = encode_update(
             update,
-            method=q.method,
-            bits=q.bits,
-            generator=generator(cfg.seed, rnd, pid, "quant", device=update.device),
-            device_ref=device_ref and q.method == "none" and not message_attack,
+            method=self.quant_method,
+            bits=self.quant_bits,
+            generator=generator(seed, rnd, pid, "quant", device=update.device),
+            device_ref=device_ref and self.quant_method == "none" and not message_attack,
         )
         if message_attack:
-            arrays = attack.corrupt_arrays(arrays, generator=generator(cfg.seed, rnd, pid, "msg"))
+            arrays = attack.corrupt_arrays(arrays, generator=generator(seed, rnd, pid, "msg"))
         metrics = {
             "num-examples": len(self.parts[pid]),
             "train-loss": float(loss),
@@ -228,7 +233,7 @@ class ClientRuntime:
         try:
             return BatchedTrainer(
                 self.model,
-                optim=optim_config(self.cfg),
+                optim=self.optim,
                 batch_size=c.batch_size,
                 steps=c.local_steps,
                 device=self.device,
