@@ -94,6 +94,13 @@ class ServerRun:
         self.attack = build_attack(cfg)
         self.rpe = rounds_per_epoch(cfg, len(self.dataset.train))
         self.strategy = self._build_strategy()
+        b = cfg.strategy.block
+        if b.enabled and b.memory == "mean" and self.attack.byzantine_ids:
+            log.warning(
+                "strategy.block.memory=mean adds the mean residual of all clients, Byzantine "
+                "ones included, to every row; it is not robust (README: Findings). "
+                "Use per_client for robust runs."
+            )
         self.last_eval: tuple[float, float] | None = None
         self.diverged_at: int | None = None  # first evaluated round with a non-finite model
 
