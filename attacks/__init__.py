@@ -24,7 +24,7 @@ from fedbgmd.attacks.features import FeatureNoiseAttack, ImpulseNoiseAttack
 from fedbgmd.attacks.ipm import IpmAttack, OmniscientIpm
 from fedbgmd.attacks.labels import BackdoorAttack, LabelFlipAttack
 from fedbgmd.attacks.malformed import MALFORMED_MODES, MalformedAttack
-from fedbgmd.attacks.minmax import OmniscientMinMax, OmniscientMinSum
+from fedbgmd.attacks.minmax import OmniscientAgrTailored, OmniscientMinMax, OmniscientMinSum
 from fedbgmd.attacks.nonfinite import NonFiniteAttack
 from fedbgmd.attacks.registry import (
     ATTACKS,
@@ -55,6 +55,7 @@ __all__ = [
     "LabelFlipAttack",
     "MalformedAttack",
     "NonFiniteAttack",
+    "OmniscientAgrTailored",
     "OmniscientAlie",
     "OmniscientAttack",
     "OmniscientIpm",

@@ -46,11 +46,18 @@ from fedbgmd.attacks.base import (
     OmniscientAttack,
     check_choice,
     check_honest,
+    check_int,
     check_positive,
     coordinate_stats,
 )
 
-__all__ = ["PERTURBATIONS", "OmniscientMinMax", "OmniscientMinSum", "perturbation_direction"]
+__all__ = [
+    "PERTURBATIONS",
+    "OmniscientAgrTailored",
+    "OmniscientMinMax",
+    "OmniscientMinSum",
+    "perturbation_direction",
+]
 
 PERTURBATIONS: tuple[str, ...] = ("std", "unit_vec", "sign")
 
@@ -146,3 +153,76 @@ class OmniscientMinSum(_MinMaxBase):
         s = _sq_pairwise(h).sum(dim=1).max()
         a = torch.dot(p, p)
         return ((s - c_sum).clamp_min(0.0) / (n * a)).sqrt()
+
+
+@dataclass(frozen=True)
+class OmniscientAgrTailored(OmniscientAttack):
+    """AGR-tailored attack (Shejwalkar & Houmansadr, NDSS 2021, §IV-A): search against the
+    server's own aggregator.
+
+    Malicious rows are ``m = μ + γ·p`` (μ the honest mean, ``p`` from ``perturbation``); γ is
+    chosen to maximise the damage ``‖AGG(H ∪ {m}^f) − μ‖`` of the configured aggregator ``AGG``:
+    a geometric grid ``γ_max · 2^-j`` (j = 0 … ``grid``−1) followed by ``refine`` bisection steps
+    around the best grid point. Needs the aggregator (the strategy's adversary hook passes it);
+    about ``grid + 2·refine`` aggregator calls per round, simulation only.
+    """
+
+    name: ClassVar[str] = "agr_tailored"
+    perturbation: str = "std"
+    gamma_max: float = 100.0
+    grid: int = 14
+    refine: int = 6
+
+    def __post_init__(self) -> None:
+        check_choice("perturbation", self.perturbation, ("std", "unit_vec", "sign"))
+        check_positive("gamma_max", self.gamma_max)
+        check_int("grid", self.grid, minimum=1)
+        check_int("refine", self.refine, minimum=0)
+
+    def damage(
+        self,
+        honest: Tensor,
+        gamma: float,
+        num_byzantine: int,
+        aggregator: Callable[[Tensor], Tensor],
+    ) -> float:
+        """‖AGG(H ∪ {μ + γ·p}^f) − μ‖: how far the malicious rows move the aggregate."""
+        mu = honest.mean(dim=0)
+        p = perturbation_direction(honest, self.perturbation)
+        fake = (mu + gamma * p).unsqueeze(0).expand(num_byzantine, -1)
+        out = aggregator(torch.cat([honest, fake]))
+        return float(torch.linalg.vector_norm(out.to(torch.float64) - mu.to(torch.float64)))
+
+    def __call__(
+        self,
+        honest: Tensor,
+        num_byzantine: int,
+        *,
+        generator: torch.Generator,
+        aggregator: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor:
+        check_honest(honest, num_byzantine)
+        if aggregator is None:
+            raise ValueError("agr_tailored searches against the server's aggregator; none given")
+        h = honest.detach()
+        score: dict[float, float] = {}
+
+        def f(g: float) -> float:
+            if g not in score:
+                score[g] = self.damage(h, g, num_byzantine, aggregator)
+            return score[g]
+
+        grid = [self.gamma_max * 2.0**-j for j in range(self.grid)]
+        best = max(grid, key=f)
+        lo, hi = best / 2, min(best * 2, self.gamma_max)
+        for _ in range(self.refine):  # bisection on the side that does more damage
+            left, right = (lo + best) / 2, (best + hi) / 2
+            if f(left) > f(best) and f(left) >= f(right):
+                hi, best = best, left
+            elif f(right) > f(best):
+                lo, best = best, right
+            else:
+                lo, hi = left, right
+        p = perturbation_direction(h, self.perturbation)
+        row = h.mean(dim=0) + best * p
+        return row.unsqueeze(0).repeat(num_byzantine, 1)

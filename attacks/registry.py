@@ -72,7 +72,7 @@ def register_builtin_attacks() -> None:
     from fedbgmd.attacks.ipm import IpmAttack, OmniscientIpm
     from fedbgmd.attacks.labels import BackdoorAttack, LabelFlipAttack
     from fedbgmd.attacks.malformed import MalformedAttack
-    from fedbgmd.attacks.minmax import OmniscientMinMax, OmniscientMinSum
+    from fedbgmd.attacks.minmax import OmniscientAgrTailored, OmniscientMinMax, OmniscientMinSum
     from fedbgmd.attacks.nonfinite import NonFiniteAttack
     from fedbgmd.attacks.update import (
         BitFlipAttack,
@@ -100,6 +100,7 @@ def register_builtin_attacks() -> None:
         OmniscientIpm,
         OmniscientMinMax,
         OmniscientMinSum,
+        OmniscientAgrTailored,
     )
     for cls in client:
         if ATTACKS.get(cls.name) is not cls:

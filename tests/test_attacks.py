@@ -241,6 +241,11 @@ def test_message_contract(name: str) -> None:
             assert not (k in arrays and np.shares_memory(v, arrays[k])), "output aliases input"
 
 
+def _median(x: Tensor) -> Tensor:
+    """A stand-in for the server's aggregator (the strategy's hook always passes its own)."""
+    return x.median(dim=0).values
+
+
 @pytest.mark.parametrize("name", available_omniscient_attacks())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("f", [0, 1, 3])
@@ -249,18 +254,18 @@ def test_omniscient_contract(name: str, dtype: torch.dtype, f: int) -> None:
     assert isinstance(attack, OmniscientAttack)
     honest = torch.randn(8, D, generator=gen(2)).to(dtype)
     before = honest.clone()
-    out = attack(honest, f, generator=gen(0))
+    out = attack(honest, f, generator=gen(0), aggregator=_median)
     assert out.shape == (f, D) and out.dtype == dtype and out.device == honest.device
     assert torch.equal(honest, before)
     assert torch.isfinite(out).all()
-    assert torch.equal(out, attack(honest, f, generator=gen(0)))
+    assert torch.equal(out, attack(honest, f, generator=gen(0), aggregator=_median))
 
 
 @pytest.mark.parametrize("name", available_omniscient_attacks())
 def test_omniscient_identical_rows_return_them(name: str) -> None:
     honest = torch.ones(5, D).mul(3.0)
     out = get_omniscient_attack(name, **({"z": 1.0} if name == "alie" else {}))(
-        honest, 2, generator=gen()
+        honest, 2, generator=gen(), aggregator=_median
     )
     expected = {"ipm": -0.1 * honest[:2]}.get(name, honest[:2])
     torch.testing.assert_close(out, expected)
@@ -498,3 +503,28 @@ def test_minsum_constraint_tight() -> None:
     mu, sigma = coordinate_stats(honest)
     bigger = mu - 1.01 * attack.gamma(honest) * sigma  # type: ignore[attr-defined]
     assert float(torch.cdist(bigger[None], honest).square().sum()) > bound
+
+
+def test_agr_tailored_searches_against_the_given_aggregator() -> None:
+    from fedbgmd.attacks.minmax import perturbation_direction
+
+    honest = torch.randn(8, D, generator=gen(3), dtype=torch.float64)
+    attack = get_omniscient_attack("agr_tailored", gamma_max=50.0)
+    p = perturbation_direction(honest, "std")
+
+    def gamma_of(row: Tensor) -> float:
+        return float((row - honest.mean(dim=0)).norm() / p.norm())
+
+    def mean(x: Tensor) -> Tensor:
+        return x.mean(dim=0)
+
+    # against the mean the damage grows with gamma: the search must end at the cap
+    out = attack(honest, 3, generator=gen(), aggregator=mean)
+    assert gamma_of(out[0]) == pytest.approx(50.0)
+    # against the coordinate median it never does less damage than no perturbation
+    out = attack(honest, 3, generator=gen(), aggregator=_median)
+    found = attack.damage(honest, gamma_of(out[0]), 3, _median)
+    for g in (0.0, 0.5, 2.0, 50.0):
+        assert found >= attack.damage(honest, g, 3, _median) - 1e-9
+    with pytest.raises(ValueError, match="aggregator"):
+        attack(honest, 3, generator=gen())
