@@ -250,3 +250,17 @@ def test_server_momentum_accumulates():
     x2, _ = run_round(s, x1, ups, rnd=2)
     g = ups.mean(0)
     torch.testing.assert_close(flat(x2), flat(x0) - g - (0.5 * g + g), atol=1e-5, rtol=0)
+
+
+def test_clients_that_do_not_reply_are_counted_as_timeouts_and_the_round_goes_on():
+    s, x0, ups = make_strategy("mean"), initial_arrays(), updates()
+    msgs = send(s, x0)
+    pid = s.node_to_partition
+    replies = [
+        reply_for(m, honest_content(ups[pid[m.metadata.dst_node_id]], pid[m.metadata.dst_node_id]))
+        for m in msgs[:3]
+    ]  # two sampled clients never answer
+    new, _ = s.aggregate_train(1, replies)
+    assert s.round_info[1]["rejections"] == {"timeout": 2}
+    assert s.round_info[1]["replies_accepted"] == 3
+    torch.testing.assert_close(flat(new), flat(x0) - ups[:3].mean(0), atol=1e-6, rtol=0)
