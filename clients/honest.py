@@ -32,7 +32,7 @@ from fedbgmd.components import (
     optim_config,
     partitions,
 )
-from fedbgmd.core import flatten_state
+from fedbgmd.core import FlatSpec, flatten_state, unflatten_state
 from fedbgmd.data import TensorData
 from fedbgmd.models import build_model
 from fedbgmd.training import get_device, local_train
@@ -98,6 +98,17 @@ class ClientRuntime:
         return frozenset(spec.byzantine_ids), spec.client_attack
 
     @cached_property
+    def flat_spec(self) -> FlatSpec:
+        """Key order, shapes and dtypes of the model's state (computed once, not per client)."""
+        return flatten_state(self.model.state_dict())[1]
+
+    def _as_state(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The model state for flat parameters ``flat`` (non-float buffers kept as they are)."""
+        state = self.model.state_dict()
+        passthrough = {k: v for k, v in state.items() if not v.is_floating_point()}
+        return unflatten_state(flat, self.flat_spec, passthrough=passthrough)
+
+    @cached_property
     def _data_cache(self) -> dict[int, TensorData]:
         return {}
 
@@ -137,7 +148,7 @@ class ClientRuntime:
     def _local(self, job: _Job, purpose: str = "honest") -> tuple[torch.Tensor, float]:
         """H local steps (or E epochs) from x_t with ``local_train``; returns (x_t − y, loss)."""
         model = self.model
-        model.load_state_dict(_unflat_like(model, job.x0))
+        model.load_state_dict(self._as_state(job.x0))
         res, _ = local_train(
             model,
             self.local_data(job.pid),
@@ -250,15 +261,6 @@ class ClientRuntime:
             {"node": MetricRecord({"partition-id": pid, "num-examples": len(self.parts[pid])})}
         )
         return Message(content, reply_to=msg)
-
-
-def _unflat_like(model: torch.nn.Module, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-    from fedbgmd.core import unflatten_state
-
-    state = model.state_dict()
-    _, spec = flatten_state(state)
-    passthrough = {k: v for k, v in state.items() if not v.is_floating_point()}
-    return unflatten_state(flat, spec, passthrough=passthrough)
 
 
 def _data_transform(
