@@ -19,7 +19,13 @@ torch.Size([4])
 """
 
 from fedbgmd.attacks.alie import AlieAttack, OmniscientAlie, alie_z
-from fedbgmd.attacks.base import ATTACK_KINDS, ClientAttack, OmniscientAttack, SampleUpdates
+from fedbgmd.attacks.base import (
+    ATTACK_KINDS,
+    ClientAttack,
+    OmniscientAttack,
+    SampleUpdates,
+    UpdateAttack,
+)
 from fedbgmd.attacks.features import FeatureNoiseAttack, ImpulseNoiseAttack
 from fedbgmd.attacks.ipm import IpmAttack, OmniscientIpm
 from fedbgmd.attacks.labels import BackdoorAttack, LabelFlipAttack
@@ -64,6 +70,7 @@ __all__ = [
     "RandomUpdateAttack",
     "SampleUpdates",
     "SignFlipAttack",
+    "UpdateAttack",
     "alie_z",
     "available_attacks",
     "available_omniscient_attacks",

@@ -34,11 +34,10 @@ import torch
 from torch import Tensor
 
 from fedbgmd.attacks.base import (
-    ClientAttack,
     OmniscientAttack,
     SampleUpdates,
+    UpdateAttack,
     check_finite,
-    check_flat_update,
     check_honest,
     check_int,
     coordinate_stats,
@@ -88,7 +87,7 @@ def _validate(z: float | None, num_clients: int | None, num_byzantine: int | Non
 
 
 @dataclass(frozen=True)
-class AlieAttack(ClientAttack):
+class AlieAttack(UpdateAttack):
     """Non-omniscient ALIE: ``c̃ = μ − z·σ`` from the attacker's own ``m + 1`` updates.
 
     Parameters: ``m`` (>= 1, default 8) extra updates requested from ``sample_updates``; ``z``
@@ -97,7 +96,6 @@ class AlieAttack(ClientAttack):
     """
 
     name: ClassVar[str] = "alie"
-    kind: ClassVar[str] = "update"
 
     m: int = 8
     z: float | None = None
@@ -113,14 +111,9 @@ class AlieAttack(ClientAttack):
         """The deviation actually used: ``z``, else ``alie_z(num_clients, num_byzantine)``, else 1."""
         return _resolve_z(self.z, self.num_clients, self.num_byzantine)
 
-    def corrupt_update(
-        self,
-        update: Tensor,
-        *,
-        generator: torch.Generator,
-        sample_updates: SampleUpdates | None = None,
+    def corrupt(
+        self, update: Tensor, generator: torch.Generator, sample_updates: SampleUpdates | None
     ) -> Tensor:
-        check_flat_update(update)
         rows = stack_own_samples(update, sample_updates, self.m, self.name)
         mu, sigma = coordinate_stats(rows)
         return mu - self.z_value * sigma

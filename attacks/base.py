@@ -87,6 +87,29 @@ class ClientAttack:
         return arrays
 
 
+class UpdateAttack(ClientAttack):
+    """Base of the update attacks: ``corrupt_update`` validates the flat honest update once and
+    calls :meth:`corrupt`, the one method a subclass writes (it must not mutate ``update``)."""
+
+    kind: ClassVar[str] = "update"
+
+    def corrupt_update(
+        self,
+        update: Tensor,
+        *,
+        generator: torch.Generator,
+        sample_updates: SampleUpdates | None = None,
+    ) -> Tensor:
+        check_flat_update(update)
+        return self.corrupt(update, generator, sample_updates)
+
+    def corrupt(
+        self, update: Tensor, generator: torch.Generator, sample_updates: SampleUpdates | None
+    ) -> Tensor:
+        """The corrupted update for the honest flat ``update`` (d,)."""
+        raise NotImplementedError
+
+
 class OmniscientAttack:
     """Base class of the server-side adversaries (SIMULATION ONLY: they see the honest updates).
 

@@ -23,10 +23,9 @@ import torch
 from torch import Tensor
 
 from fedbgmd.attacks.base import (
-    ClientAttack,
     OmniscientAttack,
     SampleUpdates,
-    check_flat_update,
+    UpdateAttack,
     check_honest,
     check_int,
     check_positive,
@@ -37,14 +36,13 @@ __all__ = ["IpmAttack", "OmniscientIpm"]
 
 
 @dataclass(frozen=True)
-class IpmAttack(ClientAttack):
+class IpmAttack(UpdateAttack):
     """Non-omniscient IPM: ``c̃ = −ε · mean(own update, sample_updates(m))``.
 
     ``epsilon`` ε > 0 (default 0.1); ``m`` >= 1 extra updates (default 8).
     """
 
     name: ClassVar[str] = "ipm"
-    kind: ClassVar[str] = "update"
 
     epsilon: float = 0.1
     m: int = 8
@@ -53,14 +51,9 @@ class IpmAttack(ClientAttack):
         check_positive("epsilon", self.epsilon)
         check_int("m", self.m, minimum=1)
 
-    def corrupt_update(
-        self,
-        update: Tensor,
-        *,
-        generator: torch.Generator,
-        sample_updates: SampleUpdates | None = None,
+    def corrupt(
+        self, update: Tensor, generator: torch.Generator, sample_updates: SampleUpdates | None
     ) -> Tensor:
-        check_flat_update(update)
         rows = stack_own_samples(update, sample_updates, self.m, self.name)
         return rows.mean(dim=0) * (-self.epsilon)
 

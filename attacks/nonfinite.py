@@ -21,10 +21,9 @@ import torch
 from torch import Tensor
 
 from fedbgmd.attacks.base import (
-    ClientAttack,
     SampleUpdates,
+    UpdateAttack,
     check_choice,
-    check_flat_update,
     check_fraction,
     rand_like,
     randperm,
@@ -34,14 +33,13 @@ __all__ = ["NonFiniteAttack"]
 
 
 @dataclass(frozen=True)
-class NonFiniteAttack(ClientAttack):
+class NonFiniteAttack(UpdateAttack):
     """Replace ``⌈fraction · d⌉`` random coordinates by NaN / ±Inf (see the module docstring).
 
     ``fraction`` ρ ∈ (0, 1], default 1.0 (every coordinate); ``mode`` ∈ {"nan", "inf", "mixed"}.
     """
 
     name: ClassVar[str] = "nan"
-    kind: ClassVar[str] = "update"
     MODES: ClassVar[tuple[str, ...]] = ("nan", "inf", "mixed")
 
     fraction: float = 1.0
@@ -51,14 +49,9 @@ class NonFiniteAttack(ClientAttack):
         check_fraction("fraction", self.fraction)
         check_choice("mode", self.mode, self.MODES)
 
-    def corrupt_update(
-        self,
-        update: Tensor,
-        *,
-        generator: torch.Generator,
-        sample_updates: SampleUpdates | None = None,
+    def corrupt(
+        self, update: Tensor, generator: torch.Generator, sample_updates: SampleUpdates | None
     ) -> Tensor:
-        check_flat_update(update)
         d = update.numel()
         k = min(d, math.ceil(self.fraction * d))
         idx = randperm(d, generator, update.device)[:k]

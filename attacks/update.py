@@ -18,10 +18,9 @@ import torch
 from torch import Tensor
 
 from fedbgmd.attacks.base import (
-    ClientAttack,
     SampleUpdates,
+    UpdateAttack,
     check_choice,
-    check_flat_update,
     check_nonnegative,
     check_positive,
     randn_like,
@@ -31,7 +30,7 @@ __all__ = ["BitFlipAttack", "GaussianAttack", "RandomUpdateAttack", "SignFlipAtt
 
 
 @dataclass(frozen=True)
-class BitFlipAttack(ClientAttack):
+class BitFlipAttack(UpdateAttack):
     """Bit flip: ``c̃ = −s · c``.
 
     ``scale`` (s > 0): the slides of FL-BGMD use s = 100 (default); the authors' runs used s = 5.
@@ -42,52 +41,40 @@ class BitFlipAttack(ClientAttack):
     """
 
     name: ClassVar[str] = "bit_flip"
-    kind: ClassVar[str] = "update"
 
     scale: float = 100.0
 
     def __post_init__(self) -> None:
         check_positive("scale", self.scale)
 
-    def corrupt_update(
-        self,
-        update: Tensor,
-        *,
-        generator: torch.Generator,
-        sample_updates: SampleUpdates | None = None,
+    def corrupt(
+        self, update: Tensor, generator: torch.Generator, sample_updates: SampleUpdates | None
     ) -> Tensor:
-        check_flat_update(update)
         return update * (-self.scale)
 
 
 @dataclass(frozen=True)
-class GaussianAttack(ClientAttack):
+class GaussianAttack(UpdateAttack):
     """Additive Gaussian noise: ``c̃ = c + z``, ``z ~ N(0, σ² I_d)``.
 
     ``sigma`` (σ >= 0): default 10 (variance 100, as in the BGMD paper's experiments).
     """
 
     name: ClassVar[str] = "gaussian"
-    kind: ClassVar[str] = "update"
 
     sigma: float = 10.0
 
     def __post_init__(self) -> None:
         check_nonnegative("sigma", self.sigma)
 
-    def corrupt_update(
-        self,
-        update: Tensor,
-        *,
-        generator: torch.Generator,
-        sample_updates: SampleUpdates | None = None,
+    def corrupt(
+        self, update: Tensor, generator: torch.Generator, sample_updates: SampleUpdates | None
     ) -> Tensor:
-        check_flat_update(update)
         return update + self.sigma * randn_like(update, generator)
 
 
 @dataclass(frozen=True)
-class SignFlipAttack(ClientAttack):
+class SignFlipAttack(UpdateAttack):
     """Sign flip, two documented modes.
 
     * ``mode="negate"`` (default): ``c̃ = −c`` — the classic sign-flipping attack (e.g. Li et al.,
@@ -100,7 +87,6 @@ class SignFlipAttack(ClientAttack):
     """
 
     name: ClassVar[str] = "sign_flip"
-    kind: ClassVar[str] = "update"
     MODES: ClassVar[tuple[str, ...]] = ("negate", "sign")
 
     mode: str = "negate"
@@ -108,21 +94,16 @@ class SignFlipAttack(ClientAttack):
     def __post_init__(self) -> None:
         check_choice("mode", self.mode, self.MODES)
 
-    def corrupt_update(
-        self,
-        update: Tensor,
-        *,
-        generator: torch.Generator,
-        sample_updates: SampleUpdates | None = None,
+    def corrupt(
+        self, update: Tensor, generator: torch.Generator, sample_updates: SampleUpdates | None
     ) -> Tensor:
-        check_flat_update(update)
         if self.mode == "sign":
             return -torch.sign(update)
         return -update
 
 
 @dataclass(frozen=True)
-class RandomUpdateAttack(ClientAttack):
+class RandomUpdateAttack(UpdateAttack):
     """Random Gaussian update: ``c̃ = z``, ``z ~ N(0, s² I_d)`` — the honest update is discarded.
 
     ``scale`` (s > 0): default 1. Source: the "Gaussian attack" of Blanchard et al., "Machine
@@ -130,19 +111,13 @@ class RandomUpdateAttack(ClientAttack):
     """
 
     name: ClassVar[str] = "random"
-    kind: ClassVar[str] = "update"
 
     scale: float = 1.0
 
     def __post_init__(self) -> None:
         check_positive("scale", self.scale)
 
-    def corrupt_update(
-        self,
-        update: Tensor,
-        *,
-        generator: torch.Generator,
-        sample_updates: SampleUpdates | None = None,
+    def corrupt(
+        self, update: Tensor, generator: torch.Generator, sample_updates: SampleUpdates | None
     ) -> Tensor:
-        check_flat_update(update)
         return self.scale * randn_like(update, generator)
