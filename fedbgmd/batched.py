@@ -168,6 +168,15 @@ class BatchedTrainer:
         self.dim = sum(self._numels.values())
         self._step_full = vmap(grad_and_value(self._loss), randomness="different")
         self._step_masked = vmap(grad_and_value(self._loss_masked), randomness="different")
+        # Step 0: every client starts from x_t, so the parameters need no client axis (in_dims
+        # None): no (n, d) copy of x_t and a cheaper batched forward/backward (measured on the
+        # 2-core CPU, 32 x 16 on the CNN: 0.70 s instead of 1.02 s per round of gradients).
+        self._first_full = vmap(
+            grad_and_value(self._loss), in_dims=(None, 0, 0), randomness="different"
+        )
+        self._first_masked = vmap(
+            grad_and_value(self._loss_masked), in_dims=(None, 0, 0, 0, 0), randomness="different"
+        )
 
     # ------------------------------------------------------------------ losses (one client)
     def _loss(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
@@ -241,8 +250,8 @@ class BatchedTrainer:
             for lo in range(0, n, chunk):
                 hi = min(n, lo + chunk)
                 with _seeded_global_rng(_chunk_seed(seeds[lo:hi]), self.device):
-                    updates[lo:hi], losses[lo:hi] = self._train_chunk(
-                        x_t, datas[lo:hi], plans[lo:hi], tfs[lo:hi], float(lr)
+                    losses[lo:hi] = self._train_chunk(
+                        x_t, datas[lo:hi], plans[lo:hi], tfs[lo:hi], float(lr), updates[lo:hi]
                     )
         finally:
             for m, mode in modes:
@@ -257,15 +266,27 @@ class BatchedTrainer:
         plans: Sequence[list[Tensor]],
         transforms: Sequence[Transform | None],
         lr: float,
-    ) -> tuple[Tensor, Tensor]:
-        """H lock-step SGD steps for ``m = len(datas)`` clients; returns ``(m, d)`` and ``(m,)``."""
+        out: Tensor,
+    ) -> Tensor:
+        """H lock-step SGD steps for ``m = len(datas)`` clients.
+
+        Writes the ``(m, d)`` updates into ``out`` (no temporary ``(m, d)`` copy) and returns the
+        ``(m,)`` mean losses.
+        """
         m, dev = len(datas), self.device
         base: dict[str, Tensor] = {}
         offset = 0
         for k in self._keys:
             base[k] = x_t[offset : offset + self._numels[k]].view(self._shapes[k])
             offset += self._numels[k]
-        params = {k: v.unsqueeze(0).expand(m, *v.shape).clone() for k, v in base.items()}
+        # out[:, k's columns] viewed with k's shape: the update is written there in place
+        out_views: dict[str, Tensor] = {}
+        offset = 0
+        for k in self._keys:
+            n_k = self._numels[k]
+            out_views[k] = out[:, offset : offset + n_k].view(m, *self._shapes[k])
+            offset += n_k
+        params: dict[str, Tensor] = {}
         momentum: dict[str, Tensor] = {}
         mu, wd, nesterov = self.optim.momentum, self.optim.weight_decay, self.optim.nesterov
 
@@ -278,6 +299,7 @@ class BatchedTrainer:
         # one copy of each client's batch indices to its data's device (as local_train)
         idx = [torch.cat(p).to(d.x.device).split([len(b) for b in p]) for p, d in zip(plans, datas)]
         total = torch.zeros(m, dtype=torch.float64, device=dev)
+        last = self.steps - 1
         for s in range(self.steps):
             xs, ys = [], []
             for i, (data, tf) in enumerate(zip(datas, transforms)):
@@ -291,25 +313,42 @@ class BatchedTrainer:
                 xs.append(xb)
                 ys.append(yb)
             xb_all, yb_all = torch.stack(xs), torch.stack(ys)
-            if masked:
-                grads, loss = self._step_masked(params, xb_all, yb_all, mask, count)
+            if s == 0:
+                step = self._first_masked if masked else self._first_full
+                at = base
             else:
-                grads, loss = self._step_full(params, xb_all, yb_all)
+                step = self._step_masked if masked else self._step_full
+                at = params
+            if masked:
+                grads, loss = step(at, xb_all, yb_all, mask, count)
+            else:
+                grads, loss = step(at, xb_all, yb_all)
             with torch.no_grad():
                 total += loss.detach().to(torch.float64)
                 for k in self._keys:
-                    p, g = params[k], grads[k]
+                    g = grads[k]  # (m, ...): vmap's fresh output, updated in place below
+                    if not g.is_contiguous():  # e.g. an expanded zero grad of an unused param
+                        g = g.contiguous()
                     if wd != 0:
-                        g = g.add(p, alpha=wd)
+                        g.add_(at[k], alpha=wd)  # at[k] broadcasts over clients at step 0
                     if mu != 0:
                         if k not in momentum:
-                            momentum[k] = g.clone()
+                            momentum[k] = g.clone() if nesterov else g
+                            direction = g.add_(momentum[k], alpha=mu) if nesterov else g
                         else:
                             momentum[k].mul_(mu).add_(g)
-                        g = g.add(momentum[k], alpha=mu) if nesterov else momentum[k]
-                    p.add_(g, alpha=-lr)
-        with torch.no_grad():
-            update = torch.cat(
-                [(base[k].unsqueeze(0) - params[k]).reshape(m, -1) for k in self._keys], dim=1
-            )
-        return update, total / self.steps
+                            direction = g.add_(momentum[k], alpha=mu) if nesterov else momentum[k]
+                    else:
+                        direction = g
+                    if s == last:
+                        # y^H = y^{H-1} - lr * direction, so x_t - y^H = (x_t - y^{H-1}) + lr * dir
+                        if s == 0:
+                            torch.mul(direction, lr, out=out_views[k])
+                        else:
+                            torch.sub(base[k].unsqueeze(0), params[k], out=out_views[k])
+                            out_views[k].add_(direction, alpha=lr)
+                    elif s == 0:
+                        params[k] = torch.sub(base[k].unsqueeze(0), direction, alpha=lr)
+                    else:
+                        params[k].sub_(direction, alpha=lr)
+        return total / self.steps

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedbgmd.core import QuantizedTensor, dequantize, quantize
+from fedbgmd.core import QuantizedTensor, all_finite, dequantize, quantize
 
 UPDATE_KEY = "update"
 QUANT_KEY = "quant"
@@ -192,6 +192,6 @@ def decode_update(content: RecordDict, dim: int, max_bytes: int) -> tuple[torch.
             raise BadReply("wrong_shape", f"cannot unpack quantized update: {err}") from err
     else:
         raise BadReply("bad_quantization", f"method={method!r} bits={bits!r}")
-    if not bool(torch.isfinite(vec).all()):
+    if not all_finite(vec):
         raise BadReply("non_finite", "update contains NaN or Inf")
     return vec, metrics

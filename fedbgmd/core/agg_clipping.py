@@ -21,6 +21,7 @@ from torch import Tensor
 
 from fedbgmd.core.aggregation import AggregationResult, Aggregator
 from fedbgmd.core.coordinatewise import coordinate_median
+from fedbgmd.core.nonfinite import all_finite
 from fedbgmd.core.norms import row_norms
 
 __all__ = ["CenteredClipping", "NormClipping", "clip_factors"]
@@ -77,7 +78,7 @@ class CenteredClipping(Aggregator):
     def __init__(self, tau: float = 1.0, iterations: int = 3, center: Tensor | None = None) -> None:
         if not tau > 0 or iterations < 1:
             raise ValueError(f"cclip: need tau > 0 and iterations >= 1, got {tau}, {iterations}")
-        if center is not None and (center.ndim != 1 or not bool(torch.isfinite(center).all())):
+        if center is not None and (center.ndim != 1 or not all_finite(center)):
             raise ValueError("cclip: center must be a finite 1-D tensor")
         self.tau, self.iterations, self.center = float(tau), int(iterations), center
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fedbgmd.core.nonfinite import all_finite
+
 __all__ = ["QuantizedTensor", "dequantize", "quantize"]
 
 _METHODS = ("qsgd", "sign")
@@ -101,7 +103,7 @@ def quantize(
         raise ValueError(f"bits must be an int in 1..16, got {bits!r}")
     if method == "sign" and bits != 1:
         raise ValueError(f"sign quantization uses 1 bit, got bits={bits}")
-    if not v.is_floating_point() or not bool(torch.isfinite(v).all()):
+    if not v.is_floating_point() or not all_finite(v):
         raise ValueError("quantize needs a finite floating tensor")
     flat = v.reshape(-1)
     neg = flat < 0

@@ -14,6 +14,7 @@ from fedbgmd.core import (
     AggregationResult,
     Aggregator,
     aggregation,
+    all_finite,
     drop_nonfinite_rows,
     get_aggregator,
     register_aggregator,
@@ -96,3 +97,21 @@ def test_core_imports_only_torch_and_stdlib() -> None:
                 assert top in allowed, f"{path.name} imports {name}"
                 if top == "fedbgmd":
                     assert name.startswith("fedbgmd.core"), f"{path.name} imports {name}"
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([1.0, -2.0, 3.0], True),
+        ([3e38, 3e38, -1.0], True),  # finite entries whose float32 sum overflows to inf
+        ([-3e38, -3e38], True),
+        ([1.0, float("nan"), 2.0], False),
+        ([float("inf"), 1.0], False),
+        ([float("inf"), float("-inf")], False),  # the sum is NaN
+        ([], True),
+    ],
+)
+def test_all_finite_matches_the_elementwise_check(values: list[float], expected: bool) -> None:
+    t = torch.tensor(values, dtype=torch.float32)
+    assert all_finite(t) is expected
+    assert expected is bool(torch.isfinite(t).all())
