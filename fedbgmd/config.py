@@ -175,6 +175,8 @@ class Config:
     plots: bool = True  # draw the run's PNG plots at the end (1-2 s; sweeps may turn it off)
     checkpoint_every: int = 0  # save checkpoint.pt every N rounds (0: off; the last round always)
     resume: str | None = None  # a run folder with checkpoint.pt: continue it there
+    # end the run after the round whose global model has NaN/Inf (later rounds could only reject)
+    stop_on_divergence: bool = True
 
 
 def register_configs() -> None:

@@ -29,6 +29,7 @@ from fedbgmd.components import (
     strategy_class,
 )
 from fedbgmd.config import clients_per_round
+from fedbgmd.core import all_finite
 from fedbgmd.models import build_model, count_parameters
 from fedbgmd.results import RunWriter, environment_versions, summarize
 from fedbgmd.training import evaluate, get_device, lr_at
@@ -131,6 +132,7 @@ class ServerRun:
             weighted=s.weighted,
             min_replies=s.min_replies,
             max_update_norm=s.max_update_norm,
+            stop_on_divergence=cfg.stop_on_divergence,
             client_lr=client_lr,
             adversary=self.attack.omniscient_attack,
             byzantine_ids=self.attack.byzantine_ids,
@@ -141,7 +143,12 @@ class ServerRun:
     def evaluate_fn(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Centralised evaluation + the round's metrics row (Flower calls it after each round)."""
         cfg = self.cfg
-        due = server_round in (0, cfg.num_rounds) or server_round % cfg.eval_every == 0
+        info = self.strategy.round_info.get(server_round, {})
+        due = (
+            server_round in (0, cfg.num_rounds)
+            or server_round % cfg.eval_every == 0
+            or bool(info.get("diverged"))  # the last round when the run stops there
+        )
         t0 = time.perf_counter()
         acc = loss = None
         if due:
@@ -151,17 +158,19 @@ class ServerRun:
             )
             self.last_eval = (loss, acc)
             if self.diverged_at is None and not (
-                math.isfinite(loss)
-                and all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+                math.isfinite(loss) and all(all_finite(p.detach()) for p in self.model.parameters())
             ):
                 self.diverged_at = server_round
+                if self.strategy.diverged is None:  # finite but overflowing: stop here too
+                    self.strategy.diverged = (
+                        f"round {server_round}: the global model's test loss is not finite"
+                    )
                 log.warning(
                     "round %d: the global model diverged (non-finite loss or parameters); clients "
                     "training from it send non-finite losses, which are rejected",
                     server_round,
                 )
         eval_s = time.perf_counter() - t0
-        info = self.strategy.round_info.get(server_round, {})
         now = time.perf_counter()
         round_time = now - info["t_start"] if "t_start" in info else eval_s
         client_s = info.get("client_time_s")
@@ -278,6 +287,11 @@ class ServerRun:
             setting=setting_of(self.cfg),
             num_parameters=count_parameters(self.model),
             diverged_at=self.diverged_at,
+            stopped_early=(
+                self.strategy.diverged
+                if self.strategy.diverged is not None and self.cfg.stop_on_divergence
+                else None
+            ),
             wall_time_s=time.time() - self.started,
             versions=environment_versions(str(self.device)),
             config=OmegaConf.to_container(self.cfg, resolve=True),

@@ -43,6 +43,7 @@ from fedbgmd.components import generator
 from fedbgmd.core import (
     AggregationResult,
     FlatSpec,
+    all_finite,
     bgmd_step,
     flatten_state,
     make_memory,
@@ -53,6 +54,9 @@ from fedbgmd.wire import DEVICE_STORE, BadReply, decode_update, reply_nbytes
 log = logging.getLogger("fedbgmd")
 
 LrSchedule = Callable[[int], float]
+
+
+_NONFINITE_REASONS = frozenset({"non_finite", "bad_metrics"})
 
 
 class RobustStrategy(Strategy):
@@ -80,6 +84,7 @@ class RobustStrategy(Strategy):
         adversary: OmniscientAttack | None = None,
         byzantine_ids: Iterable[int] = (),
         max_reply_bytes: int | None = None,
+        stop_on_divergence: bool = True,
     ) -> None:
         self.aggregator = aggregator
         self.num_clients = num_clients
@@ -96,6 +101,9 @@ class RobustStrategy(Strategy):
         self.adversary = adversary
         self.byzantine_ids = frozenset(int(i) for i in byzantine_ids)
         self.max_reply_bytes = max_reply_bytes
+        self.stop_on_divergence = stop_on_divergence
+        # set when the global model stops being finite: every later reply would be rejected
+        self.diverged: str | None = None
         self.node_to_partition: dict[int, int] = {}
         self.round_info: dict[int, dict[str, Any]] = {}
         self._x: torch.Tensor | None = None  # flat global model on self.device
@@ -196,6 +204,13 @@ class RobustStrategy(Strategy):
         if len(accepted) < self.min_replies:
             info["skipped"] = f"{len(accepted)} accepted replies < min_replies={self.min_replies}"
             log.warning("round %d skipped: %s", server_round, info["skipped"])
+            if not accepted and reasons and set(reasons) <= _NONFINITE_REASONS:
+                # honest clients too (psi < 1/2) got NaN/Inf from the global model
+                self.diverged = self.diverged or (
+                    f"round {server_round}: every reply was non-finite (the global model no "
+                    "longer gives finite losses or updates)"
+                )
+                info["diverged"] = True
             info["agg_time_s"] = 0.0
             return None, None
         ids = [pid for pid, _, _ in accepted]
@@ -217,6 +232,9 @@ class RobustStrategy(Strategy):
             return None, None
         self._x = self._server_step(self._x, direction)
         self._sync()
+        if self.diverged is None and not all_finite(self._x):
+            self.diverged = f"round {server_round}: the global model has NaN/Inf parameters"
+            info["diverged"] = True
         info["agg_time_s"] = time.perf_counter() - t_agg
         info.update(diag)
         losses = [m["train-loss"] for _, _, m in accepted]
@@ -298,6 +316,10 @@ class RobustStrategy(Strategy):
                 res = evaluate_fn(rnd, arrays)
                 if res is not None:
                     result.evaluate_metrics_serverapp[rnd] = res
+            if self.diverged is not None and self.stop_on_divergence:
+                # every later round would reject all replies (computed from a NaN/Inf model)
+                log.warning("%s; stopping the run (stop_on_divergence=true)", self.diverged)
+                break
         return result
 
     def configure_evaluate(
