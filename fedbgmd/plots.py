@@ -151,16 +151,34 @@ class Curve:
     time: np.ndarray  # mean wall_time_s at each round (NaN where unknown)
     n: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))  # runs per round
     panel: str = ""  # curves with the same panel share a subplot
+    epoch: np.ndarray | None = None  # mean epoch at each round (NaN where unknown)
+
+
+_X_LABELS = {"round": "round", "time": "wall-clock time (s)", "epoch": "epoch"}
+
+
+def _x_values(c: Curve, x: str) -> np.ndarray:
+    if x == "round":
+        return c.rounds.astype(float)
+    values = c.time if x == "time" else c.epoch
+    if values is None or len(values) != len(c.rounds):
+        return np.full(len(c.rounds), np.nan)
+    return np.asarray(values, dtype=float)
 
 
 def plot_comparison(
     curves: Sequence[Curve],
     path: Path | str,
-    x: Literal["round", "time"] = "round",
+    x: Literal["round", "time", "epoch"] = "round",
     ylabel: str = "Test accuracy (%)",
     title: str = "",
 ) -> Path:
-    """Mean curve per setting with a ±std band; one subplot per distinct ``Curve.panel``."""
+    """Mean curve per setting with a ±std band; one subplot per distinct ``Curve.panel``.
+
+    ``x``: round number, mean wall-clock time (``Curve.time``) or mean epoch (``Curve.epoch``).
+    """
+    if x not in _X_LABELS:
+        raise ValueError(f"x must be one of {sorted(_X_LABELS)}, not {x!r}")
     path = Path(path)
     panels: list[str] = []
     for c in curves:
@@ -175,7 +193,7 @@ def plot_comparison(
     for ax, panel in zip(axes, panels):
         drawn = False
         for c in (c for c in curves if c.panel == panel):
-            xs = c.rounds.astype(float) if x == "round" else c.time.astype(float)
+            xs = _x_values(c, x)
             ok = np.isfinite(xs) & np.isfinite(c.mean)
             if not ok.any():
                 continue
@@ -185,7 +203,7 @@ def plot_comparison(
             ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
             drawn = True
         if drawn:
-            ax.set_xlabel("round" if x == "round" else "wall-clock time (s)")
+            ax.set_xlabel(_X_LABELS[x])
             ax.set_ylabel(ylabel)
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize="small")

@@ -5,10 +5,20 @@
 and writes into --out (default DIR/report/):
 
 - ``report.md``: one table row per setting (mean ± std over seeds, sample std ddof=1, n shown),
-  a strategy x (attack, fraction) pivot like Table 2 when the sweep varies those, the failed runs;
-- ``report.csv``: one row per setting;
-- ``compare_accuracy_round.png`` / ``compare_accuracy_time.png``: mean test accuracy ± std per
-  setting vs round and vs wall-clock time, one subplot per attack setting when there are several.
+  a strategy x (attack, fraction) pivot like Table 2 when the sweep varies those (each cell: mean ±
+  std, n, epochs actually run, diverged runs, and with --reference the seed paper's number), a
+  per-round timing table with BGMD-vs-GMD speed-ups, the relative-residual summary, the failed runs;
+- ``report.csv``: one row per setting; ``timing.csv``: median time per round per setting and the
+  GMD/BGMD speed-up ratios;
+- ``compare_accuracy_round.png`` / ``compare_accuracy_time.png`` / ``compare_accuracy_epoch.png``:
+  mean test accuracy ± std per setting vs round, wall-clock time and epoch, one subplot per attack
+  setting when there are several;
+- ``residual_epoch.png``: mean relative residual ||G − C_k(G)||²/||G||² vs epoch per setting that
+  logs it (BGMD runs); not written (a line in report.md says so) when no run logs it.
+
+``--reference FILE.csv`` (columns strategy, attack, fraction, accuracy_pct, epochs, optional
+std_pct; e.g. benchmarks/table2_reference.csv) adds the seed's number to the matching pivot cells and
+marks cells whose runs stopped before the reference's epochs as reduced-budget ("1.0/50 ep").
 
 Runs are only read, never modified. Accuracies in summaries/metrics are fractions in [0, 1] and are
 reported in %. Plain python + numpy (+ matplotlib through fedbgmd.plots).
@@ -18,10 +28,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import sys
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,18 +43,21 @@ import numpy as np
 from fedbgmd.results import (
     METRICS_CSV,
     SUMMARY_JSON,
-    is_missing,
     read_metrics,
     utc_now_iso,
 )
 
 __all__ = [
+    "REFERENCE_COLUMNS",
     "Group",
     "NoRunsFoundError",
+    "RefCell",
+    "ReferenceFileError",
     "Run",
     "build_report",
     "collect_runs",
     "group_runs",
+    "load_reference",
     "main",
     "mean_std",
 ]
@@ -50,9 +65,34 @@ __all__ = [
 EXCLUDED_SETTING_KEYS: frozenset[str] = frozenset({"seed"})
 _CLEAN_ATTACKS = ("none", "clean", "no_attack", "null", "")
 
+# strategy presets compared by the speed-up ratios (GMD / BGMD)
+BGMD_STRATEGY = "fedbgmd"
+GMD_STRATEGY = "gm"
+
+# setting keys that only set the budget: a pivot cell shows the epochs reached instead
+_BUDGET_KEYS: frozenset[str] = frozenset({"num_rounds"})
+
+REFERENCE_COLUMNS: tuple[str, ...] = ("strategy", "attack", "fraction", "accuracy_pct", "epochs")
+REFERENCE_OPTIONAL_COLUMNS: tuple[str, ...] = ("std_pct",)
+
 
 class NoRunsFoundError(FileNotFoundError):
     """No summary.json below the sweep folder."""
+
+
+class ReferenceFileError(ValueError):
+    """The --reference CSV cannot be read or has the wrong columns/values."""
+
+
+def _num(v: object) -> float | None:
+    """A finite float, or None for missing, non-numeric or non-finite values."""
+    if v is None or isinstance(v, (dict, list)):
+        return None
+    try:
+        f = float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
 
 
 @dataclass
@@ -61,6 +101,7 @@ class Run:
     summary: dict[str, Any]
     setting: dict[str, Any]
     metrics: list[dict[str, Any]] | None = None  # loaded lazily
+    read_error: str | None = None  # set when metrics.csv could not be read
 
     @property
     def status(self) -> str:
@@ -70,6 +111,11 @@ class Run:
     def completed(self) -> bool:
         return self.status == "completed"
 
+    @property
+    def diverged(self) -> bool:
+        """The server flagged a non-finite global model (summary ``diverged_at``)."""
+        return _num(self.summary.get("diverged_at")) is not None
+
     def value(self, key: str) -> Any:
         """A setting value, falling back to the summary's top-level field of the same name."""
         if key in self.setting:
@@ -78,8 +124,21 @@ class Run:
 
     def rows(self) -> list[dict[str, Any]]:
         if self.metrics is None:
-            self.metrics = read_metrics(self.path)
+            try:
+                self.metrics = read_metrics(self.path)
+            except (OSError, ValueError, csv.Error) as exc:  # UnicodeDecodeError is a ValueError
+                self.metrics = []
+                self.read_error = f"unreadable {METRICS_CSV}: {exc}"
         return self.metrics
+
+    def last_epoch(self) -> float | None:
+        """The last logged epoch value (the budget this run actually reached)."""
+        out = None
+        for r in self.rows():
+            e = _num(r.get("epoch"))
+            if e is not None:
+                out = e
+        return out
 
 
 @dataclass
@@ -107,12 +166,131 @@ class Group:
 
 
 # ---------------------------------------------------------------------------------------------
+# reference numbers (the seed paper's table)
+
+CellKey = tuple[str, str, float]  # (strategy, attack, fraction)
+
+
+@dataclass(frozen=True)
+class RefCell:
+    """One number of the reference table, e.g. the seed's BGMD accuracy under 20 % bit flips."""
+
+    strategy: str
+    attack: str
+    fraction: float
+    accuracy_pct: float
+    epochs: float
+    std_pct: float | None = None
+
+    @property
+    def key(self) -> CellKey:
+        return _cell_key(self.strategy, self.attack, self.fraction)
+
+
+def _is_clean(attack: object) -> bool:
+    return str(attack).strip().lower() in _CLEAN_ATTACKS
+
+
+def _cell_key(strategy: object, attack: object, fraction: float | None) -> CellKey:
+    """Clean cells (attack none) match whatever fraction is recorded: nobody is Byzantine."""
+    if _is_clean(attack):
+        return (str(strategy).strip(), "none", 0.0)
+    return (str(strategy).strip(), str(attack).strip(), round(float(fraction or 0.0), 6))
+
+
+def load_reference(path: Path | str) -> dict[CellKey, RefCell]:
+    """Read a reference CSV (REFERENCE_COLUMNS, optional std_pct) into cells keyed by
+    (strategy, attack, fraction). Raises ReferenceFileError naming the file (and line) on an
+    unreadable file, missing or unknown columns, non-numeric values or duplicate cells."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReferenceFileError(f"cannot read reference file {path}: {exc}") from exc
+    try:
+        lines = list(csv.reader(io.StringIO(text)))
+    except csv.Error as exc:
+        raise ReferenceFileError(f"reference file {path} is not valid CSV: {exc}") from exc
+    if not lines or not any(c.strip() for c in lines[0]):
+        raise ReferenceFileError(f"reference file {path} is empty (no header line)")
+    header = [c.strip() for c in lines[0]]
+    known = REFERENCE_COLUMNS + REFERENCE_OPTIONAL_COLUMNS
+    missing = [c for c in REFERENCE_COLUMNS if c not in header]
+    unknown = [c for c in header if c not in known]
+    if missing or unknown or len(set(header)) != len(header):
+        parts = []
+        if missing:
+            parts.append(f"missing column(s) {', '.join(missing)}")
+        if unknown:
+            parts.append(f"unknown column(s) {', '.join(unknown)}")
+        if len(set(header)) != len(header):
+            parts.append("duplicate column names")
+        raise ReferenceFileError(
+            f"reference file {path}: {'; '.join(parts)} "
+            f"(expected {', '.join(REFERENCE_COLUMNS)}, optional {', '.join(REFERENCE_OPTIONAL_COLUMNS)})"
+        )
+    cells: dict[CellKey, RefCell] = {}
+    for lineno, raw in enumerate(lines[1:], start=2):
+        if not any(c.strip() for c in raw):
+            continue
+        if len(raw) != len(header):
+            raise ReferenceFileError(
+                f"{path}:{lineno}: {len(raw)} fields, the header has {len(header)}"
+            )
+        rec = {h: c.strip() for h, c in zip(header, raw)}
+
+        def number(col: str, rec: dict[str, str] = rec, lineno: int = lineno) -> float | None:
+            if rec.get(col, "") == "":
+                return None
+            v = _num(rec[col])
+            if v is None:
+                raise ReferenceFileError(f"{path}:{lineno}: {col}={rec[col]!r} is not a number")
+            return v
+
+        fraction, acc, epochs = number("fraction"), number("accuracy_pct"), number("epochs")
+        std = number("std_pct") if "std_pct" in rec else None
+        if not rec["strategy"] or not rec["attack"]:
+            raise ReferenceFileError(f"{path}:{lineno}: strategy and attack must not be empty")
+        if acc is None or epochs is None:
+            raise ReferenceFileError(
+                f"{path}:{lineno}: accuracy_pct and epochs are required "
+                "(leave a cell the reference does not give out of the file)"
+            )
+        if fraction is None:
+            if not _is_clean(rec["attack"]):
+                raise ReferenceFileError(f"{path}:{lineno}: fraction is required for an attack")
+            fraction = 0.0
+        if not 0.0 <= acc <= 100.0 or epochs <= 0 or not 0.0 <= fraction < 1.0:
+            raise ReferenceFileError(
+                f"{path}:{lineno}: out of range (accuracy_pct in [0, 100], epochs > 0, "
+                "fraction in [0, 1))"
+            )
+        cell = RefCell(rec["strategy"], rec["attack"], fraction, acc, epochs, std)
+        if cell.key in cells:
+            raise ReferenceFileError(f"{path}:{lineno}: duplicate cell {cell.key}")
+        cells[cell.key] = cell
+    return cells
+
+
+def _group_cell_key(g: Group) -> CellKey | None:
+    """The reference cell a group stands for, when its setting pins strategy, attack, fraction."""
+    s = g.setting
+    if "strategy" not in s or "attack" not in s:
+        return None
+    frac = s.get("attack.fraction", s.get("fraction"))
+    if not _is_clean(s["attack"]) and _num(frac) is None:
+        return None
+    return _cell_key(s["strategy"], s["attack"], _num(frac))
+
+
+# ---------------------------------------------------------------------------------------------
 # statistics
 
 
-def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None, int]:
-    """Mean, sample std (ddof=1; 0.0 for a single value) and count over the non-missing values."""
-    xs = [float(v) for v in values if not is_missing(v) and math.isfinite(float(v))]  # type: ignore[arg-type]
+def mean_std(values: Iterable[object]) -> tuple[float | None, float | None, int]:
+    """Mean, sample std (ddof=1; 0.0 for a single value) and count over the numeric values
+    (missing, non-numeric and non-finite values are skipped)."""
+    xs = [f for f in (_num(v) for v in values) if f is not None]
     if not xs:
         return None, None, 0
     arr = np.asarray(xs, dtype=float)
@@ -122,9 +300,9 @@ def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None
 
 def _pct(v: object) -> float | None:
     """Accuracy fraction -> percent. A value above 1 is taken as already in percent."""
-    if is_missing(v):
+    f = _num(v)
+    if f is None:
         return None
-    f = float(v)  # type: ignore[arg-type]
     return f if f > 1.0 else 100.0 * f
 
 
@@ -134,11 +312,46 @@ def _mean_agg_time(run: Run) -> float | None:
 
 
 def _wall_time(run: Run) -> float | None:
-    w = run.summary.get("wall_time_s")
-    if is_missing(w):
-        ws = [r.get("wall_time_s") for r in run.rows() if not is_missing(r.get("wall_time_s"))]
+    w = _num(run.summary.get("wall_time_s"))
+    if w is None:
+        ws = [_num(r.get("wall_time_s")) for r in run.rows()]
+        ws = [x for x in ws if x is not None]
         w = ws[-1] if ws else None
-    return None if w is None else float(w)
+    return w
+
+
+# per-round timing columns shown in the timing table: (metrics column, short name)
+_TIMING_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("client_time_s", "client"),
+    ("comm_time_s", "comm"),
+    ("agg_time_s", "agg"),
+    ("round_time_s", "round"),
+)
+
+
+def _timing(g: Group) -> dict[str, Any]:
+    """Median per-round times (ms) over the rounds >= 1 of the completed runs (round 0 is the
+    initial evaluation only), plus client+agg: the gradient + aggregation (+ selection) time."""
+    vals: dict[str, list[float]] = {name: [] for _, name in _TIMING_COLUMNS}
+    vals["client_agg"] = []
+    n_rounds = 0
+    for run in g.completed:
+        for row in run.rows():
+            rnd = _num(row.get("round"))
+            if rnd is not None and rnd < 1:
+                continue
+            got = {name: _num(row.get(col)) for col, name in _TIMING_COLUMNS}
+            if any(v is not None for v in got.values()):
+                n_rounds += 1
+            for name, v in got.items():
+                if v is not None:
+                    vals[name].append(v)
+            if got["client"] is not None and got["agg"] is not None:
+                vals["client_agg"].append(got["client"] + got["agg"])
+    out: dict[str, Any] = {"timing_rounds": n_rounds}
+    for name, xs in vals.items():
+        out[f"{name}_ms_median"] = 1e3 * float(np.median(xs)) if xs else None
+    return out
 
 
 def _group_stats(g: Group) -> dict[str, Any]:
@@ -148,10 +361,12 @@ def _group_stats(g: Group) -> dict[str, Any]:
     wt = mean_std(_wall_time(r) for r in done)
     at = mean_std(_mean_agg_time(r) for r in done)
     rd = mean_std(r.summary.get("rounds") for r in done)
+    epochs = [e for e in (r.last_epoch() for r in done) if e is not None]
     return {
         "n_runs": len(g.runs),
         "n_completed": len(done),
         "n_failed": len(g.failed),
+        "n_diverged": sum(r.diverged for r in done),
         "seeds": " ".join(str(r.summary.get("seed")) for r in done),
         "final_acc_mean": fa[0],
         "final_acc_std": fa[1],
@@ -164,30 +379,53 @@ def _group_stats(g: Group) -> dict[str, Any]:
         "agg_time_s_mean": at[0],
         "agg_time_s_std": at[1],
         "rounds_mean": rd[0],
+        "epochs_min": min(epochs) if epochs else None,
+        "epochs_max": max(epochs) if epochs else None,
+        **_timing(g),
     }
 
 
-def _curve(g: Group) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Rounds, mean/std accuracy (%), mean wall time and n per round over the completed runs."""
-    acc: dict[int, list[float]] = {}
+@dataclass
+class _Series:
+    """Per-round mean ± std of one metrics column over a group's completed runs."""
+
+    rounds: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    time: np.ndarray  # mean wall_time_s per round (NaN where unknown)
+    epoch: np.ndarray  # mean epoch per round (NaN where unknown)
+    n: np.ndarray
+
+
+def _series(g: Group, column: str, value: Callable[[object], float | None] = _num) -> _Series:
+    vals: dict[int, list[float]] = {}
     wall: dict[int, list[float]] = {}
+    epoch: dict[int, list[float]] = {}
     for run in g.completed:
         for row in run.rows():
-            rnd, a, w = row.get("round"), _pct(row.get("test_accuracy")), row.get("wall_time_s")
-            if is_missing(rnd) or a is None or not math.isfinite(a):
+            rnd, v = _num(row.get("round")), value(row.get(column))
+            if rnd is None or v is None:
                 continue
-            acc.setdefault(int(rnd), []).append(a)  # type: ignore[arg-type]
-            if not is_missing(w):
-                wall.setdefault(int(rnd), []).append(float(w))  # type: ignore[arg-type]
-    rounds = sorted(acc)
-    stats = [mean_std(acc[r]) for r in rounds]
-    times = [mean_std(wall.get(r, []))[0] for r in rounds]
-    return (
-        np.asarray(rounds, dtype=int),
-        np.asarray([s[0] for s in stats], dtype=float),
-        np.asarray([s[1] for s in stats], dtype=float),
-        np.asarray([math.nan if t is None else t for t in times], dtype=float),
-        np.asarray([s[2] for s in stats], dtype=int),
+            vals.setdefault(int(rnd), []).append(v)
+            w, e = _num(row.get("wall_time_s")), _num(row.get("epoch"))
+            if w is not None:
+                wall.setdefault(int(rnd), []).append(w)
+            if e is not None:
+                epoch.setdefault(int(rnd), []).append(e)
+
+    def means(d: dict[int, list[float]], rounds: list[int]) -> np.ndarray:
+        ms = [mean_std(d.get(r, []))[0] for r in rounds]
+        return np.asarray([math.nan if m is None else m for m in ms], dtype=float)
+
+    rounds = sorted(vals)
+    stats = [mean_std(vals[r]) for r in rounds]
+    return _Series(
+        rounds=np.asarray(rounds, dtype=int),
+        mean=np.asarray([s[0] for s in stats], dtype=float),
+        std=np.asarray([s[1] for s in stats], dtype=float),
+        time=means(wall, rounds),
+        epoch=means(epoch, rounds),
+        n=np.asarray([s[2] for s in stats], dtype=int),
     )
 
 
@@ -295,6 +533,14 @@ def _is_attack_key(k: str) -> bool:
     return k in ("attack", "fraction") or k.startswith(("attack.", "corruption"))
 
 
+def _key_of(g: Group, ks: Sequence[str]) -> tuple[Any, ...]:
+    return tuple(_hashable(g.setting.get(k)) for k in ks)
+
+
+def _order(ts: Iterable[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    return sorted(set(ts), key=lambda t: tuple(_sort_value(v) for v in t))
+
+
 # ---------------------------------------------------------------------------------------------
 # formatting
 
@@ -319,8 +565,22 @@ def _pm(mean: float | None, std: float | None, digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {(std or 0.0):.{digits}f}"
 
 
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _ratio(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}×"
+
+
 def _label(setting: dict[str, Any], keys: Sequence[str]) -> str:
     return ", ".join(f"{k}={_fmt_value(setting.get(k))}" for k in keys)
+
+
+def _curve_label(setting: dict[str, Any], keys: Sequence[str]) -> str:
+    """A plot legend label: the keys' values, leaving out unset ones (e.g. beta of a non-block
+    strategy)."""
+    return _label(setting, [k for k in keys if setting.get(k) is not None]) or "all runs"
 
 
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -332,59 +592,210 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]
     return lines
 
 
+def _fmt_epochs(e: float) -> str:
+    text = f"{e:.1f}"
+    return text if text != "0.0" else f"{e:.2g}"
+
+
+def _is_reduced(s: dict[str, Any]) -> bool:
+    """The runs stopped before the reference's epochs ``s['target_epochs']`` (or their epochs
+    are unknown); False without a target."""
+    target = s.get("target_epochs")
+    if target is None:
+        return False
+    lo = s.get("epochs_min")
+    return lo is None or lo < target * (1 - 1e-3)
+
+
+def _budget(s: dict[str, Any], target: float | None) -> str:
+    """'1.0 ep' (no target or full budget) or '1.0/50 ep' (reduced: reached / target epochs)."""
+    lo, hi = s.get("epochs_min"), s.get("epochs_max")
+    if lo is None or hi is None:
+        reached = "?"
+    elif _fmt_epochs(lo) == _fmt_epochs(hi):
+        reached = _fmt_epochs(lo)
+    else:
+        reached = f"{_fmt_epochs(lo)}–{_fmt_epochs(hi)}"
+    if target is None:
+        return "" if reached == "?" else f"{reached} ep"
+    if not _is_reduced({**s, "target_epochs": target}):
+        return f"{reached} ep"
+    return f"{reached}/{target:g} ep"
+
+
+def _pivot_cell(
+    s: dict[str, Any],
+    metric: str,
+    ref: RefCell | None,
+    bold: bool,
+    extras: Sequence[str] = (),
+) -> str:
+    """e.g. '78.12 ± 0.40 (n=3, 1.0/50 ep, diverged in 1/3) · seed 88.42'."""
+    m, sd, n = s[f"{metric}_acc_mean"], s[f"{metric}_acc_std"], s["n_completed"]
+    if m is None:
+        head = "-"
+    elif bold:
+        head = f"**{m:.2f}** ± {(sd or 0.0):.2f}"
+    else:
+        head = _pm(m, sd)
+    notes = [f"n={n}"]
+    budget = _budget(s, s.get("target_epochs"))
+    if budget:
+        notes.append(budget)
+    if s["n_diverged"]:
+        notes.append(f"diverged in {s['n_diverged']}/{n}")
+    if s["n_failed"]:
+        notes.append(f"{s['n_failed']} failed")
+    notes.extend(extras)
+    text = f"{head} ({', '.join(notes)})"
+    if ref is not None:
+        text += f" · seed {ref.accuracy_pct:.2f}"
+    return text
+
+
 def _pivot_tables(
-    groups: Sequence[Group], stats: Sequence[dict[str, Any]], metric: str
+    groups: Sequence[Group],
+    stats: Sequence[dict[str, Any]],
+    metric: str,
+    refs: dict[CellKey, RefCell] | None = None,
+    ref_name: str = "",
 ) -> list[str]:
+    """Strategy columns x (attack, fraction) rows, like the seed's Table 2.
+
+    Other strategy keys that take one value per cell (e.g. strategy.block.beta, which differs
+    by row in Table 2) are shown inside the cell instead of splitting the column, and a
+    num_rounds that differs between cells does not split the table (the cell shows the epochs
+    reached)."""
+    refs = refs or {}
     keys = list(groups[0].setting) if groups else []
     varying = _varying_keys(groups)
-    col_keys = [k for k in varying if _is_strategy_key(k)] or [k for k in keys if k == "strategy"]
     row_keys = [k for k in keys if _is_attack_key(k)]
+    strategy_keys = [k for k in varying if _is_strategy_key(k)]
+    col_keys = ["strategy"] if "strategy" in keys else strategy_keys
+    folded = [k for k in strategy_keys if k not in col_keys]
+    budget_keys = [k for k in varying if k in _BUDGET_KEYS]  # the cell shows the epochs reached
+    section_keys = [
+        k
+        for k in varying
+        if not _is_strategy_key(k) and not _is_attack_key(k) and k not in budget_keys
+    ]
+    if folded or budget_keys:
+        per_cell = Counter(
+            (_key_of(g, section_keys), _key_of(g, row_keys), _key_of(g, col_keys)) for g in groups
+        )
+        if any(c > 1 for c in per_cell.values()):  # not one group per cell: split instead
+            col_keys, folded = col_keys + folded, []
+            section_keys = [k for k in varying if k in section_keys or k in budget_keys]
     if len(groups) < 2 or not col_keys or not row_keys:
         return []
-    section_keys = [k for k in varying if k not in col_keys and k not in row_keys]
+    cell_text = "measured mean ± sample std over seeds (n = completed runs, epochs reached"
+    if refs:
+        cell_text += f") · seed = the reference's number ({ref_name})"
+    else:
+        cell_text += ")"
     out: list[str] = [
         f"## Test accuracy (%) by strategy and corruption ({metric}, mean ± std over seeds)",
         "",
-        "`-`: no completed run (failed or diverged).",
+        f"Cell: {cell_text}.",
         "",
     ]
-
-    def key_of(g: Group, ks: Sequence[str]) -> tuple[Any, ...]:
-        return tuple(_hashable(g.setting.get(k)) for k in ks)
-
-    def order(ts: Iterable[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-        return sorted(set(ts), key=lambda t: tuple(_sort_value(v) for v in t))
-
     indexed = list(zip(groups, stats))
-    for section in order(key_of(g, section_keys) for g in groups):
-        members = [(g, s) for g, s in indexed if key_of(g, section_keys) == section]
+    for section in _order(_key_of(g, section_keys) for g in groups):
+        members = [(g, s) for g, s in indexed if _key_of(g, section_keys) == section]
         if section_keys:
             out += [f"### {_label(dict(zip(section_keys, section)), section_keys)}", ""]
-        cols = order(key_of(g, col_keys) for g, _ in members)
-        rows = order(key_of(g, row_keys) for g, _ in members)
-        cell: dict[tuple[Any, Any], dict[str, Any]] = {
-            (key_of(g, row_keys), key_of(g, col_keys)): s for g, s in members
+        cols = _order(_key_of(g, col_keys) for g, _ in members)
+        rows = _order(_key_of(g, row_keys) for g, _ in members)
+        cell: dict[tuple[Any, Any], tuple[Group, dict[str, Any]]] = {
+            (_key_of(g, row_keys), _key_of(g, col_keys)): (g, s) for g, s in members
         }
         header = [*row_keys, *(" / ".join(_fmt_value(v) for v in c) for c in cols)]
         body: list[list[str]] = []
+        seen = dict.fromkeys(("reduced", "diverged", "failed", "noref", "nodata"), False)
         for rk in rows:
-            means = [
-                cell.get((rk, c), {}).get(f"{metric}_acc_mean") for c in cols if (rk, c) in cell
-            ]
+            means = [cell[(rk, c)][1].get(f"{metric}_acc_mean") for c in cols if (rk, c) in cell]
             best = max((m for m in means if m is not None), default=None)
             line = [_fmt_value(v) for v in rk]
             for c in cols:
-                s = cell.get((rk, c))
-                if s is None:
-                    line.append("")
+                if (rk, c) not in cell:
+                    # a strategy/attack pair the sweep did not run: show the reference anyway
+                    rs = dict(zip(row_keys, rk))
+                    frac = rs.get("attack.fraction", rs.get("fraction"))
+                    cs = dict(zip(col_keys, c))
+                    ref = None
+                    if "strategy" in cs and "attack" in rs:
+                        ref = refs.get(_cell_key(cs["strategy"], rs["attack"], _num(frac)))
+                    line.append("" if ref is None else f"not run · seed {ref.accuracy_pct:.2f}")
                     continue
-                m, sd = s[f"{metric}_acc_mean"], s[f"{metric}_acc_std"]
-                text = _pm(m, sd)
-                if m is not None and m == best and len(cols) > 1:
-                    text = f"**{m:.2f}** ± {sd:.2f}"
-                line.append(text)
+                g, s = cell[(rk, c)]
+                ck = _group_cell_key(g)
+                ref = refs.get(ck) if ck is not None else None
+                m = s[f"{metric}_acc_mean"]
+                extras = [
+                    f"{k.rsplit('.', 1)[-1]}={_fmt_value(g.setting.get(k))}"
+                    for k in folded
+                    if g.setting.get(k) is not None
+                ]
+                bold = m is not None and m == best and len(cols) > 1
+                line.append(_pivot_cell(s, metric, ref, bold, extras))
+                seen["reduced"] |= _is_reduced(s)
+                seen["diverged"] |= bool(s["n_diverged"])
+                seen["failed"] |= bool(s["n_failed"])
+                seen["noref"] |= bool(refs) and ref is None
+                seen["nodata"] |= m is None
             body.append(line)
         out += [*_md_table(header, body), ""]
+        legend = []
+        if seen["reduced"]:
+            legend.append(
+                "- **`a/b ep` = reduced budget**: the runs reached a epochs where the reference "
+                "trained b; their accuracy is not comparable with the seed's number."
+            )
+        if seen["diverged"]:
+            legend.append(
+                "- `diverged in k/n`: the global model of k of the n runs became non-finite "
+                "(summary `diverged_at`); such runs end near chance (~10 %) and are included in "
+                "the mean."
+            )
+        if seen["failed"]:
+            legend.append("- `f failed`: crashed runs, not averaged (see Failed runs).")
+        if seen["noref"]:
+            legend.append(
+                "- no `seed` part: the reference has no number for the cell (the seed's Table 2 "
+                "shows `-` where training diverged)."
+            )
+        if seen["nodata"]:
+            legend.append("- `-`: no completed run with an accuracy.")
+        out += [*legend, ""]
+    return out
+
+
+def _speedups(
+    groups: Sequence[Group], stats: Sequence[dict[str, Any]]
+) -> list[tuple[dict[str, Any], int, int, dict[str, float | None]]]:
+    """(context setting, BGMD group index, GMD group index, GMD/BGMD ratios) for every setting
+    other than the strategy keys that has both a `fedbgmd` and a `gm` group."""
+    keys = list(groups[0].setting) if groups else []
+    if "strategy" not in keys:
+        return []
+    ctx_keys = [k for k in keys if not _is_strategy_key(k)]
+    contexts: dict[tuple[Any, ...], dict[str, list[int]]] = {}
+    for i, g in enumerate(groups):
+        name = str(g.setting.get("strategy"))
+        if name in (BGMD_STRATEGY, GMD_STRATEGY):
+            by = contexts.setdefault(_key_of(g, ctx_keys), {BGMD_STRATEGY: [], GMD_STRATEGY: []})
+            by[name].append(i)
+    out = []
+    for ctx in _order(contexts):
+        by = contexts[ctx]
+        for i in by[BGMD_STRATEGY]:
+            for j in by[GMD_STRATEGY]:
+                ratios: dict[str, float | None] = {}
+                for name in ("agg", "round", "client_agg"):
+                    b, gm = stats[i][f"{name}_ms_median"], stats[j][f"{name}_ms_median"]
+                    ratios[name] = gm / b if b is not None and gm is not None and b > 0 else None
+                ctx_setting = {k: groups[i].setting.get(k) for k in ctx_keys}
+                out.append((ctx_setting, i, j, ratios))
     return out
 
 
@@ -396,6 +807,7 @@ _CSV_STATS = (
     "n_runs",
     "n_completed",
     "n_failed",
+    "n_diverged",
     "seeds",
     "final_acc_mean",
     "final_acc_std",
@@ -406,14 +818,36 @@ _CSV_STATS = (
     "agg_time_s_mean",
     "agg_time_s_std",
     "rounds_mean",
+    "epochs_min",
+    "epochs_max",
+    "ref_accuracy_pct",
+    "ref_std_pct",
+    "ref_epochs",
+    "target_epochs",
+    "reduced_budget",
+)
+
+_TIMING_CSV = (
+    "n_completed",
+    "timing_rounds",
+    "client_ms_median",
+    "comm_ms_median",
+    "agg_ms_median",
+    "round_ms_median",
+    "client_agg_ms_median",
+    "agg_speedup_vs_gm",
+    "round_speedup_vs_gm",
+    "client_agg_speedup_vs_gm",
 )
 
 
-def _write_csv(path: Path, groups: Sequence[Group], stats: Sequence[dict[str, Any]]) -> None:
+def _write_csv(
+    path: Path, groups: Sequence[Group], stats: Sequence[dict[str, Any]], columns: Sequence[str]
+) -> None:
     keys = list(groups[0].setting) if groups else []
     with path.open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow([*keys, *_CSV_STATS])
+        w.writerow([*keys, *columns])
         for g, s in zip(groups, stats):
             w.writerow(
                 [
@@ -421,7 +855,7 @@ def _write_csv(path: Path, groups: Sequence[Group], stats: Sequence[dict[str, An
                         "" if g.setting.get(k) is None else _fmt_value(g.setting.get(k))
                         for k in keys
                     ),
-                    *("" if s[c] is None else s[c] for c in _CSV_STATS),
+                    *("" if s.get(c) is None else s[c] for c in columns),
                 ]
             )
 
@@ -433,19 +867,151 @@ def _rel(path: Path, root: Path) -> str:
         return str(path)
 
 
+def _timing_section(
+    groups: Sequence[Group], stats: list[dict[str, Any]], shown: Sequence[str]
+) -> list[str]:
+    """Median per-round times per setting and the GMD/BGMD speed-ups; fills the speed-up
+    fields of the BGMD rows in ``stats`` (for timing.csv)."""
+    md = [
+        "## Time per round (median over rounds ≥ 1 of the completed runs, ms)",
+        "",
+    ]
+    if not any(s["timing_rounds"] for s in stats):
+        return [
+            *md,
+            "Skipped: no run logs client_time_s, comm_time_s, agg_time_s or round_time_s.",
+            "",
+        ]
+    header = [*shown, "n", "rounds", "client", "comm", "agg", "round", "client+agg"]
+    body = [
+        [
+            *(_fmt_value(g.setting.get(k)) for k in shown),
+            str(s["n_completed"]),
+            str(s["timing_rounds"]),
+            *(
+                _ms(s[f"{name}_ms_median"])
+                for name in ("client", "comm", "agg", "round", "client_agg")
+            ),
+        ]
+        for g, s in zip(groups, stats)
+    ]
+    md += [*_md_table(header, body), ""]
+    md += [
+        "client = local training of all clients (summed as logged), comm = serialisation/transport, "
+        "agg = aggregation incl. block selection, round = whole round incl. evaluation rounds; "
+        "client+agg = gradient + aggregation time, what the seed's speed-up claim counts.",
+        "",
+        f"### Speed-up of BGMD over GMD (`{GMD_STRATEGY}` / `{BGMD_STRATEGY}` median time per "
+        "round; > 1: BGMD faster)",
+        "",
+    ]
+    pairs = _speedups(groups, stats)
+    if not pairs:
+        return [
+            *md,
+            f"No setting has both `{BGMD_STRATEGY}` and `{GMD_STRATEGY}` runs: no speed-up ratios.",
+            "",
+        ]
+    ctx_keys = [k for k in pairs[0][0] if k in shown]
+    strat_extra = [k for k in shown if _is_strategy_key(k) and k != "strategy"]
+    rows = []
+    per_bgmd: Counter[int] = Counter(i for _, i, _, _ in pairs)
+    for ctx, i, _j, ratios in pairs:
+        bg = groups[i]
+        rows.append(
+            [
+                _label(ctx, ctx_keys) or "all runs",
+                _label(bg.setting, strat_extra) or BGMD_STRATEGY,
+                _ratio(ratios["agg"]),
+                _ratio(ratios["round"]),
+                _ratio(ratios["client_agg"]),
+            ]
+        )
+        if per_bgmd[i] == 1:  # one GMD to compare with: the CSV row is unambiguous
+            for name, v in ratios.items():
+                stats[i][f"{name}_speedup_vs_gm"] = v
+    md += [*_md_table(["setting", "BGMD", "agg", "round", "client+agg"], rows), ""]
+    return md
+
+
+def _residual_section(
+    groups: Sequence[Group], out: Path, shown: Sequence[str]
+) -> tuple[list[str], Path | None]:
+    """residual_epoch.png and a summary table, or a logged skip when no run logs the residual."""
+    from fedbgmd.plots import Curve, plot_comparison
+
+    md = ["## Relative residual ‖G − C_k(G)‖²/‖G‖² (block selection, Lemma 1)", ""]
+    with_data = [(g, _series(g, "relative_residual")) for g in groups]
+    with_data = [(g, s) for g, s in with_data if s.rounds.size]
+    if not with_data:
+        return [
+            *md,
+            "Skipped: no run logs relative_residual (only block strategies such as fedbgmd do); "
+            "residual_epoch.png not written.",
+            "",
+        ], None
+    keys = [k for k in _varying_keys([g for g, _ in with_data]) if k in shown] or list(shown)
+    curves = []
+    rows = []
+    for g, s in with_data:
+        label = _curve_label(g.setting, keys)
+        curves.append(
+            Curve(
+                label=label,
+                rounds=s.rounds,
+                mean=s.mean,
+                std=s.std,
+                time=s.time,
+                n=s.n,
+                epoch=s.epoch,
+            )
+        )
+        beta = _num(g.setting.get("strategy.block.beta"))
+        rows.append(
+            [
+                label,
+                str(len(g.completed)),
+                f"{float(np.mean(s.mean)):.4f}",
+                f"{float(s.mean[-1]):.4f}",
+                "-" if beta is None else f"{1 - beta:.4f}",
+            ]
+        )
+    path = plot_comparison(
+        curves,
+        out / "residual_epoch.png",
+        x="epoch",
+        ylabel="relative residual",
+        title="‖G − C_k(G)‖² / ‖G‖² (mean ± std over seeds)",
+    )
+    if not any(np.isfinite(s.epoch).any() for _, s in with_data):
+        md += ["No epoch column logged: residual_epoch.png has no curves.", ""]
+    md += [
+        *_md_table(["setting", "n", "mean over rounds", "last round", "1 − β"], rows),
+        "",
+        "Lemma 1 bounds the expected residual by 1 − ξ with ξ ≥ k/d ≈ β (the worst case, "
+        "gradients spread evenly over the coordinates).",
+        "",
+    ]
+    return md, path
+
+
 def build_report(
     root: Path | str,
     out_dir: Path | str | None = None,
     group_by: list[str] | None = None,
     metric: str = "final",
+    reference: Path | str | None = None,
 ) -> Path:
-    """Write report.md, report.csv and comparison plots for the runs below root.
+    """Write report.md, report.csv, timing.csv and the plots for the runs below root.
 
-    ``metric`` ("final" or "best") picks the accuracy shown in the pivot table.
-    Returns the path of report.md. Raises NoRunsFoundError when root holds no summary.json.
+    ``metric`` ("final" or "best") picks the accuracy shown in the pivot table; ``reference`` is
+    a CSV of the seed paper's numbers (see load_reference). Returns the path of report.md.
+    Raises NoRunsFoundError when root holds no summary.json, ReferenceFileError for a bad
+    reference file (before anything is written).
     """
     if metric not in ("final", "best"):
         raise ValueError(f"metric must be 'final' or 'best', not {metric!r}")
+    refs = load_reference(reference) if reference is not None else {}
     root = Path(root)
     if not root.is_dir():
         raise NoRunsFoundError(f"no runs found: {root} is not a directory")
@@ -459,26 +1025,52 @@ def build_report(
 
     groups = group_runs(runs, group_by)
     stats = [_group_stats(g) for g in groups]
+    # the budget a cell is held to: its reference's epochs, else (e.g. a cell the seed leaves
+    # out because training diverged) the epochs of the reference's cells for the same corruption
+    row_epochs: dict[tuple[str, float], set[float]] = {}
+    for r in refs.values():
+        row_epochs.setdefault(r.key[1:], set()).add(r.epochs)
+    matched: set[CellKey] = set()
+    for g, s in zip(groups, stats):
+        ck = _group_cell_key(g)
+        ref = refs.get(ck) if ck is not None else None
+        target = ref.epochs if ref is not None else None
+        if target is None and ck is not None and len(row_epochs.get(ck[1:], ())) == 1:
+            target = next(iter(row_epochs[ck[1:]]))
+        s["target_epochs"] = target
+        if target is not None:
+            s["reduced_budget"] = int(_is_reduced(s))
+        if ref is not None:
+            matched.add(ref.key)
+            s.update(
+                ref_accuracy_pct=ref.accuracy_pct, ref_std_pct=ref.std_pct, ref_epochs=ref.epochs
+            )
     all_keys = list(groups[0].setting)
     varying = _varying_keys(groups)
     shown = varying or all_keys
     common = [k for k in all_keys if k not in varying]
     n_failed = sum(len(g.failed) for g in groups)
+    n_diverged = sum(s["n_diverged"] for s in stats)
 
     md: list[str] = [
         "# fedbgmd sweep report",
         "",
         f"- sweep: `{root}`",
         f"- generated: {utc_now_iso()}",
-        f"- runs: {len(runs)} ({len(runs) - n_failed} completed, {n_failed} failed); "
-        f"settings: {len(groups)}",
+        f"- runs: {len(runs)} ({len(runs) - n_failed} completed, {n_failed} failed, "
+        f"{n_diverged} diverged); settings: {len(groups)}",
     ]
     if common:
         md.append("- common to all runs: " + _label(groups[0].setting, common))
+    if reference is not None:
+        md.append(
+            f"- reference: `{reference}` ({len(refs)} cells, {len(matched)} matched by this sweep)"
+        )
     md += [
         "",
         "Mean ± sample std (ddof=1) over the completed runs of each setting; ±0.00 when n=1. "
-        "Accuracies in %, agg = mean aggregation time per round.",
+        "Accuracies in %, epochs = last logged epoch (min–max over runs), "
+        "agg = mean aggregation time per round.",
         "",
         "## Results per setting",
         "",
@@ -487,6 +1079,8 @@ def build_report(
         *shown,
         "n",
         "failed",
+        "diverged",
+        "epochs",
         "final acc (%)",
         "best acc (%)",
         "wall time (s)",
@@ -501,6 +1095,8 @@ def build_report(
                 *(_fmt_value(g.setting.get(k)) for k in shown),
                 str(s["n_completed"]),
                 str(s["n_failed"]),
+                str(s["n_diverged"]),
+                _budget(s, None) or "-",
                 _pm(s["final_acc_mean"], s["final_acc_std"]),
                 _pm(s["best_acc_mean"], s["best_acc_std"]),
                 _pm(s["wall_time_s_mean"], s["wall_time_s_std"], 1),
@@ -508,62 +1104,91 @@ def build_report(
             ]
         )
     md += [*_md_table(header, body), ""]
-    md += _pivot_tables(groups, stats, metric)
+    ref_name = Path(reference).name if reference is not None else ""
+    md += _pivot_tables(groups, stats, metric, refs, ref_name)
+    unmatched: dict[tuple[str, float], list[RefCell]] = {}
+    for k, r in refs.items():
+        if k not in matched:
+            unmatched.setdefault(k[1:], []).append(r)
+    if unmatched:
+        n_un = sum(len(v) for v in unmatched.values())
+        md += [f"Reference cells with no run in this sweep ({n_un}):", ""]
+        md += [
+            f"- {attack} {fraction:g}: "
+            + ", ".join(f"{r.strategy} {r.accuracy_pct:.2f} ({r.epochs:g} ep)" for r in cells)
+            for (attack, fraction), cells in unmatched.items()
+        ]
+        md.append("")
+    md += _timing_section(groups, stats, shown)
 
+    # plots (lazy import: only plotting selects the Agg backend)
+    from fedbgmd.plots import Curve, plot_comparison
+
+    res_md, res_path = _residual_section(groups, out, shown)
+    md += res_md
+
+    panel_keys = [k for k in varying if _is_attack_key(k)]
+    label_keys = [k for k in varying if k not in panel_keys]
+    curves = []
+    for g in groups:
+        acc = _series(g, "test_accuracy", _pct)
+        if acc.rounds.size == 0:
+            continue
+        curves.append(
+            Curve(
+                label=_curve_label(g.setting, label_keys),
+                rounds=acc.rounds,
+                mean=acc.mean,
+                std=acc.std,
+                time=acc.time,
+                n=acc.n,
+                panel=_label(g.setting, panel_keys),
+                epoch=acc.epoch,
+            )
+        )
+    figs = [
+        plot_comparison(curves, out / "compare_accuracy_round.png", x="round"),
+        plot_comparison(curves, out / "compare_accuracy_time.png", x="time"),
+        plot_comparison(curves, out / "compare_accuracy_epoch.png", x="epoch"),
+    ]
+    if res_path is not None:
+        figs.append(res_path)
+
+    for run in runs:
+        if run.read_error:
+            problems.append((run.path, run.read_error))
     if n_failed:
         md += ["## Failed runs (not averaged)", ""]
         rows = []
         for g in groups:
-            for r in g.failed:
-                err = str(r.summary.get("error") or "").strip().splitlines()
+            for run in g.failed:
+                err = str(run.summary.get("error") or "").strip().splitlines()
                 msg = (err[-1] if err else "")[:200]
-                rows.append([_rel(r.path, root), _label(g.setting, shown), r.status, msg])
+                rows.append([_rel(run.path, root), _label(g.setting, shown), run.status, msg])
         md += [*_md_table(["run", "setting", "status", "error"], rows), ""]
     if problems:
         md += ["## Incomplete or unreadable run folders (not counted)", ""]
         md += [f"- `{_rel(p, root)}`: {why}" for p, why in problems]
         md.append("")
 
-    # comparison plots (lazy import: only plotting selects the Agg backend)
-    from fedbgmd.plots import Curve, plot_comparison
-
-    panel_keys = [k for k in varying if _is_attack_key(k)]
-    label_keys = [k for k in varying if k not in panel_keys]
-    curves = []
-    for g in groups:
-        rounds, mean, std, time_s, n = _curve(g)
-        if rounds.size == 0:
-            continue
-        curves.append(
-            Curve(
-                label=_label(g.setting, label_keys) or "all runs",
-                rounds=rounds,
-                mean=mean,
-                std=std,
-                time=time_s,
-                n=n,
-                panel=_label(g.setting, panel_keys),
-            )
-        )
-    figs = [
-        plot_comparison(curves, out / "compare_accuracy_round.png", x="round"),
-        plot_comparison(curves, out / "compare_accuracy_time.png", x="time"),
-    ]
     md += ["## Figures", ""]
     md += [f"![{p.stem}]({p.name})" for p in figs]
     md.append("")
 
-    _write_csv(out / "report.csv", groups, stats)
+    _write_csv(out / "report.csv", groups, stats, _CSV_STATS)
+    _write_csv(out / "timing.csv", groups, stats, _TIMING_CSV)
     md_path = out / "report.md"
     md_path.write_text("\n".join(md), encoding="utf-8")
     return md_path
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ``fedbgmd report DIR [--out OUT] [--group-by k1,k2] [--metric final|best]``."""
+    """CLI: ``fedbgmd report DIR [--out OUT] [--group-by k1,k2] [--metric final|best]
+    [--reference FILE.csv]``."""
     parser = argparse.ArgumentParser(
         prog="fedbgmd report",
-        description="Collect a sweep (folders with summary.json) into report.md/.csv and plots.",
+        description="Collect a sweep (folders with summary.json) into report.md/.csv, "
+        "timing.csv and plots.",
     )
     parser.add_argument("dir", type=Path, help="sweep folder, e.g. multirun/2024-05-01/12-00-00")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default DIR/report)")
@@ -581,6 +1206,14 @@ def main(argv: list[str] | None = None) -> int:
         default="final",
         help="accuracy shown in the strategy x corruption table (default: final)",
     )
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        default=None,
+        metavar="FILE.csv",
+        help="reference numbers to show next to the measured ones (columns: strategy, attack, "
+        "fraction, accuracy_pct, epochs[, std_pct]), e.g. benchmarks/table2_reference.csv",
+    )
     args = parser.parse_args(argv)
     group_by = (
         [k.strip() for item in args.group_by for k in item.split(",") if k.strip()]
@@ -588,10 +1221,19 @@ def main(argv: list[str] | None = None) -> int:
         else None
     )
     try:
-        path = build_report(args.dir, out_dir=args.out, group_by=group_by, metric=args.metric)
+        path = build_report(
+            args.dir,
+            out_dir=args.out,
+            group_by=group_by,
+            metric=args.metric,
+            reference=args.reference,
+        )
     except NoRunsFoundError as exc:
         print(f"fedbgmd report: {exc}", file=sys.stderr)
         return 1
+    except ReferenceFileError as exc:
+        print(f"fedbgmd report: {exc}", file=sys.stderr)
+        return 2
     print(f"report written to {path}")
     return 0
 

@@ -266,10 +266,13 @@ def test_build_report_mean_std_and_outputs(tmp_path: Path) -> None:
     # runs untouched; the only new files are the report's
     assert {k: v for k, v in after.items() if not k.startswith("report/")} == before
     assert sorted(k for k in after if k.startswith("report/")) == [
+        "report/compare_accuracy_epoch.png",
         "report/compare_accuracy_round.png",
         "report/compare_accuracy_time.png",
         "report/report.csv",
         "report/report.md",
+        "report/residual_epoch.png",
+        "report/timing.csv",
     ]
     out = root / "report"
     assert _is_png(out / "compare_accuracy_round.png")
@@ -399,3 +402,329 @@ def test_identical_runs_in_one_group_are_counted_once(tmp_path: Path) -> None:
     assert report.mean_std(r.summary["final_accuracy"] for r in group.completed)[
         0
     ] == pytest.approx(0.6)
+
+
+# ------------------------------------------------------------------------- Table 2 reproduction
+
+REFERENCE_CSV = Path(__file__).resolve().parents[1] / "benchmarks" / "table2_reference.csv"
+RPE = 4  # rounds per epoch in the fake Table-2 runs
+
+
+def _t2_run(
+    run_dir: Path,
+    strategy: str,
+    attack: str,
+    fraction: float,
+    seed: int,
+    final: float,
+    *,
+    beta: float | None = None,
+    epochs: float = 1.0,
+    diverged: bool = False,
+    agg_ms: float = 2.0,
+    client_ms: float = 6.0,
+    round_ms: float = 10.0,
+    residual: float | None = None,
+) -> None:
+    """One run laid out like the server's: round 0 = initial evaluation, one evaluation per epoch,
+    per-round timing columns (the first round 50x slower: a warm-up the median must ignore) and,
+    for block strategies, relative_residual."""
+    w = RunWriter(run_dir)
+    n_rounds = round(epochs * RPE)
+    for r in range(n_rounds + 1):
+        evaluated = r % RPE == 0 or r == n_rounds
+        slow = 50.0 if r == 1 else 1.0
+        w.log_round(
+            {
+                "round": r,
+                "epoch": r / RPE,
+                "test_accuracy": (final if r == n_rounds else 0.1) if evaluated else None,
+                "round_time_s": (0.5 if r == 0 else slow * round_ms / 1e3),
+                "client_time_s": None if r == 0 else slow * client_ms / 1e3,
+                "comm_time_s": None if r == 0 else 0.0001,
+                "agg_time_s": None if r == 0 else slow * agg_ms / 1e3,
+                "wall_time_s": 0.01 * r,
+                "relative_residual": None if residual is None or r == 0 else residual + 0.01 * r,
+            }
+        )
+    setting = {
+        "strategy": strategy,
+        "attack": attack,
+        "attack.fraction": fraction,
+        "data": "fashion_mnist",
+        "model": "cnn",
+        "strategy.block.beta": beta,
+        "num_clients": 32,
+        "num_rounds": n_rounds,
+    }
+    w.write_summary(
+        {
+            "seed": seed,
+            "strategy": strategy,
+            "attack": attack,
+            "fraction": fraction,
+            "setting": setting,
+            "diverged_at": 2 if diverged else None,
+        }
+    )
+
+
+# (row folder, attack, fraction, BGMD beta) x strategy -> final accuracy per seed 0, 1, 2
+T2_ROWS = {
+    ("clean", "none", 0.0, 0.05): {
+        "fedavg": [0.88, 0.89, 0.90],
+        "cm": [0.80, 0.81, 0.82],
+        "fedbgmd": [0.87, 0.88, 0.89],
+        "gm": [0.86, 0.87, 0.88],
+    },
+    ("bitflip20", "bit_flip", 0.2, 0.1): {
+        "fedavg": [0.10, 0.10, 0.10],  # diverges in every seed
+        "cm": [0.70, 0.72, 0.74],
+        "fedbgmd": [0.78, 0.79, 0.80],
+        "gm": [0.76, 0.77, 0.81],
+    },
+}
+
+
+def _make_table2_sweep(root: Path, epochs: float = 1.0, residual: bool = True) -> None:
+    """benchmarks/table2.sh layout: root/<row>/<job>/ with 4 strategies x 3 seeds per row;
+    BGMD aggregates in 2 ms, GMD in 3.5 ms, rounds take 10 ms and 12 ms (medians)."""
+    for (row, attack, fraction, beta), finals in T2_ROWS.items():
+        job = 0
+        for strategy, accs in finals.items():
+            for seed, final in enumerate(accs):
+                is_bgmd = strategy == "fedbgmd"
+                _t2_run(
+                    root / row / str(job),
+                    strategy,
+                    attack,
+                    fraction,
+                    seed,
+                    final,
+                    beta=beta if is_bgmd else None,
+                    epochs=epochs,
+                    diverged=strategy == "fedavg" and attack != "none",
+                    agg_ms={"fedbgmd": 2.0, "gm": 3.5}.get(strategy, 1.0),
+                    round_ms={"fedbgmd": 10.0, "gm": 12.0}.get(strategy, 9.0),
+                    residual=0.5 + 0.1 * seed if is_bgmd and residual else None,
+                )
+                job += 1
+
+
+def _pivot_rows(md: str) -> dict[str, dict[str, str]]:
+    """Pivot table of report.md as {attack: {column: cell}}."""
+    pivot = md.split("by strategy and corruption", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in pivot.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    out = {}
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        out[cells[0]] = dict(zip(header, cells))
+    return out
+
+
+def test_table2_cells_with_reference(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "t2"
+    _make_table2_sweep(root)
+    assert report.main([str(root), "--reference", str(REFERENCE_CSV)]) == 0
+    md = (root / "report" / "report.md").read_text()
+    rows = _pivot_rows(md)
+    # strategy columns only: beta (0.05 clean, 0.1 bit flip) goes into the BGMD cells
+    assert list(rows["bit_flip"]) == ["attack", "attack.fraction", "cm", "fedavg", "fedbgmd", "gm"]
+    # fedbgmd / bit_flip 20 %: 78, 79, 80 -> 79.00 ± 1.00, best of the row (bold), 1 of 50 epochs
+    assert rows["bit_flip"]["fedbgmd"] == (
+        "**79.00** ± 1.00 (n=3, 1.0/50 ep, beta=0.1) · seed 88.42"
+    )
+    # gm: 76, 77, 81 -> mean 78, sample std sqrt(7) = 2.65
+    assert statistics.stdev([76.0, 77.0, 81.0]) == pytest.approx(2.6458, abs=1e-4)
+    assert rows["bit_flip"]["gm"] == "78.00 ± 2.65 (n=3, 1.0/50 ep) · seed 88.07"
+    assert rows["none"]["fedavg"] == "**89.00** ± 1.00 (n=3, 1.0/50 ep) · seed 89.39"
+    assert rows["none"]["fedbgmd"] == "88.00 ± 1.00 (n=3, 1.0/50 ep, beta=0.05) · seed 89.25"
+    # SGD under bit flips: the seed has no number (diverged), our runs diverged too; the budget
+    # is still held to the row's 50 epochs
+    assert rows["bit_flip"]["fedavg"] == "10.00 ± 0.00 (n=3, 1.0/50 ep, diverged in 3/3)"
+    assert "reduced budget" in md and "`diverged in k/n`" in md
+    assert "(37 cells, 7 matched by this sweep)" in md
+    assert "- backdoor 0.4: fedavg 73.01 (50 ep), cm 60.85 (50 ep)" in md
+
+    with (root / "report" / "report.csv").open(newline="") as fh:
+        csv_rows = {(r["strategy"], r["attack"]): r for r in csv.DictReader(fh)}
+    bg = csv_rows[("fedbgmd", "bit_flip")]
+    assert float(bg["ref_accuracy_pct"]) == 88.42 and float(bg["ref_std_pct"]) == 0.16
+    assert float(bg["ref_epochs"]) == 50 and bg["reduced_budget"] == "1"
+    assert float(bg["epochs_min"]) == float(bg["epochs_max"]) == 1.0
+    sgd = csv_rows[("fedavg", "bit_flip")]
+    assert sgd["ref_accuracy_pct"] == "" and sgd["n_diverged"] == "3"
+    assert csv_rows[("fedavg", "none")]["n_diverged"] == "0"
+
+
+def test_table2_full_budget_is_not_marked_reduced(tmp_path: Path) -> None:
+    ref = tmp_path / "ref.csv"
+    ref.write_text("strategy,attack,fraction,accuracy_pct,epochs\nfedbgmd,bit_flip,0.2,88.42,2\n")
+    root = tmp_path / "t2"
+    _make_table2_sweep(root, epochs=2.0)
+    md = report.build_report(root, reference=ref).read_text()
+    rows = _pivot_rows(md)
+    assert rows["bit_flip"]["fedbgmd"] == "**79.00** ± 1.00 (n=3, 2.0 ep, beta=0.1) · seed 88.42"
+    assert rows["bit_flip"]["cm"] == "72.00 ± 2.00 (n=3, 2.0 ep)"  # no reference for the cell
+    assert "/2 ep" not in md and "reduced budget" not in md
+    # without --reference: budget shown, no seed part
+    md = report.build_report(root, out_dir=tmp_path / "plain").read_text()
+    assert _pivot_rows(md)["bit_flip"]["fedbgmd"] == "**79.00** ± 1.00 (n=3, 2.0 ep, beta=0.1)"
+    assert "· seed" not in md
+
+
+def test_timing_medians_and_bgmd_speedup(tmp_path: Path) -> None:
+    root = tmp_path / "t2"
+    _make_table2_sweep(root)
+    md = report.build_report(root).read_text()
+    with (root / "report" / "timing.csv").open(newline="") as fh:
+        rows = {(r["strategy"], r["attack"]): r for r in csv.DictReader(fh)}
+    bg, gm = rows[("fedbgmd", "bit_flip")], rows[("gm", "bit_flip")]
+    # medians: the 50x slower first round and round 0 (evaluation only, 0.5 s) do not count
+    assert float(bg["agg_ms_median"]) == pytest.approx(2.0)
+    assert float(bg["round_ms_median"]) == pytest.approx(10.0)
+    assert float(bg["client_ms_median"]) == pytest.approx(6.0)
+    assert float(bg["comm_ms_median"]) == pytest.approx(0.1)
+    assert float(bg["client_agg_ms_median"]) == pytest.approx(8.0)
+    assert int(bg["timing_rounds"]) == 3 * RPE
+    assert float(gm["agg_ms_median"]) == pytest.approx(3.5)
+    assert float(bg["agg_speedup_vs_gm"]) == pytest.approx(3.5 / 2.0)
+    assert float(bg["round_speedup_vs_gm"]) == pytest.approx(12.0 / 10.0)
+    assert float(bg["client_agg_speedup_vs_gm"]) == pytest.approx(9.5 / 8.0)
+    assert gm["agg_speedup_vs_gm"] == "" and rows[("cm", "none")]["agg_speedup_vs_gm"] == ""
+
+    timing = md.split("## Time per round", 1)[1].split("\n## ", 1)[0]
+    line = next(x for x in timing.splitlines() if x.startswith("| attack=bit_flip"))
+    assert [c.strip() for c in line.strip("|").split("|")] == [
+        "attack=bit_flip, attack.fraction=0.2",
+        "strategy.block.beta=0.1",
+        "1.75×",
+        "1.20×",
+        "1.19×",
+    ]
+    bg_line = next(x for x in timing.splitlines() if x.startswith("| fedbgmd | 0.1 |"))
+    assert "| 2.00 | 10.00 | 8.00 |" in bg_line
+
+
+def test_speedup_needs_both_strategies_and_timing_columns(tmp_path: Path) -> None:
+    root = tmp_path / "sweep"
+    _make_sweep(root)  # fedavg and fedbgmd only, no round/client times
+    md = report.build_report(root).read_text()
+    assert "No setting has both `fedbgmd` and `gm` runs" in md
+    # a sweep without any timing column: the table is skipped with a line
+    for job, strategy in enumerate(("fedbgmd", "gm")):
+        w = RunWriter(tmp_path / "bare" / str(job))
+        w.log_round({"round": 1, "test_accuracy": 0.5, "wall_time_s": 1.0})
+        w.write_summary({"seed": 0, "setting": {"strategy": strategy, "attack": "none"}})
+    md = report.build_report(tmp_path / "bare").read_text()
+    assert "Skipped: no run logs client_time_s" in md
+
+
+def test_residual_plot_only_when_logged(tmp_path: Path) -> None:
+    root = tmp_path / "t2"
+    _make_table2_sweep(root)
+    md = report.build_report(root).read_text()
+    assert _is_png(root / "report" / "residual_epoch.png")
+    assert "![residual_epoch](residual_epoch.png)" in md
+    section = md.split("## Relative residual", 1)[1].split("\n## ", 1)[0]
+    # BGMD only (fedavg/cm/gm log no residual); per seed 0.5 + 0.1 s + 0.01 r, rounds 1..4
+    lines = [x for x in section.splitlines() if x.startswith("| strategy")]
+    assert len(lines) == 2
+    bit = next(x for x in lines if "bit_flip" in x)
+    # mean over seeds 0.6 (+0.01 r); rounds 1..4 -> 0.625; last round 0.64; 1 - beta = 0.9
+    assert [c.strip() for c in bit.strip("|").split("|")][1:] == [
+        "3",
+        "0.6250",
+        "0.6400",
+        "0.9000",
+    ]
+
+    none = tmp_path / "none"
+    _make_table2_sweep(none, residual=False)
+    md = report.build_report(none).read_text()
+    assert not (none / "report" / "residual_epoch.png").exists()
+    assert "Skipped: no run logs relative_residual" in md
+    assert "residual_epoch.png)" not in md
+    assert _is_png(none / "report" / "compare_accuracy_epoch.png")
+
+
+def test_reference_file_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "sweep"
+    _make_sweep(root)
+    cases = {
+        "unknown.csv": (
+            "strategy,attack,fraction,accuracy_pct,epochs,dataset\nfedbgmd,none,0,89,50,fmnist\n",
+            "unknown column(s) dataset",
+        ),
+        "missing.csv": ("strategy,attack,accuracy_pct\nfedbgmd,none,89\n", "missing column(s)"),
+        "nan.csv": (
+            "strategy,attack,fraction,accuracy_pct,epochs\nfedbgmd,none,0,n/a,50\n",
+            "nan.csv:2: accuracy_pct='n/a' is not a number",
+        ),
+        "dup.csv": (
+            "strategy,attack,fraction,accuracy_pct,epochs\ngm,none,0,89,50\ngm,none,0.0,88,50\n",
+            "duplicate cell",
+        ),
+        "empty.csv": ("", "is empty"),
+        "binary.csv": (b"\xff\xfe\x00garbage", "cannot read reference file"),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+        assert report.main([str(root), "--reference", str(path)]) == 2, name
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (name, err)
+    assert report.main([str(root), "--reference", str(tmp_path / "absent.csv")]) == 2
+    assert "cannot read reference file" in capsys.readouterr().err
+    assert not (root / "report").exists()  # nothing written on a bad reference
+    with pytest.raises(report.ReferenceFileError):
+        report.load_reference(tmp_path / "unknown.csv")
+
+
+def test_shipped_table2_reference() -> None:
+    refs = report.load_reference(REFERENCE_CSV)
+    assert len(refs) == 37
+    assert {r.epochs for r in refs.values()} == {50.0}
+    assert refs[("fedbgmd", "bit_flip", 0.2)].accuracy_pct == 88.42
+    assert refs[("gm", "gaussian", 0.4)].accuracy_pct == 83.89
+    assert refs[("cm", "feature_noise", 0.4)].accuracy_pct == 78.54
+    assert refs[("fedavg", "impulse", 0.2)].std_pct == 6.47
+    assert refs[("fedavg", "none", 0.0)].accuracy_pct == 89.39
+    # SGD diverged under gradient attacks in the seed ('-'): no number, not invented
+    for attack in ("bit_flip", "gaussian", "feature_noise"):
+        for fraction in (0.2, 0.4):
+            assert ("fedavg", attack, fraction) not in refs
+    assert ("fedavg", "impulse", 0.4) not in refs
+    assert {r.strategy for r in refs.values()} == {"fedavg", "cm", "fedbgmd", "gm"}
+
+
+def test_bad_metrics_are_skipped_not_fatal(tmp_path: Path) -> None:
+    root = tmp_path / "sweep"
+    # a run whose metrics.csv has only two columns and a non-numeric cell
+    (root / "0").mkdir(parents=True)
+    (root / "0" / "metrics.csv").write_text("round,test_accuracy\n1,0.5\n2,oops\n3,0.7\n")
+    (root / "0" / "summary.json").write_text(
+        json.dumps(
+            {"seed": 0, "final_accuracy": "oops", "setting": {"strategy": "gm", "attack": "none"}}
+        )
+    )
+    # an empty metrics.csv, and one that is not text
+    for job, data in ((1, b""), (2, b"\xff\xfe\x00\x81 not utf-8")):
+        (root / str(job)).mkdir()
+        (root / str(job) / "metrics.csv").write_bytes(data)
+        (root / str(job) / "summary.json").write_text(
+            json.dumps({"seed": job, "setting": {"strategy": "fedbgmd", "attack": "none"}})
+        )
+    md = report.build_report(root).read_text()
+    assert "unreadable metrics.csv" in md
+    assert "Skipped: no run logs relative_residual" in md
+    assert "Skipped: no run logs client_time_s" in md
+    with (root / "report" / "report.csv").open(newline="") as fh:
+        rows = {r["strategy"]: r for r in csv.DictReader(fh)}
+    assert rows["gm"]["final_acc_mean"] == ""  # non-numeric summary value: missing
+    assert rows["gm"]["epochs_min"] == ""  # no epoch column
+    assert _is_png(root / "report" / "compare_accuracy_epoch.png")
