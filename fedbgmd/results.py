@@ -276,7 +276,7 @@ def summarize(rows: list[dict[str, Any]] | list[Mapping[str, Any]]) -> dict[str,
     """Final/best accuracy, final loss, rounds and wall time from per-round rows.
 
     Missing values (None, empty, NaN) are skipped: final_accuracy is the last non-missing
-    test_accuracy, best_round the round of the first maximum, rounds the largest round number
+    test_accuracy, final_loss the test_loss of that row (None when not finite), best_round the round of the first maximum, rounds the largest round number
     (number of rows when no row has a round), wall_time_s the last non-missing wall_time_s.
     """
     best_acc: float | None = None
@@ -291,7 +291,12 @@ def summarize(rows: list[dict[str, Any]] | list[Mapping[str, Any]]) -> dict[str,
             rnd = r.get("round")
             best_round = int(rnd) if not is_missing(rnd) else i + 1  # type: ignore[arg-type]
     final_acc = _last(r.get("test_accuracy") for r in rows)
-    final_loss = _last(r.get("test_loss") for r in rows)
+    # the loss of that same last evaluation: NaN/Inf there (a diverged model) gives None, not an
+    # older finite loss
+    evaluated = [r for r in rows if not is_missing(r.get("test_accuracy"))]
+    final_loss = evaluated[-1].get("test_loss") if evaluated else None
+    if final_loss is not None and (is_missing(final_loss) or not math.isfinite(float(final_loss))):
+        final_loss = None
     wall = _last(r.get("wall_time_s") for r in rows)
     rounds_seen = [int(r["round"]) for r in rows if not is_missing(r.get("round"))]
     return {

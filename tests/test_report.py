@@ -223,6 +223,14 @@ def test_summarize_known_numbers_with_empty_cells() -> None:
         "rounds": 5,
         "wall_time_s": 8.25,
     }
+    # a diverged model: the final evaluation's loss is NaN, not the older finite 2.3
+    diverged = summarize(
+        [
+            {"round": 0, "test_accuracy": 0.08, "test_loss": 2.3},
+            {"round": 7, "test_accuracy": 0.10, "test_loss": float("nan")},
+        ]
+    )
+    assert diverged["final_accuracy"] == 0.10 and diverged["final_loss"] is None
     empty = summarize([])
     assert empty["final_accuracy"] is None and empty["best_round"] is None
     assert empty["rounds"] == 0
