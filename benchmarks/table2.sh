@@ -4,6 +4,7 @@
 # e.g. a reduced budget: bash benchmarks/table2.sh paper multirun/t2-short num_rounds=1170
 # Strategies: SGD (mean), CMD (cm), BGMD (fedbgmd), GMD (gm); seeds 0,1,2. Needs a GPU to finish
 # in reasonable time (about a minute per cell on an H200 with the batched engine).
+# Subsets: ROWS="clean bitflip20" STRATEGIES=fedbgmd,gm SEEDS=0,1,2 bash benchmarks/table2.sh ...
 set -euo pipefail
 variant="${1:?usage: table2.sh paper|as_run [OUT_DIR] [overrides...]}"
 out="${2:-multirun/table2-$variant}"
@@ -27,10 +28,13 @@ rows=(
   "backdoor20|attack=backdoor attack.fraction=0.2 attack.params.target=0|0.1"
   "backdoor40|attack=backdoor attack.fraction=0.4 attack.params.target=0|0.1"
 )
+strategies="${STRATEGIES:-fedavg,cm,fedbgmd,gm}"
+seeds="${SEEDS:-0,1,2}"
 for row in "${rows[@]}"; do
   IFS='|' read -r name attack beta <<<"$row"
+  if [[ -n "${ROWS:-}" && " $ROWS " != *" $name "* ]]; then continue; fi
   # shellcheck disable=SC2086
-  fedbgmd -m "experiment=$preset" strategy=fedavg,cm,fedbgmd,gm seed=0,1,2 \
+  fedbgmd -m "experiment=$preset" "strategy=$strategies" "seed=$seeds" \
     strategy.weighted=false $attack "strategy.block.beta=$beta" \
     "hydra.sweep.dir=$out/$name" "$@" || echo "row $name: some jobs failed (see $out/$name)" >&2
 done
