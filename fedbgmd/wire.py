@@ -100,16 +100,37 @@ def build_reply_content(
     )
 
 
+def _split(
+    content: RecordDict,
+) -> tuple[dict[str, ArrayRecord], dict[str, ConfigRecord], dict[str, MetricRecord]]:
+    """The content's array, config and metric records in one pass.
+
+    Flower builds a fresh typed view on every ``content.array_records`` (etc.) access, ~50 µs
+    each; a reply used to pay for nine of them."""
+    arrays: dict[str, ArrayRecord] = {}
+    configs: dict[str, ConfigRecord] = {}
+    metrics: dict[str, MetricRecord] = {}
+    for key, record in content.items():
+        if isinstance(record, ArrayRecord):
+            arrays[key] = record
+        elif isinstance(record, ConfigRecord):
+            configs[key] = record
+        elif isinstance(record, MetricRecord):
+            metrics[key] = record
+    return arrays, configs, metrics
+
+
 def reply_nbytes(content: RecordDict) -> int:
     """Payload bytes of a reply's arrays (element count x item size; what the update costs).
 
     A device reference counts as the float32 update it stands for."""
     total = 0
-    quant = content.config_records.get(QUANT_KEY)
+    array_records, configs, _ = _split(content)
+    quant = configs.get(QUANT_KEY)
     if quant is not None and quant.get("method") == "device":
         numel = quant.get("numel")
         total += 4 * numel if isinstance(numel, int) and numel > 0 else 0
-    for record in content.array_records.values():
+    for record in array_records.values():
         for arr in record.values():
             try:
                 total += int(np.prod(arr.shape)) * np.dtype(arr.dtype).itemsize
@@ -120,7 +141,11 @@ def reply_nbytes(content: RecordDict) -> int:
 
 def received_nbytes(content: RecordDict) -> int:
     """Bytes actually received for a reply's arrays (serialised, headers included)."""
-    return sum(len(a.data) for r in content.array_records.values() for a in r.values())
+    return _received(_split(content)[0])
+
+
+def _received(array_records: dict[str, ArrayRecord]) -> int:
+    return sum(len(a.data) for r in array_records.values() for a in r.values())
 
 
 def _expect_array(record: ArrayRecord, key: str, dtype: np.dtype, numel: int | None) -> np.ndarray:
@@ -146,21 +171,23 @@ def decode_update(content: RecordDict, dim: int, max_bytes: int) -> tuple[torch.
     Raises :class:`BadReply` for missing records or keys, extra keys, wrong dtype or shape, a
     payload larger than ``max_bytes``, unknown quantizer settings, bad metrics or non-finite values.
     """
-    if METRICS_KEY not in content.metric_records or QUANT_KEY not in content.config_records:
+    array_records, configs, metric_records = _split(content)
+    if METRICS_KEY not in metric_records or QUANT_KEY not in configs:
         raise BadReply("missing_record", "no 'metrics' MetricRecord or 'quant' ConfigRecord")
-    if received_nbytes(content) > max_bytes:
-        raise BadReply("too_large", f"{received_nbytes(content)} bytes > limit {max_bytes}")
-    metrics = dict(content.metric_records[METRICS_KEY])
+    received = _received(array_records)
+    if received > max_bytes:
+        raise BadReply("too_large", f"{received} bytes > limit {max_bytes}")
+    metrics = dict(metric_records[METRICS_KEY])
     for key in REQUIRED_METRICS:
         value = metrics.get(key)
         if not isinstance(value, (int, float)) or not math.isfinite(float(value)):
             raise BadReply("bad_metrics", f"metric {key!r} missing or not finite")
     if metrics["num-examples"] < 0:
         raise BadReply("bad_metrics", "negative num-examples")
-    if UPDATE_KEY not in content.array_records:
+    if UPDATE_KEY not in array_records:
         raise BadReply("missing_record", "no 'update' ArrayRecord")
-    record = content.array_records[UPDATE_KEY]
-    quant = dict(content.config_records[QUANT_KEY])
+    record = array_records[UPDATE_KEY]
+    quant = dict(configs[QUANT_KEY])
     method, bits, numel = quant.get("method"), quant.get("bits"), quant.get("numel")
     if numel != dim:
         raise BadReply("wrong_shape", f"numel {numel}, expected {dim}")
