@@ -38,7 +38,6 @@ from fedbgmd.attacks.base import (
     SampleUpdates,
     UpdateAttack,
     check_finite,
-    check_honest,
     check_int,
     coordinate_stats,
     stack_own_samples,
@@ -148,15 +147,13 @@ class OmniscientAlie(OmniscientAttack):
         n = self.num_clients if self.num_clients is not None else num_honest + num_byzantine
         return alie_z(n, num_byzantine)
 
-    def __call__(
+    def craft(
         self,
         honest: Tensor,
         num_byzantine: int,
-        *,
         generator: torch.Generator,
-        aggregator: Callable[[Tensor], Tensor] | None = None,
+        aggregator: Callable[[Tensor], Tensor] | None,
     ) -> Tensor:
-        check_honest(honest, num_byzantine)
         mu, sigma = coordinate_stats(honest)
         row = mu - self.z_for(honest.shape[0], num_byzantine) * sigma
         return row.unsqueeze(0).repeat(num_byzantine, 1)

@@ -116,6 +116,8 @@ class OmniscientAttack:
     ``attack(honest, num_byzantine, generator=g, aggregator=agg)`` maps the ``(n_h, d)`` honest
     updates of the round to ``(num_byzantine, d)`` malicious rows (same dtype and device).
     ``aggregator`` (stacked ``(n, d)`` -> ``(d,)``) is offered to aggregator-aware attacks.
+    ``__call__`` validates the inputs once (:func:`check_honest`) and calls :meth:`craft`, the one
+    method a subclass writes (it must not mutate ``honest``).
     """
 
     name: ClassVar[str] = ""
@@ -128,6 +130,17 @@ class OmniscientAttack:
         generator: torch.Generator,
         aggregator: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
+        check_honest(honest, num_byzantine)
+        return self.craft(honest, num_byzantine, generator, aggregator)
+
+    def craft(
+        self,
+        honest: Tensor,
+        num_byzantine: int,
+        generator: torch.Generator,
+        aggregator: Callable[[Tensor], Tensor] | None,
+    ) -> Tensor:
+        """The ``(num_byzantine, d)`` malicious rows for the validated ``honest`` rows (n_h, d)."""
         raise NotImplementedError
 
 

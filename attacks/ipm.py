@@ -26,7 +26,6 @@ from fedbgmd.attacks.base import (
     OmniscientAttack,
     SampleUpdates,
     UpdateAttack,
-    check_honest,
     check_int,
     check_positive,
     stack_own_samples,
@@ -69,14 +68,12 @@ class OmniscientIpm(OmniscientAttack):
     def __post_init__(self) -> None:
         check_positive("epsilon", self.epsilon)
 
-    def __call__(
+    def craft(
         self,
         honest: Tensor,
         num_byzantine: int,
-        *,
         generator: torch.Generator,
-        aggregator: Callable[[Tensor], Tensor] | None = None,
+        aggregator: Callable[[Tensor], Tensor] | None,
     ) -> Tensor:
-        check_honest(honest, num_byzantine)
         row = honest.mean(dim=0) * (-self.epsilon)
         return row.unsqueeze(0).repeat(num_byzantine, 1)

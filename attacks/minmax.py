@@ -99,15 +99,13 @@ class _MinMaxBase(OmniscientAttack):
         g = max(g, 0.0)
         return min(g, self.gamma_max) if self.gamma_max is not None else g
 
-    def __call__(
+    def craft(
         self,
         honest: Tensor,
         num_byzantine: int,
-        *,
         generator: torch.Generator,
-        aggregator: Callable[[Tensor], Tensor] | None = None,
+        aggregator: Callable[[Tensor], Tensor] | None,
     ) -> Tensor:
-        check_honest(honest, num_byzantine)
         h = honest.detach().to(torch.float64)
         row = h.mean(dim=0) + self.gamma(honest) * perturbation_direction(h, self.perturbation)
         return row.to(honest.dtype).unsqueeze(0).repeat(num_byzantine, 1)
@@ -193,15 +191,13 @@ class OmniscientAgrTailored(OmniscientAttack):
         out = aggregator(torch.cat([honest, fake]))
         return float(torch.linalg.vector_norm(out.to(torch.float64) - mu.to(torch.float64)))
 
-    def __call__(
+    def craft(
         self,
         honest: Tensor,
         num_byzantine: int,
-        *,
         generator: torch.Generator,
-        aggregator: Callable[[Tensor], Tensor] | None = None,
+        aggregator: Callable[[Tensor], Tensor] | None,
     ) -> Tensor:
-        check_honest(honest, num_byzantine)
         if aggregator is None:
             raise ValueError("agr_tailored searches against the server's aggregator; none given")
         h = honest.detach()

@@ -271,6 +271,47 @@ def test_omniscient_identical_rows_return_them(name: str) -> None:
     torch.testing.assert_close(out, expected)
 
 
+class _CraftOnly(OmniscientAttack):
+    """A user omniscient attack that writes only ``craft`` (records the calls it receives)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[tuple[int, ...], int, object]] = []
+
+    def craft(
+        self,
+        honest: Tensor,
+        num_byzantine: int,
+        generator: torch.Generator,
+        aggregator: Callable[[Tensor], Tensor] | None,
+    ) -> Tensor:
+        self.calls.append((tuple(honest.shape), num_byzantine, aggregator))
+        return honest.mean(dim=0).unsqueeze(0).repeat(num_byzantine, 1)
+
+
+@pytest.mark.parametrize(
+    ("honest", "f"),
+    [
+        (torch.zeros(D), 1),  # not (n_h, d)
+        (torch.zeros(0, D), 1),  # no honest row
+        (torch.zeros(3, D, dtype=torch.int64), 1),  # not floating
+        (torch.zeros(3, D), -1),  # negative num_byzantine
+        (torch.zeros(3, D), True),  # bool is not a count
+    ],
+)
+def test_omniscient_subclass_writing_only_craft_is_validated(honest: Tensor, f: int) -> None:
+    attack = _CraftOnly()
+    with pytest.raises(ValueError) as builtin:
+        get_omniscient_attack("ipm")(honest, f, generator=gen())
+    with pytest.raises(ValueError) as custom:
+        attack(honest, f, generator=gen())
+    assert str(custom.value) == str(builtin.value)
+    assert attack.calls == [], "craft ran on invalid input"
+    # valid input reaches craft unchanged, the aggregator passed through
+    out = attack(torch.ones(3, D), 2, generator=gen(), aggregator=_median)
+    assert attack.calls == [((3, D), 2, _median)]
+    torch.testing.assert_close(out, torch.ones(2, D))
+
+
 # ---------------------------------------------------------------------------------------------
 # Math of each attack
 
