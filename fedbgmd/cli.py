@@ -23,15 +23,6 @@ CONFIG_MODULE = "fedbgmd.conf"
 EXIT_RUN_FAILED = 1
 EXIT_BAD_CONFIG = 2
 
-# The job config that _precheck validated in this process (unresolved plain container, None when
-# no precheck ran). _hydra_main skips check_config for a config equal to it, so a single run is
-# validated once; any other config is checked again, which keeps the guarantee that the config
-# Hydra runs is the one validated: multirun jobs (no precheck; or hydra.mode=MULTIRUN, where the
-# sweep changes the job configs) and overrides the precheck leaves out ("~key", hydra.* ones such
-# as hydra.searchpath that change what composes). A resumed run's saved config is always checked
-# (resumed_config).
-_prechecked: Any = None
-
 
 def check_config(cfg: Any) -> None:
     """Schema-level and cross-field checks plus constructing every plug-in once."""
@@ -109,12 +100,11 @@ def _quiet_flower(verbose: bool) -> None:
 
 @hydra.main(version_base="1.3", config_path="pkg://fedbgmd.conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
-    if _prechecked is None or OmegaConf.to_container(cfg, resolve=False) != _prechecked:
-        try:
-            check_config(cfg)
-        except ConfigError as err:
-            print(f"fedbgmd: {err}", file=sys.stderr)
-            sys.exit(EXIT_BAD_CONFIG)
+    try:
+        check_config(cfg)
+    except ConfigError as err:
+        print(f"fedbgmd: {err}", file=sys.stderr)
+        sys.exit(EXIT_BAD_CONFIG)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if cfg.resume:
         try:
@@ -131,7 +121,6 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def _precheck(overrides: list[str]) -> int | None:
     """Compose the config before Hydra runs, so a bad override exits 2 with one clear line."""
-    global _prechecked
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -147,7 +136,6 @@ def _precheck(overrides: list[str]) -> int | None:
     except (HydraException, OmegaConfBaseException, ValueError) as err:
         print(f"fedbgmd: invalid configuration: {explain(err, run_overrides)}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-    _prechecked = OmegaConf.to_container(cfg, resolve=False)
     return None
 
 

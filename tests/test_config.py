@@ -118,45 +118,6 @@ def test_cli_bad_config_exits_2_with_one_clear_message(tmp_path, override, needl
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
-COUNT_CHECKS = """
-import sys
-import fedbgmd.cli as cli
-calls, real = [], cli.check_config
-def counting(cfg):
-    calls.append(1)
-    real(cfg)
-cli.check_config = counting
-cli.run = lambda cfg, run_dir: 0  # validation only: no federation
-try:
-    cli.entry(sys.argv[1:])
-finally:
-    print("check_config calls:", len(calls))
-"""
-
-
-@pytest.mark.parametrize(
-    "args, calls",
-    [
-        ("experiment=smoke", 1),  # the precheck's validation serves the run
-        ("-m experiment=smoke seed=0,1", 2),  # no precheck: every job is validated
-        ("experiment=smoke ~eval_batch_size", 2),  # the precheck skips "~key": Hydra's differs
-    ],
-)
-def test_a_config_is_validated_again_only_when_it_differs_from_the_prechecked_one(
-    tmp_path, args, calls
-):
-    dirs = (f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
-    proc = subprocess.run(
-        [sys.executable, "-c", COUNT_CHECKS, *args.split(), *dirs],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert f"check_config calls: {calls}" in proc.stdout
-
-
 def test_weighting_an_aggregator_without_a_weighted_form_is_refused():
     cfg = compose_cfg("strategy=cm", "strategy.weighted=true")
     with pytest.raises(ConfigError, match="no weighted form"):
