@@ -125,7 +125,11 @@ def _precheck(overrides: list[str]) -> int | None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    run_overrides = [o for o in overrides if not o.startswith("hydra.") and "=" in o]
+    run_overrides = [
+        o
+        for o in overrides
+        if not o.lstrip("~+").startswith("hydra.") and ("=" in o or o.startswith("~"))
+    ]
     try:
         with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
             cfg = compose("config", overrides=run_overrides)
@@ -191,8 +195,9 @@ def entry(argv: list[str] | None = None) -> None:
 
         sys.exit(report.main(args[1:]))
     register_configs()
-    flags = {"-m", "--multirun", "--help", "-h", "--cfg", "-c", "--info", "--hydra-help"}
-    if not any(a in flags or a.startswith("--cfg") or a.startswith("-c") for a in args):
+    # Any Hydra flag (--multirun, --help, --cfg, --config-dir, ...) changes what is composed or
+    # run: Hydra handles those itself; the job still checks its config (exit 2 on a bad value).
+    if not any(a.startswith("-") for a in args):
         status = _precheck(args)
         if status is not None:
             sys.exit(status)

@@ -108,6 +108,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         ("strategy.block.bta=0.2", "did you mean beta"),
         ("num_rounds=many", "num_rounds"),
         ("attack=bit_flip attack.fraction=0.7", "attack.fraction"),
+        ("~num_rounds", "num_rounds"),  # deleting a required key
     ],
 )
 def test_cli_bad_config_exits_2_with_one_clear_message(tmp_path, override, needle):
@@ -116,6 +117,31 @@ def test_cli_bad_config_exits_2_with_one_clear_message(tmp_path, override, needl
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_hydra_flags_reach_hydra(tmp_path):
+    """--config-dir etc. are Hydra's: not refused as overrides by the pre-check."""
+    (tmp_path / "extra").mkdir()
+    run = tmp_path / "run"
+    proc = run_cli(
+        f"--config-dir={tmp_path / 'extra'}",
+        "experiment=smoke",
+        "num_rounds=1",
+        "plots=false",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (run / "summary.json").exists()
+    # a bad value behind a Hydra flag is still caught by the job's own check
+    bad = run_cli(
+        f"--config-dir={tmp_path / 'extra'}",
+        "attack=bit_flip",
+        "attack.fraction=0.7",
+        f"hydra.run.dir={tmp_path / 'bad'}",
+        cwd=tmp_path,
+    )
+    assert bad.returncode == 2 and "attack.fraction" in bad.stderr
 
 
 def test_weighting_an_aggregator_without_a_weighted_form_is_refused():
