@@ -8,7 +8,7 @@ Byzantine attacks, pure torch (no flwr, no hydra). Two kinds, kept apart in the 
   ``nan``; message attack ``malformed``; data attacks ``feature_noise``, ``impulse``,
   ``backdoor``, ``label_flip``;
 * omniscient attacks (:class:`OmniscientAttack`, registry ``OMNISCIENT_ATTACKS``), run in the
-  server's adversary hook — SIMULATION ONLY: ``alie``, ``ipm``, ``minmax``, ``minsum``.
+  server's adversary hook — SIMULATION ONLY: ``alie``, ``ipm``, ``minmax``, ``minsum``, ``agr_tailored``.
 
 >>> import torch
 >>> from fedbgmd.attacks import get_attack
