@@ -307,6 +307,15 @@ class ServerRun:
             log.warning("could not draw plots: %s", err)
 
 
+def _plain(node: Any) -> dict[str, Any]:
+    """A config mapping as plain python (OmegaConf containers resolved)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(node, DictConfig):
+        return {str(k): v for k, v in OmegaConf.to_container(node, resolve=True).items()}
+    return {str(k): v for k, v in dict(node).items()}
+
+
 def setting_of(cfg: Any) -> dict[str, Any]:
     """The config choices that define a run, for grouping runs across seeds in reports."""
     return {
@@ -318,6 +327,17 @@ def setting_of(cfg: Any) -> dict[str, Any]:
         "model": cfg.model.name,
         "strategy.block.beta": (
             float(cfg.strategy.block.beta) if cfg.strategy.block.enabled else None
+        ),
+        # what tells the seed's "paper" variant from "as_run" (memory, selector, attack scale):
+        # runs that differ there must never be averaged together or deduplicated as repeats
+        "strategy.block.selector": (
+            str(cfg.strategy.block.selector) if cfg.strategy.block.enabled else None
+        ),
+        "strategy.block.memory": (
+            str(cfg.strategy.block.memory) if cfg.strategy.block.enabled else None
+        ),
+        "attack.params": (
+            dict(sorted(_plain(cfg.attack.params).items())) if cfg.attack.name != "none" else {}
         ),
         "num_clients": int(cfg.num_clients),
         "num_rounds": int(cfg.num_rounds),

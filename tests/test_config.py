@@ -148,3 +148,23 @@ def test_weighting_an_aggregator_without_a_weighted_form_is_refused():
     cfg = compose_cfg("strategy=cm", "strategy.weighted=true")
     with pytest.raises(ConfigError, match="no weighted form"):
         check_config(cfg)
+
+
+def test_setting_tells_the_table2_variants_apart():
+    """Reports group and deduplicate runs by setting: paper and as_run runs must never merge."""
+    from fedbgmd.server import setting_of
+
+    paper = setting_of(compose_cfg("experiment=fmnist_table2", "attack=bit_flip"))
+    as_run = setting_of(compose_cfg("experiment=fmnist_table2_as_run", "attack=bit_flip"))
+    differs = {k for k in paper if paper[k] != as_run[k]}
+    assert {"strategy.block.selector", "strategy.block.memory"} <= differs
+    assert (
+        paper["strategy.block.memory"] == "mean" and as_run["strategy.block.memory"] == "per_client"
+    )
+    # the attack's own parameters count too (bit flip x100 vs x5 for every strategy)
+    gm_paper = setting_of(compose_cfg("strategy=gm", "attack=bit_flip", "attack.params.scale=100"))
+    gm_as_run = setting_of(compose_cfg("strategy=gm", "attack=bit_flip", "attack.params.scale=5"))
+    assert gm_paper["attack.params"] == {"scale": 100.0} != gm_as_run["attack.params"]
+    assert gm_paper["strategy.block.memory"] is None  # no block step, no memory
+    clean = setting_of(compose_cfg("strategy=gm", "attack=none"))
+    assert clean["attack.params"] == {} and clean["attack.fraction"] == 0.0
