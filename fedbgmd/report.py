@@ -436,8 +436,32 @@ def _series(g: Group, column: str, value: Callable[[object], float | None] = _nu
 def _setting_of(summary: dict[str, Any]) -> dict[str, Any]:
     s = summary.get("setting")
     if isinstance(s, dict) and s:
-        return dict(s)
+        return _complete_setting(dict(s), summary.get("config"))
     return {k: summary[k] for k in ("strategy", "attack", "fraction") if k in summary}
+
+
+def _complete_setting(setting: dict[str, Any], config: Any) -> dict[str, Any]:
+    """Fill setting keys that older runs did not record from their saved config (same rules as
+    ``fedbgmd.server.setting_of``), so old and new runs of one setting group together and runs
+    that differ there (e.g. the paper vs as_run memory) never merge."""
+    if not isinstance(config, dict):
+        return setting
+    strategy = config.get("strategy") if isinstance(config.get("strategy"), dict) else {}
+    block = strategy.get("block") if isinstance(strategy.get("block"), dict) else {}
+    attack = config.get("attack") if isinstance(config.get("attack"), dict) else {}
+    enabled = bool(block.get("enabled"))
+    derived = {
+        "strategy.block.selector": block.get("selector") if enabled else None,
+        "strategy.block.memory": block.get("memory") if enabled else None,
+        "attack.params": (
+            dict(sorted((attack.get("params") or {}).items()))
+            if attack.get("name", "none") != "none"
+            else {}
+        ),
+    }
+    for key, value in derived.items():
+        setting.setdefault(key, value)
+    return setting
 
 
 def _is_within(path: Path, parent: Path) -> bool:

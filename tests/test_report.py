@@ -412,6 +412,32 @@ def test_identical_runs_in_one_group_are_counted_once(tmp_path: Path) -> None:
     ] == pytest.approx(0.6)
 
 
+def test_old_runs_get_missing_setting_keys_from_their_config(tmp_path: Path) -> None:
+    """Runs written before selector/memory/attack params were setting keys: read from config."""
+
+    def config(memory: str, scale: float) -> dict[str, Any]:
+        return {
+            "strategy": {"block": {"enabled": True, "selector": "sample", "memory": memory}},
+            "attack": {"name": "bit_flip", "params": {"scale": scale}},
+        }
+
+    old = {"strategy": "fedbgmd", "attack": "bit_flip", "attack.fraction": 0.2}
+    for job, (memory, scale) in enumerate([("mean", 100.0), ("per_client", 100.0)]):
+        w = RunWriter(tmp_path / str(job))
+        w.log_round({"round": 1, "test_accuracy": 0.5 + 0.1 * job})
+        w.write_summary({"seed": 0, "setting": dict(old), "config": config(memory, scale)})
+    # a newer run of the per_client setting records the keys itself: it joins that group
+    w = RunWriter(tmp_path / "2")
+    w.log_round({"round": 1, "test_accuracy": 0.8})
+    new = dict(old, **{"strategy.block.selector": "sample", "strategy.block.memory": "per_client"})
+    new["attack.params"] = {"scale": 100.0}
+    w.write_summary({"seed": 1, "setting": new})
+    groups = report.group_runs(report.collect_runs(tmp_path)[0])
+    by_memory = {g.setting["strategy.block.memory"]: len(g.runs) for g in groups}
+    assert by_memory == {"mean": 1, "per_client": 2}  # same seed 0, different memory: not merged
+    assert all(g.setting["attack.params"] == {"scale": 100.0} for g in groups)
+
+
 # ------------------------------------------------------------------------- Table 2 reproduction
 
 REFERENCE_CSV = Path(__file__).resolve().parents[1] / "benchmarks" / "table2_reference.csv"
