@@ -197,7 +197,8 @@ def test_resume_without_a_checkpoint_is_refused(tmp_path):
     assert proc.returncode == 2 and "checkpoint.pt" in proc.stderr
 
 
-def test_a_diverged_model_is_reported(tmp_path):
+def _diverging_run(tmp_path, *overrides):
+    """FedAvg under 40% bit flips x1e30 on the smoke task: the model blows up in a round or two."""
     run = tmp_path / "run"
     proc = fedbgmd(
         "experiment=smoke",
@@ -205,37 +206,26 @@ def test_a_diverged_model_is_reported(tmp_path):
         "attack=bit_flip",
         "attack.fraction=0.4",
         "attack.params.scale=1e30",
-        "num_rounds=5",
-        "eval_every=10",
+        *overrides,
         f"hydra.run.dir={run}",
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
+    return proc, json.loads((run / "summary.json").read_text()), read_metrics(run)
+
+
+def test_a_diverged_model_is_reported(tmp_path):
+    proc, summary, rows = _diverging_run(tmp_path, "num_rounds=5", "eval_every=10")
     assert "diverged" in proc.stdout + proc.stderr
-    summary = json.loads((run / "summary.json").read_text())
     assert summary["diverged_at"] is not None
     # the run stops after the first NaN/Inf model (later rounds could only reject every reply)
     # and that round is evaluated even though eval_every would skip it
     assert summary["stopped_early"].startswith(f"round {summary['diverged_at']}:")
-    rows = read_metrics(run)
     assert rows[-1]["round"] == summary["diverged_at"] < 5
     assert rows[-1]["test_accuracy"] is not None
 
 
 def test_stop_on_divergence_false_runs_every_round(tmp_path):
-    run = tmp_path / "run"
-    proc = fedbgmd(
-        "experiment=smoke",
-        "strategy=fedavg",
-        "attack=bit_flip",
-        "attack.fraction=0.4",
-        "attack.params.scale=1e30",
-        "num_rounds=3",
-        "stop_on_divergence=false",
-        f"hydra.run.dir={run}",
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr
-    summary = json.loads((run / "summary.json").read_text())
+    _, summary, rows = _diverging_run(tmp_path, "num_rounds=3", "stop_on_divergence=false")
     assert summary["diverged_at"] is not None and summary["stopped_early"] is None
-    assert [r["round"] for r in read_metrics(run)] == [0, 1, 2, 3]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
