@@ -276,15 +276,16 @@ class ServerRun:
 
         rows = self.writer.rows()
         summary = summarize(rows)
+        setting = setting_of(self.cfg)
         summary.update(
             status=status,
             error=error,
             seed=self.cfg.seed,
             strategy=self.cfg.strategy.name,
             attack=self.attack.name,
-            fraction=setting_of(self.cfg)["attack.fraction"],
+            fraction=setting["attack.fraction"],
             byzantine_ids=list(self.attack.byzantine_ids),
-            setting=setting_of(self.cfg),
+            setting=setting,
             num_parameters=count_parameters(self.model),
             diverged_at=self.diverged_at,
             stopped_early=(
