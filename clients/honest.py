@@ -19,7 +19,7 @@ from functools import cached_property
 from typing import Any
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedbgmd.attacks.base import ClientAttack
@@ -36,7 +36,13 @@ from fedbgmd.core import FlatSpec, flatten_state, unflatten_state
 from fedbgmd.data import TensorData
 from fedbgmd.models import build_model
 from fedbgmd.training import get_device, local_train
-from fedbgmd.wire import build_reply_content, encode_update
+from fedbgmd.wire import (
+    DEVICE_STORE,
+    MODEL_REF_KEY,
+    SAME_PROCESS_KEY,
+    build_reply_content,
+    encode_update,
+)
 
 log = logging.getLogger("fedbgmd")
 
@@ -72,6 +78,7 @@ class ClientRuntime:
         self.steps, self.epochs, self.batch_size = c.local_steps, c.local_epochs, c.batch_size
         self.quant_method, self.quant_bits = str(c.quantization.method), int(c.quantization.bits)
         self.optim = optim_config(cfg)
+        self._x0_cache: tuple[ArrayRecord, torch.Tensor] | None = None
 
     @cached_property
     def device(self) -> torch.device:
@@ -118,6 +125,27 @@ class ClientRuntime:
             self._data_cache[pid] = self.dataset.train.subset(self.parts[pid]).to(self.device)
         return self._data_cache[pid]
 
+    def global_model(self, msg: Message) -> torch.Tensor:
+        """x_t as a flat tensor on the device (clients only read it).
+
+        With the in-process engine's ``engine.device_resident`` the train config carries a
+        reference to the server's flat model (``MODEL_REF_KEY``) and nothing is decoded.
+        Otherwise the ``"arrays"`` record is decoded once per record object: in the in-process
+        engine every train message of a round carries the same ArrayRecord (the server builds a
+        new one each round), while messages that crossed a process boundary are distinct
+        objects and are decoded each.
+        """
+        ref = msg.content["config"].get(MODEL_REF_KEY)
+        if ref is not None:
+            return DEVICE_STORE.shared(ref).to(self.device)
+        arrays = msg.content["arrays"]
+        cached = self._x0_cache
+        if cached is not None and cached[0] is arrays:
+            return cached[1]
+        x0 = flatten_state(arrays.to_torch_state_dict())[0].to(self.device)
+        self._x0_cache = (arrays, x0)  # the record is held, so its id cannot be reused
+        return x0
+
     def _prepare(self, msg: Message, context: Context, x0: torch.Tensor | None = None) -> _Job:
         """Everything a client needs for this round; ``x0`` may be shared by a batch of jobs."""
         t0 = time.perf_counter()
@@ -125,7 +153,7 @@ class ClientRuntime:
         conf = msg.content["config"]
         byz, attack = self.attack
         if x0 is None:
-            x0 = flatten_state(msg.content["arrays"].to_torch_state_dict())[0].to(self.device)
+            x0 = self.global_model(msg)
         return _Job(
             msg=msg,
             pid=pid,
@@ -216,11 +244,15 @@ class ClientRuntime:
         (bitwise on models without dropout; dropout masks differ, see fedbgmd.batched).
         """
         trainer = self.batched_trainer
-        arrays = msgs[0].content["arrays"] if msgs else None
-        same_model = all(m.content["arrays"] is arrays for m in msgs)
+        first = msgs[0].content if msgs else None
+        same_model = first is not None and all(
+            m.content["arrays"] is first["arrays"]
+            and m.content["config"].get(MODEL_REF_KEY) == first["config"].get(MODEL_REF_KEY)
+            for m in msgs
+        )
         if trainer is None or not same_model:
             return [self.train(m, c, device_ref) for m, c in zip(msgs, contexts)]
-        x0 = flatten_state(arrays.to_torch_state_dict())[0].to(self.device)
+        x0 = self.global_model(msgs[0])
         jobs = [self._prepare(m, c, x0) for m, c in zip(msgs, contexts)]
         updates, losses = trainer.train(
             x0,
@@ -298,7 +330,9 @@ def make_client_app(cfg: Any) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return runtime_for(cfg, key).train(msg, context)
+        # a node that shares the server's process may hand its update over by reference
+        device_ref = context.node_config.get(SAME_PROCESS_KEY) is True
+        return runtime_for(cfg, key).train(msg, context, device_ref=device_ref)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:

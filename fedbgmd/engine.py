@@ -27,6 +27,8 @@ from flwr.common.constant import SUPERLINK_NODE_ID as SERVER_NODE_ID
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedbgmd.wire import SAME_PROCESS_KEY
+
 log = logging.getLogger("fedbgmd")
 
 RUN_ID = 1
@@ -45,7 +47,8 @@ class InProcessGrid(Grid):
     """A Grid whose nodes are ClientApp calls in this process (sequential, deterministic).
 
     Node ids are fixed (``1000 + partition id``) and each node has a persistent Context whose
-    ``node_config`` carries ``partition-id`` and ``num-partitions`` like Flower's simulation.
+    ``node_config`` carries ``partition-id`` and ``num-partitions`` like Flower's simulation
+    (and, with ``same_process``, the flag that lets the ClientApp reply by device reference).
     A ClientApp exception becomes an error reply (as in Flower), never a crash of the server.
     """
 
@@ -55,14 +58,18 @@ class InProcessGrid(Grid):
         num_nodes: int,
         run_config: dict | None = None,
         batch_fn: BatchFn | None = None,
+        same_process: bool = False,
     ):
         self.client_app = client_app
         self.batch_fn = batch_fn
+        node_config: dict[str, Any] = {"num-partitions": num_nodes}
+        if same_process:  # replies may be device references (fedbgmd.wire.DEVICE_STORE)
+            node_config[SAME_PROCESS_KEY] = True
         self.contexts = {
             1000 + pid: Context(
                 run_id=RUN_ID,
                 node_id=1000 + pid,
-                node_config={"partition-id": pid, "num-partitions": num_nodes},
+                node_config={"partition-id": pid, **node_config},
                 state=RecordDict(),
                 run_config=dict(run_config or {}),
             )
@@ -160,8 +167,13 @@ def run_inprocess(cfg: Any, run_dir: Path) -> Any:
         def batch_fn(msgs: list[Message], contexts: list[Context]) -> list[Message]:
             return runtime.train_many(msgs, contexts, device_ref=cfg.engine.device_resident)
 
-    grid = InProcessGrid(make_client_app(cfg), cfg.num_clients, batch_fn=batch_fn)
-    server = ServerRun(cfg, run_dir, parallelism=1)
+    grid = InProcessGrid(
+        make_client_app(cfg),
+        cfg.num_clients,
+        batch_fn=batch_fn,
+        same_process=bool(cfg.engine.device_resident),
+    )
+    server = ServerRun(cfg, run_dir, parallelism=1, same_process=True)
     server.run(grid)
     return server
 

@@ -73,7 +73,11 @@ def rounds_per_epoch(cfg: Any, num_train: int) -> float:
 class ServerRun:
     """Everything the ServerApp does for one run; separated from Flower for testability."""
 
-    def __init__(self, cfg: Any, run_dir: Path, parallelism: int = 1) -> None:
+    def __init__(
+        self, cfg: Any, run_dir: Path, parallelism: int = 1, same_process: bool = False
+    ) -> None:
+        """``same_process``: the clients run in this process (the in-process engine), so with
+        ``engine.device_resident`` the global model goes to them by reference."""
         self.cfg = cfg
         self.parallelism = parallelism  # clients computing at once (for comm_time_s)
         self.run_dir = Path(run_dir)
@@ -95,6 +99,7 @@ class ServerRun:
         self.attack = build_attack(cfg)
         self.rpe = rounds_per_epoch(cfg, len(self.dataset.train))
         self.strategy = self._build_strategy()
+        self.strategy.model_by_reference = same_process and bool(cfg.engine.device_resident)
         b = cfg.strategy.block
         if b.enabled and b.memory == "mean" and self.attack.byzantine_ids:
             log.warning(
@@ -152,7 +157,7 @@ class ServerRun:
         t0 = time.perf_counter()
         acc = loss = None
         if due:
-            self.model.load_state_dict(arrays.to_torch_state_dict())
+            self.model.load_state_dict(self._global_state(arrays))
             loss, acc = evaluate(
                 self.model, self.test, batch_size=cfg.eval_batch_size, device=self.device
             )
@@ -214,6 +219,13 @@ class ServerRun:
             return None
         return MetricRecord({"accuracy": float(acc), "loss": float(loss)})
 
+    def _global_state(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+        """The global model: the strategy's own copy when the model travels by reference (the
+        rounds then pass an empty placeholder record), else decoded from ``arrays``."""
+        if self.strategy.model_by_reference and self.strategy.holds_model:
+            return self.strategy.global_state()
+        return arrays.to_torch_state_dict()
+
     def save_checkpoint(self, server_round: int, arrays: ArrayRecord) -> None:
         """Global model + strategy state (memory, momentum) after ``server_round``; atomic.
 
@@ -222,7 +234,7 @@ class ServerRun:
         """
         state = {
             "round": server_round,
-            "model": {k: v.cpu() for k, v in arrays.to_torch_state_dict().items()},
+            "model": {k: v.detach().cpu().clone() for k, v in self._global_state(arrays).items()},
             "strategy": self.strategy.state_dict(),
             "node_map": dict(self.strategy.node_to_partition),
         }

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.sgd import sgd as sgd_update  # the function SGD.step calls
 
 from fedbgmd.data import TensorData
 
@@ -137,6 +138,14 @@ def lr_at(cfg: OptimConfig, round_or_epoch: int) -> float:
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * frac)) / 2.0
 
 
+def _check_optim(cfg: OptimConfig, lr: float) -> None:
+    errors = cfg.errors()
+    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr >= 0):
+        errors.append(f"lr must be a finite number >= 0, got {lr!r}")
+    if errors:
+        raise ValueError("make_optimizer: " + "; ".join(errors))
+
+
 def make_optimizer(
     params: Iterable[Tensor] | Iterable[dict[str, Any]], cfg: OptimConfig, lr: float
 ) -> torch.optim.Optimizer:
@@ -147,11 +156,7 @@ def make_optimizer(
     Raises:
         ValueError: ``lr`` negative or not finite, or an invalid ``cfg`` (see ``cfg.errors()``).
     """
-    errors = cfg.errors()
-    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr >= 0):
-        errors.append(f"lr must be a finite number >= 0, got {lr!r}")
-    if errors:
-        raise ValueError("make_optimizer: " + "; ".join(errors))
+    _check_optim(cfg, lr)
     if cfg.name == "sgd":
         return torch.optim.SGD(
             params,
@@ -162,6 +167,63 @@ def make_optimizer(
         )
     cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
     return cls(params, lr=lr, weight_decay=cfg.weight_decay)
+
+
+class _SGD:
+    """``torch.optim.SGD`` (dampening 0) for :func:`local_train`, without the class.
+
+    Why: the first call of any ``torch.optim.Optimizer`` method imports ``torch._dynamo``
+    (its methods are wrapped in ``torch._disable_dynamo``), 2.5-3.5 s of every process's start
+    on a 2-core CPU. The update itself is ``torch.optim.sgd.sgd`` (public, in its ``__all__``), the function
+    ``SGD.step`` calls, with the same arguments, so the results are bitwise those of
+    ``torch.optim.SGD`` (tested). ``state_dict()`` has SGD's layout for the momentum buffers.
+    """
+
+    def __init__(self, params: Iterable[Tensor], cfg: OptimConfig, lr: float) -> None:
+        self.params = list(params)
+        self.cfg, self.lr = cfg, lr
+        self.buffers: list[Tensor | None] = [None] * len(self.params)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        params = [self.params[i] for i in live]
+        grads = [p.grad for p in params]
+        bufs = [self.buffers[i] for i in live]
+        sgd_update(
+            params,
+            grads,  # type: ignore[arg-type]
+            bufs,
+            has_sparse_grad=any(g.is_sparse for g in grads if g is not None),
+            weight_decay=self.cfg.weight_decay,
+            momentum=self.cfg.momentum,
+            lr=self.lr,
+            dampening=0.0,
+            nesterov=self.cfg.nesterov,
+            maximize=False,
+        )
+        if self.cfg.momentum != 0:
+            for i, buf in zip(live, bufs):
+                self.buffers[i] = buf
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {i: {"momentum_buffer": b} for i, b in enumerate(self.buffers) if b is not None}
+        return {"state": state, "param_groups": [{"params": list(range(len(self.params)))}]}
+
+    def load_buffers(self, saved: dict[str, Any]) -> None:
+        """Momentum buffers of an earlier ``state_dict()`` (cloned; hyper-parameters not read)."""
+        for k, s in saved["state"].items():
+            i = int(k)
+            if not 0 <= i < len(self.params) or "momentum_buffer" not in s:
+                raise ValueError(f"optimizer_state: no SGD momentum buffer for parameter {k!r}")
+            buf = s["momentum_buffer"]
+            if buf is not None and buf.shape != self.params[i].shape:
+                raise ValueError(f"optimizer_state: buffer {k} has shape {tuple(buf.shape)}")
+            self.buffers[i] = None if buf is None else buf.detach().clone()
 
 
 @dataclass(frozen=True)
@@ -265,7 +327,8 @@ def local_train(
 
     Why: the client half of FL-BGMD (H local steps from x_t) and the centralised baseline.
 
-    Minimises the mean cross-entropy with ``make_optimizer(model.parameters(), optim, lr)``.
+    Minimises the mean cross-entropy with the optimiser ``make_optimizer(model.parameters(),
+    optim, lr)`` would build (for SGD the same update without the class, see :class:`_SGD`).
     Mini-batches (see :func:`batch_indices`) and dropout masks come from ``generator`` (CPU or
     device generator; a CPU one gives the same batches on every machine). ``transform(x, y) -> (x', y')`` is applied to every batch before the forward
     pass (feature / label attacks). ``data`` is moved to ``device`` once; ``model`` must
@@ -280,9 +343,19 @@ def local_train(
         momentum across rounds, or ``None`` for plain SGD (momentum 0), which has none.
     """
     _check_local_args(data, steps, epochs, batch_size)
-    optimizer = make_optimizer(model.parameters(), optim, lr)
+    optimizer: torch.optim.Optimizer | _SGD
+    if optim.name == "sgd":
+        _check_optim(optim, lr)
+        optimizer = _SGD(model.parameters(), optim, lr)
+    else:
+        optimizer = make_optimizer(model.parameters(), optim, lr)
     if optimizer_state is not None:
-        _load_buffers(optimizer, optimizer_state)
+        if "state" not in optimizer_state:
+            raise ValueError("optimizer_state must be an optimizer state_dict (no 'state' key)")
+        if isinstance(optimizer, _SGD):
+            optimizer.load_buffers(optimizer_state)
+        else:
+            _load_buffers(optimizer, optimizer_state)
     x, y = data.x.to(device), data.y.to(device)
     model.train()
     total = torch.zeros((), device=device, dtype=torch.float64)
@@ -311,8 +384,6 @@ def _load_buffers(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> No
 
     Tensors are cloned so training never mutates the caller's saved state in place.
     """
-    if "state" not in saved:
-        raise ValueError("optimizer_state must be an optimizer state_dict (no 'state' key)")
     current = optimizer.state_dict()
     current["state"] = {
         k: {n: v.clone() if isinstance(v, Tensor) else v for n, v in s.items()}

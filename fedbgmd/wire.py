@@ -25,6 +25,12 @@ UPDATE_KEY = "update"
 QUANT_KEY = "quant"
 METRICS_KEY = "metrics"
 REQUIRED_METRICS = ("num-examples", "train-loss", "partition-id", "client-time-s")
+# node_config key the in-process engine sets on its nodes (engine.device_resident): the node runs
+# in the server's process, so its ClientApp may reply with a DEVICE_STORE reference. A reference
+# from anywhere else is unknown to the server and the reply is rejected (missing_key).
+SAME_PROCESS_KEY = "fedbgmd-same-process"
+# train-config key: the global model is DEVICE_STORE.shared(<value>), the "arrays" record is empty
+MODEL_REF_KEY = "model-ref"
 
 
 class BadReply(ValueError):
@@ -36,15 +42,17 @@ class BadReply(ValueError):
 
 
 class DeviceStore:
-    """In-process hand-over of updates that stay on their device (the in-process engine only).
+    """In-process hand-over of tensors that stay on their device (the in-process engine only).
 
-    The reply carries a reference instead of the bytes, so a GPU update goes from the client's
+    A reply carries a reference instead of the bytes, so a GPU update goes from the client's
     training to the server's aggregation without a round trip through host memory. A reference
     can be taken once; what nobody took is dropped by :meth:`clear` at the end of each round.
+    The global model travels the other way the same way (:meth:`share`, read by every client).
     """
 
     def __init__(self) -> None:
         self._items: dict[str, torch.Tensor] = {}
+        self._shared: dict[str, torch.Tensor] = {}
 
     def put(self, tensor: torch.Tensor) -> str:
         key = uuid.uuid4().hex
@@ -56,8 +64,22 @@ class DeviceStore:
             raise BadReply("missing_key", "unknown device reference")
         return self._items.pop(key)
 
+    def share(self, tensor: torch.Tensor) -> str:
+        """A reference every client of the round may read (the global model, server -> clients).
+
+        Readers must not modify the tensor; it is dropped by :meth:`clear` like the rest."""
+        key = uuid.uuid4().hex
+        self._shared[key] = tensor
+        return key
+
+    def shared(self, key: object) -> torch.Tensor:
+        if not isinstance(key, str) or key not in self._shared:
+            raise LookupError(f"unknown model reference {key!r} (not in the server's process?)")
+        return self._shared[key]
+
     def clear(self) -> None:
         self._items.clear()
+        self._shared.clear()
 
 
 DEVICE_STORE = DeviceStore()

@@ -49,7 +49,7 @@ from fedbgmd.core import (
     make_memory,
     unflatten_state,
 )
-from fedbgmd.wire import DEVICE_STORE, BadReply, decode_update, reply_nbytes
+from fedbgmd.wire import DEVICE_STORE, MODEL_REF_KEY, BadReply, decode_update, reply_nbytes
 
 log = logging.getLogger("fedbgmd")
 
@@ -112,6 +112,10 @@ class RobustStrategy(Strategy):
         self._momentum_buf: torch.Tensor | None = None
         self._memory: Any = None
         self._t_sent: float = 0.0
+        # in-process engine (engine.device_resident): the global model goes to the clients as a
+        # DEVICE_STORE reference and is serialised only when someone needs an ArrayRecord
+        self.model_by_reference = False
+        self._model_nbytes = 0
 
     # ----------------------------------------------------------------------------- state
     def set_node_map(self, node_to_partition: dict[int, int]) -> None:
@@ -163,8 +167,12 @@ class RobustStrategy(Strategy):
         missing = [p for p in chosen if p not in partition_to_node]
         present = [p for p in chosen if p in partition_to_node]
         lr = float(self.client_lr(server_round))
-        cfg = ConfigRecord({**dict(config), "server-round": server_round, "lr": lr})
-        content = RecordDict({"arrays": arrays, "config": cfg})
+        values = {**dict(config), "server-round": server_round, "lr": lr}
+        if self.model_by_reference:
+            assert self._x is not None
+            values[MODEL_REF_KEY] = DEVICE_STORE.share(self._x)
+            arrays = ArrayRecord()  # a placeholder: the reference stands for the model
+        content = RecordDict({"arrays": arrays, "config": ConfigRecord(values)})
         msgs = [
             Message(content, partition_to_node[p], "train", group_id=str(server_round))
             for p in present
@@ -174,7 +182,7 @@ class RobustStrategy(Strategy):
             "sampled": chosen,
             "missing_nodes": len(missing),
             "lr": lr,
-            "bytes_down": len(msgs) * sum(len(a.data) for a in arrays.values()),
+            "bytes_down": len(msgs) * self._model_nbytes,  # payload, as bytes_up
             "sent": len(msgs),
         }
         if missing:
@@ -239,7 +247,7 @@ class RobustStrategy(Strategy):
         info.update(diag)
         losses = [m["train-loss"] for _, _, m in accepted]
         info["train_loss"] = float(sum(losses) / len(losses))
-        new = self._to_arrays(self._x)
+        new = ArrayRecord() if self.model_by_reference else self._to_arrays(self._x)
         metrics = MetricRecord(
             {"train-loss": info["train_loss"], "replies-accepted": len(accepted)}
         )
@@ -320,6 +328,8 @@ class RobustStrategy(Strategy):
                 # every later round would reject all replies (computed from a NaN/Inf model)
                 log.warning("%s; stopping the run (stop_on_divergence=true)", self.diverged)
                 break
+        if self.model_by_reference and self.holds_model:
+            result.arrays = self._to_arrays(self._x)  # the rounds passed a placeholder
         return result
 
     def configure_evaluate(
@@ -395,7 +405,18 @@ class RobustStrategy(Strategy):
         state = arrays.to_torch_state_dict()
         flat, spec = flatten_state(state)
         self._passthrough = {k: v for k, v in state.items() if not v.is_floating_point()}
+        self._model_nbytes = sum(v.numel() * v.element_size() for v in state.values())
         return flat.to(self.device, torch.float32), spec
+
+    @property
+    def holds_model(self) -> bool:
+        """True once the strategy's flat model is the global model (after the first round)."""
+        return self._x is not None and self._spec is not None
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        """The global model as a state dict of views into the strategy's flat model (read only)."""
+        assert self._x is not None and self._spec is not None
+        return unflatten_state(self._x.detach(), self._spec, passthrough=self._passthrough)
 
     def _to_arrays(self, x: torch.Tensor) -> ArrayRecord:
         assert self._spec is not None

@@ -82,3 +82,65 @@ def test_batched_inprocess_engine_gives_the_per_client_metrics(tmp_path, attack)
     assert [r["test_loss"] for r in a] == pytest.approx([r["test_loss"] for r in b], rel=1e-5)
     assert [r["replies_rejected"] for r in a] == [r["replies_rejected"] for r in b]
     assert [r["bytes_up"] for r in a] == [r["bytes_up"] for r in b]
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["loop", "batched"])
+@pytest.mark.parametrize("attack", ["bit_flip", "malformed", "none"])
+def test_inprocess_device_references_give_the_serialised_run(
+    tmp_path, attack, batched, monkeypatch
+):
+    """engine.device_resident: model and replies by reference, same run as through bytes.
+
+    Bitwise equal checkpoints also show that no client wrote into the server's model (which
+    it reads by reference)."""
+    from fedbgmd.wire import DEVICE_STORE
+
+    common = ["num_rounds=3", f"attack={attack}", "client.optimizer.momentum=0.9"]
+    common += [f"engine.batched={batched}", "checkpoint_every=2"]
+    if attack != "none":
+        common.append("attack.fraction=0.4")
+    put, share = DEVICE_STORE.put, DEVICE_STORE.share
+    refs: list[str] = []
+    monkeypatch.setattr(DEVICE_STORE, "put", lambda t: refs.append("up") or put(t))
+    monkeypatch.setattr(DEVICE_STORE, "share", lambda t: refs.append("down") or share(t))
+    run_inprocess(cfg_for(*common, "engine.device_resident=false"), tmp_path / "bytes")
+    assert refs == []
+    run_inprocess(cfg_for(*common), tmp_path / "ref")
+    # 3 rounds x 5 clients, less the 2 whose message attack needs a serialised reply
+    assert refs.count("up") == 3 * (5 - 2 * (attack == "malformed"))
+    assert refs.count("down") == 3
+    a = torch.load(tmp_path / "bytes" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=True)
+    assert a["round"] == b["round"] == 3
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert torch.equal(a["strategy"]["x"], b["strategy"]["x"])
+    ma, mb = _metrics(tmp_path / "bytes"), _metrics(tmp_path / "ref")
+    for key in ("test_accuracy", "test_loss", "replies_rejected", "bytes_up", "bytes_down"):
+        assert [r[key] for r in ma] == [r[key] for r in mb], key
+
+
+def test_client_decodes_the_global_model_once_per_record():
+    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+    from fedbgmd.clients.honest import runtime_for
+    from fedbgmd.engine import set_server_identity
+
+    def message(arrays: ArrayRecord) -> Message:
+        return Message(RecordDict({"arrays": arrays, "config": ConfigRecord()}), 1000, "train")
+
+    set_server_identity()
+    runtime = runtime_for(cfg_for("num_clients=2"))
+    state = runtime.model.state_dict()
+    first = ArrayRecord(state)
+    x0 = runtime.global_model(message(first))
+    assert runtime.global_model(message(first)) is x0  # same record: no new decode
+    second = ArrayRecord({k: v + 1 for k, v in state.items()})
+    x1 = runtime.global_model(message(second))
+    assert x1 is not x0 and torch.equal(x1, x0 + 1)
+    bogus = Message(
+        RecordDict({"arrays": ArrayRecord(), "config": ConfigRecord({"model-ref": "nope"})}),
+        1000,
+        "train",
+    )
+    with pytest.raises(LookupError, match="unknown model reference"):
+        runtime.global_model(bogus)

@@ -264,3 +264,51 @@ def test_clients_that_do_not_reply_are_counted_as_timeouts_and_the_round_goes_on
     assert s.round_info[1]["rejections"] == {"timeout": 2}
     assert s.round_info[1]["replies_accepted"] == 3
     torch.testing.assert_close(flat(new), flat(x0) - ups[:3].mean(0), atol=1e-6, rtol=0)
+
+
+def test_model_by_reference_sends_a_placeholder_and_keeps_the_model():
+    """In-process device-resident mode: clients get a reference, the result stays exact."""
+    from fedbgmd.wire import DEVICE_STORE, MODEL_REF_KEY
+
+    ref, plain = make_strategy(), make_strategy()
+    ref.model_by_reference = True
+    arrays, ups = initial_arrays(), updates()
+    msgs = send(ref, arrays)
+    content = msgs[0].content
+    assert len(content["arrays"]) == 0 and all(m.content is content for m in msgs)
+    x = DEVICE_STORE.shared(content["config"][MODEL_REF_KEY])
+    assert torch.equal(x, flat(arrays))
+    assert ref.round_info[1]["bytes_down"] == 5 * 4 * D  # the model's payload per client
+    new_ref, _ = run_round(ref, arrays, ups, rnd=1)
+    new_plain, _ = run_round(plain, arrays, ups, rnd=1)
+    assert new_ref is not None and len(new_ref) == 0  # placeholder
+    assert torch.equal(ref.global_state()["w"].reshape(-1), flat(new_plain))
+    with pytest.raises(LookupError, match="unknown model reference"):  # dropped after the round
+        DEVICE_STORE.shared(content["config"][MODEL_REF_KEY])
+
+
+def test_a_reference_reply_the_server_never_issued_is_rejected():
+    strategy = make_strategy()
+    arrays = initial_arrays()
+    msgs = send(strategy, arrays)
+    pid_of = strategy.node_to_partition
+    forged = ConfigRecord({"method": "device", "bits": 32, "numel": D, "ref": "f" * 32})
+    metrics = {"num-examples": 10, "train-loss": 0.5, "client-time-s": 0.01}
+    replies = [
+        reply_for(
+            m,
+            RecordDict(
+                {
+                    "update": ArrayRecord({}),
+                    "quant": forged,
+                    "metrics": MetricRecord(
+                        {**metrics, "partition-id": pid_of[m.metadata.dst_node_id]}
+                    ),
+                }
+            ),
+        )
+        for m in msgs
+    ]
+    new, _ = strategy.aggregate_train(1, replies)
+    assert new is None
+    assert strategy.round_info[1]["rejections"] == {"missing_key": 5}

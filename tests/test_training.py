@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from fedbgmd.data import TensorData, make_synthetic
 from fedbgmd.models import build_model
 from fedbgmd.training import (
     LocalResult,
     OptimConfig,
+    batch_indices,
     evaluate,
     get_device,
     local_train,
@@ -334,3 +339,68 @@ def test_local_train_and_evaluate_on_cuda_deterministic() -> None:
     for a, b in zip(runs[0][1], runs[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert all(p.device.type == "cpu" for p in runs[0][1]) and 0.0 <= runs[0][3] <= 1.0
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        OptimConfig(),
+        OptimConfig(weight_decay=1e-2),
+        OptimConfig(momentum=0.9),
+        OptimConfig(momentum=0.9, nesterov=True, weight_decay=1e-5),
+    ],
+    ids=["plain", "wd", "momentum", "nesterov-wd"],
+)
+def test_local_train_sgd_is_bitwise_torch_optim_sgd(cfg: OptimConfig) -> None:
+    """local_train's SGD (no optimiser class) gives torch.optim.SGD's parameters and buffers."""
+    ds = make_synthetic(num_train=64, num_test=16, num_features=6, num_classes=3, seed=2)
+    model, data = build_model("mlp", 3, ds.input_shape, seed=0, hidden=(16, 8)), ds.train
+    ref = copy.deepcopy(model)
+    kw = {"steps": 5, "batch_size": 8, "optim": cfg, "lr": 0.05, "device": CPU}
+    _, state = local_train(model, data, generator=_gen(), **kw)  # type: ignore[arg-type]
+    opt = torch.optim.SGD(
+        ref.parameters(), lr=0.05, momentum=cfg.momentum, nesterov=cfg.nesterov,
+        weight_decay=cfg.weight_decay,
+    )  # fmt: skip
+    for idx in batch_indices(len(data), 8, 5, None, _gen()):
+        loss = F.cross_entropy(ref(data.x[idx]), data.y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+    if cfg.momentum:
+        assert state is not None
+        for i, q in enumerate(ref.parameters()):
+            assert torch.equal(
+                state["state"][i]["momentum_buffer"], opt.state[q]["momentum_buffer"]
+            )
+    else:
+        assert state is None
+
+
+def test_local_train_sgd_does_not_import_dynamo() -> None:
+    """The start-up cost the class-free SGD avoids (torch.optim imports torch._dynamo)."""
+    code = (
+        "import sys, torch\n"
+        "from fedbgmd.data import make_synthetic\n"
+        "from fedbgmd.models import build_model\n"
+        "from fedbgmd.training import OptimConfig, local_train\n"
+        "ds = make_synthetic(num_train=64, num_test=8)\n"
+        "m = build_model('mlp', ds.num_classes, ds.input_shape, seed=0)\n"
+        "local_train(m, ds.train, steps=2, batch_size=8, lr=0.1, device=torch.device('cpu'),\n"
+        "            optim=OptimConfig(momentum=0.9, nesterov=True, weight_decay=1e-5),\n"
+        "            generator=torch.Generator().manual_seed(0))\n"
+        "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_optimizer_state_rejects_foreign_buffers() -> None:
+    model, data = _small()
+    kw = {"steps": 1, "batch_size": 8, "optim": OptimConfig(momentum=0.9), "lr": 0.1}
+    bad = {"state": {99: {"momentum_buffer": torch.zeros(3)}}}
+    with pytest.raises(ValueError, match="no SGD momentum buffer"):
+        local_train(model, data, generator=_gen(), device=CPU, optimizer_state=bad, **kw)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="no 'state' key"):
+        local_train(model, data, generator=_gen(), device=CPU, optimizer_state={}, **kw)  # type: ignore[arg-type]
