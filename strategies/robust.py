@@ -47,6 +47,7 @@ from fedbgmd.core import (
     bgmd_step,
     flatten_state,
     make_memory,
+    stack_rows,
     unflatten_state,
 )
 from fedbgmd.wire import DEVICE_STORE, MODEL_REF_KEY, BadReply, decode_update, reply_nbytes
@@ -222,7 +223,7 @@ class RobustStrategy(Strategy):
             info["agg_time_s"] = 0.0
             return None, None
         ids = [pid for pid, _, _ in accepted]
-        updates = torch.stack([u for _, u, _ in accepted]).to(self.device)
+        updates = stack_rows([u for _, u, _ in accepted]).to(self.device)
         num_examples = torch.tensor(
             [m["num-examples"] for _, _, m in accepted], dtype=torch.float32
         )

@@ -12,7 +12,7 @@ from fedbgmd.core.aggregation import (
     register_aggregator,
 )
 from fedbgmd.core.bgmd import BlockStepResult, bgmd_step
-from fedbgmd.core.flatten import FlatSpec, flatten_state, unflatten_state
+from fedbgmd.core.flatten import FlatSpec, flatten_state, stack_rows, unflatten_state
 from fedbgmd.core.geometric_median import GMResult, geometric_median
 from fedbgmd.core.memory import MeanMemory, Memory, NoMemory, PerClientMemory, make_memory
 from fedbgmd.core.nonfinite import all_finite, drop_nonfinite_rows
@@ -50,5 +50,6 @@ __all__ = [
     "register_aggregator",
     "register_selector",
     "select_block",
+    "stack_rows",
     "unflatten_state",
 ]

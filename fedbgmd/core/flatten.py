@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["FlatSpec", "flatten_state", "unflatten_state"]
+__all__ = ["FlatSpec", "flatten_state", "stack_rows", "unflatten_state"]
 
 
 @dataclass(frozen=True)
@@ -97,3 +97,31 @@ def unflatten_state(
         out[k] = flat[offset : offset + n].reshape(spec.shapes[k]).to(spec.dtypes[k]).clone()
         offset += n
     return out
+
+
+def stack_rows(rows: Sequence[Tensor]) -> Tensor:
+    """``torch.stack(rows)`` for 1-D tensors of one length, without a copy when the rows already
+    are consecutive rows of one contiguous matrix (e.g. the batched trainer's updates, handed
+    over by reference): then the result is a view of that matrix.
+
+    Why: stacking 10 updates of the 1.16M-parameter CNN copies 46 MB, ~22 ms per round on the
+    2-core CPU, more than the engine's whole per-round bookkeeping.
+    """
+    if not rows:
+        raise ValueError("stack_rows: no rows")
+    first = rows[0]
+    d = first.numel()
+    ptr, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    zero_copy = all(
+        r.dim() == 1
+        and r.numel() == d
+        and r.stride() == (1,)
+        and r.dtype == first.dtype
+        and r.device == first.device
+        and r.untyped_storage().data_ptr() == ptr
+        and r.storage_offset() == offset + i * d
+        for i, r in enumerate(rows)
+    )
+    if zero_copy and d > 0:
+        return first.as_strided((len(rows), d), (d, 1))
+    return torch.stack(list(rows))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedbgmd.core import flatten_state, unflatten_state
+from fedbgmd.core import flatten_state, stack_rows, unflatten_state
 
 
 def _model() -> torch.nn.Module:
@@ -49,3 +49,19 @@ def test_unflatten_validation() -> None:
         unflatten_state(flat, spec, passthrough={"w": torch.zeros(4)})
     with pytest.raises(ValueError):
         flatten_state({"n": torch.tensor(1)})
+
+
+def test_stack_rows_of_one_matrix_is_a_view_else_a_copy() -> None:
+    m = torch.randn(4, 6)
+    rows = [m[i] for i in range(4)]
+    out = stack_rows(rows)
+    assert torch.equal(out, m) and out.data_ptr() == m.data_ptr()  # no copy
+    for picked in ([m[0], m[2]], [m[1], m[0]], [m[0], m[1].clone()], [m[1], m[2], m[3]][:2]):
+        out = stack_rows(picked)
+        assert torch.equal(out, torch.stack(picked))
+    assert stack_rows([m[1], m[2]]).data_ptr() == m[1].data_ptr()  # consecutive, offset start
+    assert stack_rows([m[0], m[2]]).data_ptr() != m.data_ptr()  # a gap: copied
+    t = torch.randn(6, 4).t()  # rows with stride != 1
+    assert torch.equal(stack_rows([t[0], t[1]]), torch.stack([t[0], t[1]]))
+    with pytest.raises(ValueError, match="no rows"):
+        stack_rows([])
