@@ -174,9 +174,10 @@ class _SGD:
 
     Why: the first call of any ``torch.optim.Optimizer`` method imports ``torch._dynamo``
     (its methods are wrapped in ``torch._disable_dynamo``), 2.5-3.5 s of every process's start
-    on a 2-core CPU. The update itself is ``torch.optim.sgd.sgd`` (public, in its ``__all__``), the function
-    ``SGD.step`` calls, with the same arguments, so the results are bitwise those of
-    ``torch.optim.SGD`` (tested). ``state_dict()`` has SGD's layout for the momentum buffers.
+    on a 2-core CPU. The update itself is ``torch.optim.sgd.sgd`` (public, in its module's
+    ``__all__``), the function ``SGD.step`` calls, with the same arguments, so the results are
+    bitwise those of ``torch.optim.SGD`` (tested). ``state_dict()`` has SGD's layout for the
+    momentum buffers.
     """
 
     def __init__(self, params: Iterable[Tensor], cfg: OptimConfig, lr: float) -> None:
