@@ -166,6 +166,10 @@ class BatchedTrainer:
         self._shapes: dict[str, torch.Size] = {k: state[k].shape for k in keys}
         self._numels: dict[str, int] = {k: state[k].numel() for k in keys}
         self.dim = sum(self._numels.values())
+        # parameters the loss does not reach get no gradient in the per-client loop, so
+        # torch.optim.SGD leaves them alone (no weight decay, no momentum); vmap returns zeros
+        # for them instead. Found once, on the first batch (see _find_unused).
+        self._unused: frozenset[str] | None = None
         self._step_full = vmap(grad_and_value(self._loss), randomness="different")
         self._step_masked = vmap(grad_and_value(self._loss_masked), randomness="different")
         # Step 0: every client starts from x_t, so the parameters need no client axis (in_dims
@@ -189,6 +193,14 @@ class BatchedTrainer:
         """``(1/count) Σ_{j: mask_j} CE(f(params; x_j), y_j)``: a padded batch's true mean."""
         ce = F.cross_entropy(functional_call(self.model, params, (x,)), y, reduction="none")
         return torch.where(mask, ce, torch.zeros_like(ce)).sum() / count
+
+    def _find_unused(self, base: dict[str, Tensor], x: Tensor, y: Tensor) -> frozenset[str]:
+        """Names of the parameters that get no gradient from one client's batch ``(x, y)``."""
+        params = {k: v.detach().requires_grad_(True) for k, v in base.items()}
+        with torch.enable_grad():
+            loss = self._loss(params, x, y)
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        return frozenset(k for k, g in zip(params, grads) if g is None)
 
     # ------------------------------------------------------------------ public API
     def train(
@@ -313,6 +325,13 @@ class BatchedTrainer:
                 xs.append(xb)
                 ys.append(yb)
             xb_all, yb_all = torch.stack(xs), torch.stack(ys)
+            if self._unused is None:  # one probe outside vmap; the RNG state is restored
+                cuda: list[int] = []
+                if dev.type == "cuda":
+                    cuda = [dev.index if dev.index is not None else torch.cuda.current_device()]
+                with torch.random.fork_rng(devices=cuda):
+                    self._unused = self._find_unused(base, xs[0][: sizes[0]], ys[0][: sizes[0]])
+            unused = self._unused
             if s == 0:
                 step = self._first_masked if masked else self._first_full
                 at = base
@@ -326,6 +345,12 @@ class BatchedTrainer:
             with torch.no_grad():
                 total += loss.detach().to(torch.float64)
                 for k in self._keys:
+                    if k in unused:  # as torch.optim.SGD with grad None: left as it is
+                        if s == last:
+                            out_views[k].zero_()
+                        elif s == 0:
+                            params[k] = base[k].unsqueeze(0).expand(m, *self._shapes[k])
+                        continue
                     g = grads[k]  # (m, ...): vmap's fresh output, updated in place below
                     if not g.is_contiguous():  # e.g. an expanded zero grad of an unused param
                         g = g.contiguous()

@@ -215,3 +215,33 @@ def test_bad_arguments(parts: list[TensorData]) -> None:
         trainer.train(torch.zeros(trainer.dim), parts, _gens(n=2), 0.1)
     with pytest.raises(ValueError, match="x_t"):
         trainer.train(torch.zeros(3), parts, _gens(), 0.1)
+
+
+class _WithUnused(nn.Module):
+    """A model with a parameter the loss never reaches (e.g. a head kept for later)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(32, 4)
+        self.spare = nn.Linear(32, 4)  # unused in forward
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+@pytest.mark.parametrize("optim", list(OPTIMS))
+@pytest.mark.parametrize("steps", [1, 3])
+def test_unused_parameters_are_left_alone_like_torch_sgd(
+    parts: list[TensorData], optim: str, steps: int
+) -> None:
+    """torch.optim.SGD skips parameters without a gradient (no weight decay, no momentum)."""
+    model = _WithUnused()
+    ref_u, ref_l = _loop(model, parts, OPTIMS[optim], steps, lr=0.1)
+    u, loss = _batched(model, parts, OPTIMS[optim], steps, lr=0.1)
+    spare = slice(4 * 32 + 4, None)  # flatten order: body.weight, body.bias, spare.*
+    assert torch.equal(ref_u[:, spare], torch.zeros_like(ref_u[:, spare]))
+    assert torch.equal(u[:, spare], ref_u[:, spare])
+    for i in range(len(parts)):
+        _close(u[i], ref_u[i])
+    torch.testing.assert_close(loss, ref_l, rtol=1e-5, atol=1e-6)
