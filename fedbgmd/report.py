@@ -44,6 +44,7 @@ from fedbgmd.results import (
     METRICS_CSV,
     SUMMARY_JSON,
     read_metrics,
+    setting_from_config,
     utc_now_iso,
 )
 
@@ -441,24 +442,15 @@ def _setting_of(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def _complete_setting(setting: dict[str, Any], config: Any) -> dict[str, Any]:
-    """Fill setting keys that older runs did not record from their saved config (same rules as
-    ``fedbgmd.server.setting_of``), so old and new runs of one setting group together and runs
-    that differ there (e.g. the paper vs as_run memory) never merge."""
+    """Fill setting keys that older runs did not record from their saved config (the rules of
+    :func:`fedbgmd.results.setting_from_config`), so old and new runs of one setting group
+    together and runs that differ there (e.g. the paper vs as_run memory) never merge."""
     if not isinstance(config, dict):
         return setting
-    strategy = config.get("strategy") if isinstance(config.get("strategy"), dict) else {}
-    block = strategy.get("block") if isinstance(strategy.get("block"), dict) else {}
-    attack = config.get("attack") if isinstance(config.get("attack"), dict) else {}
-    enabled = bool(block.get("enabled"))
-    derived = {
-        "strategy.block.selector": block.get("selector") if enabled else None,
-        "strategy.block.memory": block.get("memory") if enabled else None,
-        "attack.params": (
-            dict(sorted((attack.get("params") or {}).items()))
-            if attack.get("name", "none") != "none"
-            else {}
-        ),
-    }
+    try:
+        derived = setting_from_config(config)
+    except (TypeError, ValueError):  # a damaged config (e.g. a number that is not one)
+        return setting
     for key, value in derived.items():
         setting.setdefault(key, value)
     return setting

@@ -23,7 +23,7 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -312,6 +312,42 @@ def summarize(rows: list[dict[str, Any]] | list[Mapping[str, Any]]) -> dict[str,
 def _metrics_path(run_dir: str | Path, name: str) -> Path:
     p = Path(run_dir)
     return p if p.is_file() else p / name
+
+
+def setting_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config choices that define a run, for grouping runs across seeds in reports.
+
+    ``config`` is a resolved config as plain nested dicts (what summary.json keeps under
+    ``"config"``), so reports can recompute settings of old runs without Hydra. The block and
+    attack keys are what tell the seed's "paper" variant from "as_run" (memory, selector,
+    attack scale): runs that differ there are never averaged together or deduplicated as repeats.
+    """
+
+    def section(node: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+        value = node.get(key)
+        return value if isinstance(value, Mapping) else {}
+
+    strategy, attack = section(config, "strategy"), section(config, "attack")
+    block = section(strategy, "block")
+    enabled = bool(block.get("enabled"))
+    attacked = attack.get("name", "none") != "none"  # no Byzantine clients without an attack
+    return {
+        "strategy": strategy.get("name"),
+        "attack": attack.get("name"),
+        "attack.fraction": float(attack.get("fraction", 0.0)) if attacked else 0.0,
+        "data": section(config, "data").get("name"),
+        "model": section(config, "model").get("name"),
+        "strategy.block.beta": _number(block.get("beta"), float) if enabled else None,
+        "strategy.block.selector": str(block.get("selector")) if enabled else None,
+        "strategy.block.memory": str(block.get("memory")) if enabled else None,
+        "attack.params": dict(sorted(dict(attack.get("params") or {}).items())) if attacked else {},
+        "num_clients": _number(config.get("num_clients"), int),
+        "num_rounds": _number(config.get("num_rounds"), int),
+    }
+
+
+def _number(value: Any, kind: Callable[[Any], Any]) -> Any:
+    return None if value is None else kind(value)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

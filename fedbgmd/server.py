@@ -31,7 +31,7 @@ from fedbgmd.components import (
 from fedbgmd.config import clients_per_round
 from fedbgmd.core import all_finite
 from fedbgmd.models import build_model, count_parameters
-from fedbgmd.results import RunWriter, environment_versions, summarize
+from fedbgmd.results import RunWriter, environment_versions, setting_from_config, summarize
 from fedbgmd.training import evaluate, get_device, lr_at
 
 log = logging.getLogger("fedbgmd")
@@ -320,41 +320,12 @@ class ServerRun:
             log.warning("could not draw plots: %s", err)
 
 
-def _plain(node: Any) -> dict[str, Any]:
-    """A config mapping as plain python (OmegaConf containers resolved)."""
+def setting_of(cfg: Any) -> dict[str, Any]:
+    """The config choices that define a run (see :func:`fedbgmd.results.setting_from_config`)."""
     from omegaconf import DictConfig, OmegaConf
 
-    if isinstance(node, DictConfig):
-        return {str(k): v for k, v in OmegaConf.to_container(node, resolve=True).items()}
-    return {str(k): v for k, v in dict(node).items()}
-
-
-def setting_of(cfg: Any) -> dict[str, Any]:
-    """The config choices that define a run, for grouping runs across seeds in reports."""
-    return {
-        "strategy": cfg.strategy.name,
-        "attack": cfg.attack.name,
-        # no Byzantine clients without an attack, whatever the fraction says
-        "attack.fraction": float(cfg.attack.fraction) if cfg.attack.name != "none" else 0.0,
-        "data": cfg.data.name,
-        "model": cfg.model.name,
-        "strategy.block.beta": (
-            float(cfg.strategy.block.beta) if cfg.strategy.block.enabled else None
-        ),
-        # what tells the seed's "paper" variant from "as_run" (memory, selector, attack scale):
-        # runs that differ there must never be averaged together or deduplicated as repeats
-        "strategy.block.selector": (
-            str(cfg.strategy.block.selector) if cfg.strategy.block.enabled else None
-        ),
-        "strategy.block.memory": (
-            str(cfg.strategy.block.memory) if cfg.strategy.block.enabled else None
-        ),
-        "attack.params": (
-            dict(sorted(_plain(cfg.attack.params).items())) if cfg.attack.name != "none" else {}
-        ),
-        "num_clients": int(cfg.num_clients),
-        "num_rounds": int(cfg.num_rounds),
-    }
+    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    return setting_from_config(plain)
 
 
 def _progress_line(row: dict[str, Any], num_rounds: int) -> str:
