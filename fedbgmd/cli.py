@@ -113,7 +113,8 @@ def _hydra_main(cfg: DictConfig) -> None:
             print(f"fedbgmd: cannot resume: {err}", file=sys.stderr)
             sys.exit(EXIT_BAD_CONFIG)
     status = run(cfg, run_dir)
-    if status and not HydraConfig.get().mode.name == "MULTIRUN":
+    mode = HydraConfig.get().mode
+    if status and (mode is None or mode.name != "MULTIRUN"):
         sys.exit(status)
     if status:  # in a sweep one failing job is logged and does not stop the rest
         print(f"fedbgmd: job {run_dir} failed; continuing the sweep", file=sys.stderr)

@@ -55,7 +55,10 @@ def discover_nodes(grid: Grid, num_clients: int, timeout: float) -> dict[int, in
         if reply.has_error() or "node" not in reply.content.metric_records:
             log.warning("node %s did not report its partition", reply.metadata.src_node_id)
             continue
-        pid = int(reply.content.metric_records["node"]["partition-id"])
+        pid = reply.content.metric_records["node"].get("partition-id")
+        if not isinstance(pid, int) or isinstance(pid, bool):  # a hostile or broken reply
+            log.warning("node %s sent no valid partition id", reply.metadata.src_node_id)
+            continue
         if 0 <= pid < num_clients and pid not in mapping.values():
             mapping[reply.metadata.src_node_id] = pid
     return mapping
@@ -215,7 +218,7 @@ class ServerRun:
             self.save_checkpoint(server_round, arrays)
         if cfg.progress:
             print(_progress_line(row, cfg.num_rounds), flush=True)
-        if acc is None:
+        if acc is None or loss is None:
             return None
         return MetricRecord({"accuracy": float(acc), "loss": float(loss)})
 
@@ -325,7 +328,9 @@ def setting_of(cfg: Any) -> dict[str, Any]:
     from omegaconf import DictConfig, OmegaConf
 
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    return setting_from_config(plain)
+    if not isinstance(plain, dict):
+        raise TypeError(f"setting_of: expected a mapping config, got {type(cfg).__name__}")
+    return setting_from_config({str(k): v for k, v in plain.items()})
 
 
 def _progress_line(row: dict[str, Any], num_rounds: int) -> str:

@@ -18,6 +18,7 @@ import uuid
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app.typing import ConfigRecordValues
 
 from fedbgmd.core import QuantizedTensor, all_finite, dequantize, quantize
 
@@ -101,7 +102,12 @@ def encode_update(
     flat = update.detach().reshape(-1)
     if device_ref and method == "none":
         ref = DEVICE_STORE.put(flat.to(torch.float32))
-        record = {"method": "device", "bits": 32, "numel": int(flat.numel()), "ref": ref}
+        record: dict[str, ConfigRecordValues] = {
+            "method": "device",
+            "bits": 32,
+            "numel": int(flat.numel()),
+            "ref": ref,
+        }
         return {}, ConfigRecord(record)
     if method == "sign":
         bits = 1  # sign quantization is 1 bit per coordinate whatever `bits` says
@@ -200,11 +206,13 @@ def decode_update(content: RecordDict, dim: int, max_bytes: int) -> tuple[torch.
     if received > max_bytes:
         raise BadReply("too_large", f"{received} bytes > limit {max_bytes}")
     metrics = dict(metric_records[METRICS_KEY])
+    checked: dict[str, float] = {}
     for key in REQUIRED_METRICS:
         value = metrics.get(key)
         if not isinstance(value, (int, float)) or not math.isfinite(float(value)):
             raise BadReply("bad_metrics", f"metric {key!r} missing or not finite")
-    if metrics["num-examples"] < 0:
+        checked[key] = float(value)
+    if checked["num-examples"] < 0:
         raise BadReply("bad_metrics", "negative num-examples")
     if UPDATE_KEY not in array_records:
         raise BadReply("missing_record", "no 'update' ArrayRecord")
@@ -212,7 +220,7 @@ def decode_update(content: RecordDict, dim: int, max_bytes: int) -> tuple[torch.
     quant = dict(configs[QUANT_KEY])
     method, bits, numel = quant.get("method"), quant.get("bits"), quant.get("numel")
     if numel != dim:
-        raise BadReply("wrong_shape", f"numel {numel}, expected {dim}")
+        raise BadReply("wrong_shape", f"numel {numel!r}, expected {dim}")
     if method == "device":
         if len(record.keys()):
             raise BadReply("unexpected_keys", f"keys {sorted(record.keys())}")

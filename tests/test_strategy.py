@@ -312,3 +312,33 @@ def test_a_reference_reply_the_server_never_issued_is_rejected():
     new, _ = strategy.aggregate_train(1, replies)
     assert new is None
     assert strategy.round_info[1]["rejections"] == {"missing_key": 5}
+
+
+def test_node_discovery_skips_hostile_or_broken_replies():
+    """A query reply without a valid integer partition id is skipped with a warning."""
+    from fedbgmd.server import discover_nodes
+
+    answers = {
+        1: {"partition-id": 0},
+        2: {"partition-id": [1, 2]},  # a list is a valid MetricRecord value, not a partition id
+        3: {"num-examples": 5},  # no partition id at all
+        4: {"partition-id": 1.5},
+        5: {"partition-id": 0},  # claims a partition already served
+        6: {"partition-id": 99},  # out of range
+        7: {"partition-id": 1},
+    }
+
+    class FakeGrid:
+        def get_node_ids(self):
+            return list(answers)
+
+        def send_and_receive(self, msgs, timeout=None):
+            out = []
+            for m in msgs:
+                node = m.metadata.dst_node_id
+                reply = Message(RecordDict({"node": MetricRecord(answers[node])}), reply_to=m)
+                reply.metadata.__dict__["_src_node_id"] = node
+                out.append(reply)
+            return out
+
+    assert discover_nodes(FakeGrid(), num_clients=2, timeout=1.0) == {1: 0, 7: 1}
