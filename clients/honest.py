@@ -19,7 +19,7 @@ from functools import cached_property
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedbgmd.attacks.base import ClientAttack
@@ -135,10 +135,12 @@ class ClientRuntime:
         new one each round), while messages that crossed a process boundary are distinct
         objects and are decoded each.
         """
-        ref = msg.content["config"].get(MODEL_REF_KEY)
+        ref = _train_config(msg).get(MODEL_REF_KEY)
         if ref is not None:
             return DEVICE_STORE.shared(ref).to(self.device)
-        arrays = msg.content["arrays"]
+        arrays = msg.content["arrays"] if "arrays" in msg.content else None
+        if not isinstance(arrays, ArrayRecord):
+            raise TypeError("a train message needs the global model as an 'arrays' ArrayRecord")
         cached = self._x0_cache
         if cached is not None and cached[0] is arrays:
             return cached[1]
@@ -150,15 +152,18 @@ class ClientRuntime:
         """Everything a client needs for this round; ``x0`` may be shared by a batch of jobs."""
         t0 = time.perf_counter()
         pid = int(context.node_config["partition-id"])
-        conf = msg.content["config"]
+        conf = _train_config(msg)
+        rnd, lr = conf.get("server-round"), conf.get("lr")
+        if not isinstance(rnd, int) or not isinstance(lr, (int, float)):
+            raise TypeError("a train config needs an integer 'server-round' and a number 'lr'")
         byz, attack = self.attack
         if x0 is None:
             x0 = self.global_model(msg)
         return _Job(
             msg=msg,
             pid=pid,
-            rnd=int(conf["server-round"]),
-            lr=float(conf["lr"]),
+            rnd=rnd,
+            lr=float(lr),
             attack=attack if pid in byz else None,
             x0=x0,
             t0=t0,
@@ -214,7 +219,7 @@ class ClientRuntime:
             generator=generator(seed, rnd, pid, "quant", device=update.device),
             device_ref=device_ref and self.quant_method == "none" and not message_attack,
         )
-        if message_attack:
+        if message_attack and attack is not None:
             arrays = attack.corrupt_arrays(arrays, generator=generator(seed, rnd, pid, "msg"))
         metrics = {
             "num-examples": len(self.parts[pid]),
@@ -293,6 +298,13 @@ class ClientRuntime:
             {"node": MetricRecord({"partition-id": pid, "num-examples": len(self.parts[pid])})}
         )
         return Message(content, reply_to=msg)
+
+
+def _train_config(msg: Message) -> ConfigRecord:
+    conf = msg.content["config"] if "config" in msg.content else None
+    if not isinstance(conf, ConfigRecord):
+        raise TypeError("a train message needs a 'config' ConfigRecord")
+    return conf
 
 
 def _data_transform(

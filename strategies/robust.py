@@ -42,6 +42,7 @@ from fedbgmd.attacks.base import OmniscientAttack
 from fedbgmd.components import generator
 from fedbgmd.core import (
     AggregationResult,
+    Aggregator,
     FlatSpec,
     all_finite,
     bgmd_step,
@@ -66,7 +67,7 @@ class RobustStrategy(Strategy):
     def __init__(
         self,
         *,
-        aggregator: Callable[..., AggregationResult],
+        aggregator: Aggregator,
         num_clients: int,
         clients_per_round: int,
         seed: int = 0,
@@ -329,7 +330,7 @@ class RobustStrategy(Strategy):
                 # every later round would reject all replies (computed from a NaN/Inf model)
                 log.warning("%s; stopping the run (stop_on_divergence=true)", self.diverged)
                 break
-        if self.model_by_reference and self.holds_model:
+        if self.model_by_reference and self._x is not None and self.holds_model:
             result.arrays = self._to_arrays(self._x)  # the rounds passed a placeholder
         return result
 
@@ -355,7 +356,7 @@ class RobustStrategy(Strategy):
         for msg in replies:
             try:
                 if msg.has_error():
-                    raise BadReply("client_error", msg.error.reason)
+                    raise BadReply("client_error", msg.error.reason or "")
                 node = msg.metadata.src_node_id
                 pid = self.node_to_partition.get(node)
                 if pid is None or (sampled and pid not in sampled):
