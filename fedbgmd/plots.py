@@ -7,6 +7,7 @@ Headless: the Agg backend is selected here, and figures are built with ``matplot
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +152,7 @@ class Curve:
     time: np.ndarray  # mean wall_time_s at each round (NaN where unknown)
     n: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))  # runs per round
     panel: str = ""  # curves with the same panel share a subplot
+    color_key: str = ""  # curves with the same key get the same colour in every panel (or label)
     epoch: np.ndarray | None = None  # mean epoch at each round (NaN where unknown)
 
 
@@ -188,8 +190,11 @@ def plot_comparison(
         panels = [""]
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
-    fig = Figure(figsize=(5.2 * ncols, 4.0 * nrows))
+    fig = Figure(figsize=(5.6 * ncols, 4.6 * nrows))
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    colors: dict[str, str] = {}  # one colour per colour key, the same in every panel
+    for c in curves:
+        colors.setdefault(c.color_key or c.label, f"C{len(colors) % 10}")
     for ax, panel in zip(axes, panels):
         drawn = False
         for c in (c for c in curves if c.panel == panel):
@@ -199,18 +204,19 @@ def plot_comparison(
                 continue
             xs, mean = xs[ok], c.mean[ok]
             std = np.nan_to_num(c.std[ok], nan=0.0)
-            (line,) = ax.plot(xs, mean, label=c.label)
-            ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+            color = colors[c.color_key or c.label]
+            ax.plot(xs, mean, label=textwrap.fill(c.label, 38), color=color)
+            ax.fill_between(xs, mean - std, mean + std, color=color, alpha=0.2)
             drawn = True
         if drawn:
             ax.set_xlabel(_X_LABELS[x])
             ax.set_ylabel(ylabel)
             ax.grid(True, alpha=0.3)
-            ax.legend(fontsize="small")
+            ax.legend(fontsize="x-small")
         else:
             _no_data(ax, "curves")
         if panel:
-            ax.set_title(panel, fontsize="medium")
+            ax.set_title(textwrap.fill(panel, 60), fontsize="small")
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
     if title:

@@ -594,9 +594,17 @@ def _label(setting: dict[str, Any], keys: Sequence[str]) -> str:
 
 
 def _curve_label(setting: dict[str, Any], keys: Sequence[str]) -> str:
-    """A plot legend label: the keys' values, leaving out unset ones (e.g. beta of a non-block
+    """A short plot legend label: the strategy's name, then ``leaf=value`` of the other keys
+    (``strategy.block.beta`` -> ``beta``), leaving out unset ones (e.g. beta of a non-block
     strategy)."""
-    return _label(setting, [k for k in keys if setting.get(k) is not None]) or "all runs"
+    parts = [
+        _fmt_value(setting[k])
+        if k == "strategy"
+        else f"{k.rsplit('.', 1)[-1]}={_fmt_value(setting[k])}"
+        for k in keys
+        if setting.get(k) is not None
+    ]
+    return ", ".join(parts) or "all runs"
 
 
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -985,7 +993,7 @@ def _residual_section(
         beta = _num(g.setting.get("strategy.block.beta"))
         rows.append(
             [
-                label,
+                _label(g.setting, [k for k in keys if g.setting.get(k) is not None]),
                 str(len(g.completed)),
                 f"{float(np.mean(s.mean)):.4f}",
                 f"{float(s.mean[-1]):.4f}",
@@ -1153,6 +1161,7 @@ def build_report(
         curves.append(
             Curve(
                 label=_curve_label(g.setting, label_keys),
+                color_key=str(g.setting.get("strategy", "")),
                 rounds=acc.rounds,
                 mean=acc.mean,
                 std=acc.std,
