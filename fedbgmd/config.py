@@ -145,8 +145,10 @@ class EngineConfig:
     num_threads: int | None = None  # torch CPU threads in this process (None: torch's default)
     verbose: bool = False
     # inprocess: all clients' local steps as one vmapped computation (SGD, local_steps, no
-    # BatchNorm; otherwise the per-client loop), updates handed to the server on their device
+    # BatchNorm; otherwise the per-client loop)
     batched: bool = False
+    # inprocess: the global model and unquantized updates travel by reference, on their device
+    # (no byte round trips); false: serialised as on every other engine (same results)
     device_resident: bool = True
     batch_chunk: int | None = None  # at most this many clients per vmapped call (memory bound)
     # deployment: a running SuperLink (its Control API address, host:port) and TLS settings
