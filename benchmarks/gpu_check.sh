@@ -7,12 +7,15 @@
 #   .whl  = flwr, hydra-core, omegaconf, antlr4 and their missing needs as wheels (see
 #           /work/.library/device/README.md); .data/fashion-mnist = the four idx files.
 # Results go to $OUT (or ./gpu-check): the log, two JSON files and the run's metrics, summary, config.
-# Dry run on a CPU (no install, a few rounds): DEVICE=cpu ROUNDS=20 SKIP_INSTALL=1 bash benchmarks/gpu_check.sh
+# Inside the project's own environment (no wheels to install): SKIP_INSTALL=1 bash benchmarks/gpu_check.sh
+# Dry run on a CPU (a few rounds): DEVICE=cpu ROUNDS=20 SKIP_INSTALL=1 bash benchmarks/gpu_check.sh
 set -uo pipefail
 out="${OUT:-gpu-check}"
 mkdir -p "$out"
 device="${DEVICE:-cuda}"
 rounds="${ROUNDS:-5850}"
+data_root=()  # the carried idx files if present, else the usual search (Debian's package, ...)
+[[ -d .data/fashion-mnist ]] && data_root=(data.root=.data/fashion-mnist)
 cell="$(mktemp -d)/cell"  # outside $OUT: only a few files come back from the device machine
 export PYTHONUNBUFFERED=1
 if [[ -z "${SKIP_INSTALL:-}" ]]; then
@@ -38,7 +41,7 @@ step() { echo "== $1 ($(date +%T))"; }
   start=$(date +%s.%N)
   python3 -c "from fedbgmd.cli import entry; entry()" experiment=fmnist_table2_as_run \
     strategy=fedbgmd strategy.weighted=false attack=bit_flip attack.fraction=0.2 \
-    attack.params.scale=5 "num_rounds=$rounds" "device=$device" data.root=.data/fashion-mnist \
+    attack.params.scale=5 "num_rounds=$rounds" "device=$device" "${data_root[@]}" \
     plots=false progress=false "hydra.run.dir=$cell" 2>&1 | tail -3
   python3 - "$cell" "$start" <<'PY'
 import statistics as st
