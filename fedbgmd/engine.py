@@ -48,7 +48,7 @@ class InProcessGrid(Grid):
 
     Node ids are fixed (``1000 + partition id``) and each node has a persistent Context whose
     ``node_config`` carries ``partition-id`` and ``num-partitions`` like Flower's simulation
-    (and, with ``same_process``, the flag that lets the ClientApp reply by device reference).
+    (and, with ``by_reference``, the flag that lets the ClientApp reply by device reference).
     A ClientApp exception becomes an error reply (as in Flower), never a crash of the server.
     """
 
@@ -58,12 +58,12 @@ class InProcessGrid(Grid):
         num_nodes: int,
         run_config: dict | None = None,
         batch_fn: BatchFn | None = None,
-        same_process: bool = False,
+        by_reference: bool = False,
     ):
         self.client_app = client_app
         self.batch_fn = batch_fn
         node_config: dict[str, Any] = {"num-partitions": num_nodes}
-        if same_process:  # replies may be device references (fedbgmd.wire.DEVICE_STORE)
+        if by_reference:  # replies may be device references (fedbgmd.wire.DEVICE_STORE)
             node_config[SAME_PROCESS_KEY] = True
         self.contexts = {
             1000 + pid: Context(
@@ -160,20 +160,18 @@ def run_inprocess(cfg: Any, run_dir: Path) -> Any:
     from fedbgmd.server import ServerRun
 
     set_server_identity()
+    by_reference = bool(cfg.engine.device_resident)  # model and replies (decided once, here)
     batch_fn = None
     if cfg.engine.batched:
         runtime = runtime_for(cfg)
 
         def batch_fn(msgs: list[Message], contexts: list[Context]) -> list[Message]:
-            return runtime.train_many(msgs, contexts, device_ref=cfg.engine.device_resident)
+            return runtime.train_many(msgs, contexts, device_ref=by_reference)
 
     grid = InProcessGrid(
-        make_client_app(cfg),
-        cfg.num_clients,
-        batch_fn=batch_fn,
-        same_process=bool(cfg.engine.device_resident),
+        make_client_app(cfg), cfg.num_clients, batch_fn=batch_fn, by_reference=by_reference
     )
-    server = ServerRun(cfg, run_dir, parallelism=1, same_process=True)
+    server = ServerRun(cfg, run_dir, parallelism=1, model_by_reference=by_reference)
     server.run(grid)
     return server
 

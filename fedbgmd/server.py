@@ -77,10 +77,10 @@ class ServerRun:
     """Everything the ServerApp does for one run; separated from Flower for testability."""
 
     def __init__(
-        self, cfg: Any, run_dir: Path, parallelism: int = 1, same_process: bool = False
+        self, cfg: Any, run_dir: Path, parallelism: int = 1, model_by_reference: bool = False
     ) -> None:
-        """``same_process``: the clients run in this process (the in-process engine), so with
-        ``engine.device_resident`` the global model goes to them by reference."""
+        """``model_by_reference``: the clients run in this process (the in-process engine with
+        ``engine.device_resident``), so the global model goes to them by reference."""
         self.cfg = cfg
         self.parallelism = parallelism  # clients computing at once (for comm_time_s)
         self.run_dir = Path(run_dir)
@@ -102,7 +102,7 @@ class ServerRun:
         self.attack = build_attack(cfg)
         self.rpe = rounds_per_epoch(cfg, len(self.dataset.train))
         self.strategy = self._build_strategy()
-        self.strategy.model_by_reference = same_process and bool(cfg.engine.device_resident)
+        self.strategy.model_by_reference = model_by_reference
         b = cfg.strategy.block
         if b.enabled and b.memory == "mean" and self.attack.byzantine_ids:
             log.warning(
