@@ -7,6 +7,7 @@ two middle order statistics ``(x_(n/2) + x_(n/2+1)) / 2`` (1-based order statist
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -18,17 +19,28 @@ def coordinate_median(x: Tensor) -> Tensor:
     n = x.shape[0]
     if n == 1:
         return x[0].clone()
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        return _median_cpu(x)
     if n % 2 == 1:
         return torch.kthvalue(x, n // 2 + 1, dim=0).values
-    if x.device.type == "cpu":
-        # both middle order statistics from one partial sort: the n/2 + 1 largest, descending,
-        # end with x_(n/2+1), x_(n/2). Same values as two kthvalue calls, 2.1x faster on the
-        # CPU (32 x 1.16M, 1 thread: 1.36 s instead of 2.86 s); CUDA keeps kthvalue (unmeasured).
-        top = torch.topk(x, n // 2 + 1, dim=0, sorted=True).values
-        return (top[-1] + top[-2]).mul_(0.5)  # a new tensor: `top` is not kept alive
     lo = torch.kthvalue(x, n // 2, dim=0).values
     hi = torch.kthvalue(x, n // 2 + 1, dim=0).values
     return lo.add_(hi).mul_(0.5)
+
+
+def _median_cpu(x: Tensor) -> Tensor:
+    # One introselect per column (numpy's partition) instead of torch's kthvalue/topk, which sort
+    # far more than they must on the CPU: 32 x 1.16M float32, 1 thread, 1.9 s -> 0.3 s (odd n:
+    # 1.7 s -> 0.2 s), the same values. After partitioning at k = n // 2, row k holds x_(k+1) and
+    # rows < k hold the k smallest, so for even n the lower middle value is their maximum.
+    k = x.shape[0] // 2
+    p = np.partition(x.detach().numpy(), k, axis=0)
+    if x.shape[0] % 2 == 1:
+        return torch.from_numpy(p[k].copy())  # a copy: a view would keep all of `p` alive
+    lo = p[:k].max(axis=0)
+    lo += p[k]
+    lo *= 0.5
+    return torch.from_numpy(lo)
 
 
 def trimmed_mean(x: Tensor, b: int) -> Tensor:

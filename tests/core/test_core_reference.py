@@ -144,14 +144,24 @@ def test_weighted_mean_and_gm_equal_duplication() -> None:
         torch.testing.assert_close(agg(x, weights=w).vector, agg(dup).vector, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("n", [2, 4, 12, 32])
-def test_coordinate_median_even_n_is_the_mean_of_the_two_kth_values_bitwise(n: int) -> None:
-    """The CPU path (one topk) gives exactly the two-kthvalue definition, ties included."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("n", [2, 3, 4, 7, 12, 31, 32])
+def test_coordinate_median_is_the_kth_value_definition_bitwise(n: int, dtype: torch.dtype) -> None:
+    """The CPU path (numpy's partition) gives exactly the kthvalue definition, ties included:
+    odd n the (n//2+1)-th value, even n the mean of the n/2-th and (n/2+1)-th."""
     from fedbgmd.core.coordinatewise import coordinate_median
 
     g = torch.Generator().manual_seed(n)
-    x = torch.randint(-3, 4, (n, 500), generator=g).float()  # many ties
-    x[:, :250] += torch.randn(n, 250, generator=g)
-    lo = torch.kthvalue(x, n // 2, dim=0).values
+    x = torch.randint(-3, 4, (n, 500), generator=g).to(dtype)  # many ties
+    x[:, :250] += torch.randn(n, 250, generator=g).to(dtype)
     hi = torch.kthvalue(x, n // 2 + 1, dim=0).values
-    assert torch.equal(coordinate_median(x), (lo + hi).mul_(0.5))
+    want = hi if n % 2 else torch.kthvalue(x, n // 2, dim=0).values.add_(hi).mul_(0.5)
+    x0 = x.clone()
+    got = coordinate_median(x)
+    assert torch.equal(x, x0)
+    assert got.dtype == dtype and got.shape == (500,)
+    assert torch.equal(got, want)
+    # its own storage (not a view that keeps the partitioned (n, d) copy alive), input untouched
+    assert got.untyped_storage().nbytes() == got.numel() * got.element_size()
+    assert torch.equal(coordinate_median(x.T.contiguous().T), want)  # a strided input
+    assert torch.equal(coordinate_median(x.clone().requires_grad_(dtype != torch.bfloat16)), want)
