@@ -398,21 +398,49 @@ class _Series:
     n: np.ndarray
 
 
-def _series(g: Group, column: str, value: Callable[[object], float | None] = _num) -> _Series:
+def _series(
+    g: Group,
+    column: str,
+    value: Callable[[object], float | None] = _num,
+    carry_diverged: bool = False,
+) -> _Series:
+    """Mean/std over the group's completed runs at each logged round.
+
+    ``carry_diverged`` (for accuracy): a run that diverged stopped early with its model lost, so
+    its last value stands for the rest of the rounds the other runs logged — the curve ends at
+    the table's mean (diverged runs are in it) instead of jumping up to the survivors' mean — and
+    its evaluation at the stopping round, which no other run has, is left out of the curve (a
+    mean of one run there drew a spike)."""
+    per_run: list[tuple[Run, dict[int, tuple[float, float | None, float | None]]]] = []
+    for run in g.completed:
+        pts: dict[int, tuple[float, float | None, float | None]] = {}
+        for row in run.rows():
+            rnd, v = _num(row.get("round")), value(row.get(column))
+            if rnd is not None and v is not None:
+                pts[int(rnd)] = (v, _num(row.get("wall_time_s")), _num(row.get("epoch")))
+        per_run.append((run, pts))
+    alive = [pts for run, pts in per_run if not run.diverged]
+    if carry_diverged and alive and len(alive) < len(per_run):
+        grid = sorted(set().union(*alive))
+        carried = []
+        for run, pts in per_run:
+            if run.diverged and pts:
+                last = max(pts)
+                pts = {r: pts[r] for r in grid if r in pts} | {
+                    r: (pts[last][0], None, None) for r in grid if r > last
+                }
+            carried.append((run, pts))
+        per_run = carried
     vals: dict[int, list[float]] = {}
     wall: dict[int, list[float]] = {}
     epoch: dict[int, list[float]] = {}
-    for run in g.completed:
-        for row in run.rows():
-            rnd, v = _num(row.get("round")), value(row.get(column))
-            if rnd is None or v is None:
-                continue
-            vals.setdefault(int(rnd), []).append(v)
-            w, e = _num(row.get("wall_time_s")), _num(row.get("epoch"))
+    for _, pts in per_run:
+        for rnd, (v, w, e) in pts.items():
+            vals.setdefault(rnd, []).append(v)
             if w is not None:
-                wall.setdefault(int(rnd), []).append(w)
+                wall.setdefault(rnd, []).append(w)
             if e is not None:
-                epoch.setdefault(int(rnd), []).append(e)
+                epoch.setdefault(rnd, []).append(e)
 
     def means(d: dict[int, list[float]], rounds: list[int]) -> np.ndarray:
         ms = [mean_std(d.get(r, []))[0] for r in rounds]
@@ -1155,7 +1183,7 @@ def build_report(
     label_keys = [k for k in varying if k not in panel_keys]
     curves = []
     for g in groups:
-        acc = _series(g, "test_accuracy", _pct)
+        acc = _series(g, "test_accuracy", _pct, carry_diverged=True)
         if acc.rounds.size == 0:
             continue
         curves.append(

@@ -762,3 +762,41 @@ def test_bad_metrics_are_skipped_not_fatal(tmp_path: Path) -> None:
     assert rows["gm"]["final_acc_mean"] == ""  # non-numeric summary value: missing
     assert rows["gm"]["epochs_min"] == ""  # no epoch column
     assert _is_png(root / "report" / "compare_accuracy_epoch.png")
+
+
+def test_accuracy_curve_carries_a_diverged_run_forward_and_drops_its_stop_round() -> None:
+    """A run that diverged at round 3 (evaluated there, nobody else is) counts with its last value
+    at the later rounds, so the curve ends at the table's mean; round 3 is not a point."""
+
+    def run(seed: int, accs: dict[int, float], diverged_at: int | None) -> report.Run:
+        rows = [
+            {"round": r, "test_accuracy": a, "epoch": r / 6, "wall_time_s": r}
+            for r, a in accs.items()
+        ]
+        summary = {"seed": seed, "status": "completed", "diverged_at": diverged_at}
+        return report.Run(
+            Path(f"/nonexistent/{seed}"), summary, {"strategy": "fedavg"}, metrics=rows
+        )
+
+    g = report.Group({"strategy": "fedavg"})
+    g.runs = [
+        run(0, {0: 0.1, 2: 0.5, 4: 0.7, 6: 0.8}, None),
+        run(1, {0: 0.1, 2: 0.6, 4: 0.8, 6: 0.9}, None),
+        run(2, {0: 0.1, 2: 0.4, 3: 0.1}, 3),
+    ]
+    s = report._series(g, "test_accuracy", report._pct, carry_diverged=True)
+    assert s.rounds.tolist() == [0, 2, 4, 6]
+    assert s.n.tolist() == [3, 3, 3, 3]
+    assert s.mean.tolist() == pytest.approx([10.0, 50.0, (70 + 80 + 10) / 3, (80 + 90 + 10) / 3])
+    assert s.time.tolist() == pytest.approx([0.0, 2.0, 4.0, 6.0])  # carried points add no time
+    # without carrying (e.g. the residual), every logged round is a point of its own
+    raw = report._series(g, "test_accuracy", report._pct)
+    assert raw.rounds.tolist() == [0, 2, 3, 4, 6]
+    assert raw.mean[2] == pytest.approx(10.0) and raw.n[2] == 1
+    # every run diverged: nothing to carry against, the runs' own points are kept
+    g.runs = [run(0, {0: 0.1, 3: 0.1}, 3), run(1, {0: 0.1, 5: 0.1}, 5)]
+    assert report._series(g, "test_accuracy", report._pct, carry_diverged=True).rounds.tolist() == [
+        0,
+        3,
+        5,
+    ]
