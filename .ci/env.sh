@@ -30,6 +30,15 @@ TORCH_SPEC="${FEDBGMD_TORCH:-$default_torch}"
 stamp="$VENV/.fedbgmd-install"
 want="$(cat "$FEDBGMD_ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1) $TORCH_SPEC"
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
+  # The default x86-64 pair is a CUDA build: ~6 GB in the venv. Say so before pip fills the disk
+  # half way (FEDBGMD_MIN_FREE_GB=0 skips the check, e.g. for a CPU-only FEDBGMD_TORCH).
+  need_gb="${FEDBGMD_MIN_FREE_GB:-$([ "$TORCH_SPEC" = "torch==2.14.1 torchvision==0.29.1" ] && echo 7 || echo 2)}"
+  free_kb="$(df -Pk "$VENV" 2>/dev/null | awk 'NR == 2 {print $4}')"
+  if [ -n "$free_kb" ] && [ "$free_kb" -lt $((need_gb * 1024 * 1024)) ]; then
+    echo "fedbgmd: only $((free_kb / 1024)) MB free where $VENV lies; installing $TORCH_SPEC and the" \
+      "rest needs about $need_gb GB. Free some space, or put the venv elsewhere with FEDBGMD_VENV=..." >&2
+    exit 1
+  fi
   echo "fedbgmd: installing dependencies into $VENV (first time: a few minutes)"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # shellcheck disable=SC2086
