@@ -800,3 +800,19 @@ def test_accuracy_curve_carries_a_diverged_run_forward_and_drops_its_stop_round(
         3,
         5,
     ]
+
+
+def test_table2_cell_not_run_says_so_with_or_without_a_seed_number(tmp_path: Path) -> None:
+    """A strategy/attack pair without runs reads "not run" (plus the seed's number where the
+    reference has one) — never an empty cell that looks like a formatting slip."""
+    root = tmp_path / "t2"
+    _make_table2_sweep(root)
+    for job in (root / "bitflip20").iterdir():  # drop SGD and CMD under bit flips
+        if json.loads((job / "summary.json").read_text())["strategy"] in ("fedavg", "cm"):
+            for f in job.iterdir():
+                f.unlink()
+            job.rmdir()
+    md = report.build_report(root, reference=REFERENCE_CSV).read_text()
+    rows = _pivot_rows(md)
+    assert rows["bit_flip"]["fedavg"] == "not run"  # the seed's SGD diverged: no number
+    assert rows["bit_flip"]["cm"] == "not run · seed 84.20"
