@@ -268,9 +268,10 @@ class ClientRuntime:
         )
         share = (time.perf_counter() - jobs[0].t0) / len(jobs)
         replies = []
+        loss_values = losses.tolist()  # one host read for the batch (on a GPU: one wait, not n)
         for i, job in enumerate(jobs):
             job.t0 = time.perf_counter() - share  # each client is billed its share of the batch
-            replies.append(self._finish(job, updates[i], float(losses[i]), device_ref))
+            replies.append(self._finish(job, updates[i], loss_values[i], device_ref))
         return replies
 
     @cached_property

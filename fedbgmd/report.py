@@ -777,7 +777,9 @@ def _pivot_tables(
                     ref = None
                     if "strategy" in cs and "attack" in rs:
                         ref = refs.get(_cell_key(cs["strategy"], rs["attack"], _num(frac)))
-                    line.append("not run" if ref is None else f"not run · seed {ref.accuracy_pct:.2f}")
+                    line.append(
+                        "not run" if ref is None else f"not run · seed {ref.accuracy_pct:.2f}"
+                    )
                     continue
                 g, s = cell[(rk, c)]
                 ck = _group_cell_key(g)

@@ -193,11 +193,18 @@ def _expect_array(record: ArrayRecord, key: str, dtype: np.dtype, numel: int | N
     return out
 
 
-def decode_update(content: RecordDict, dim: int, max_bytes: int) -> tuple[torch.Tensor, dict]:
+NON_FINITE_DETAIL = "update contains NaN or Inf"
+
+
+def decode_update(
+    content: RecordDict, dim: int, max_bytes: int, *, check_finite: bool = True
+) -> tuple[torch.Tensor, dict]:
     """Validate a reply and return (flat float32 update of length ``dim``, its metrics).
 
     Raises :class:`BadReply` for missing records or keys, extra keys, wrong dtype or shape, a
-    payload larger than ``max_bytes``, unknown quantizer settings, bad metrics or non-finite values.
+    payload larger than ``max_bytes``, unknown quantizer settings, bad metrics or non-finite values
+    (``check_finite=False`` leaves the last check to a caller that checks many replies at once
+    with :func:`fedbgmd.core.all_finite_each`; it must then reject them as ``non_finite``).
     """
     array_records, configs, metric_records = _split(content)
     if METRICS_KEY not in metric_records or QUANT_KEY not in configs:
@@ -249,6 +256,6 @@ def decode_update(content: RecordDict, dim: int, max_bytes: int) -> tuple[torch.
             raise BadReply("wrong_shape", f"cannot unpack quantized update: {err}") from err
     else:
         raise BadReply("bad_quantization", f"method={method!r} bits={bits!r}")
-    if not all_finite(vec):
-        raise BadReply("non_finite", "update contains NaN or Inf")
+    if check_finite and not all_finite(vec):
+        raise BadReply("non_finite", NON_FINITE_DETAIL)
     return vec, metrics

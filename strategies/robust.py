@@ -45,13 +45,21 @@ from fedbgmd.core import (
     Aggregator,
     FlatSpec,
     all_finite,
+    all_finite_each,
     bgmd_step,
     flatten_state,
     make_memory,
     stack_rows,
     unflatten_state,
 )
-from fedbgmd.wire import DEVICE_STORE, MODEL_REF_KEY, BadReply, decode_update, reply_nbytes
+from fedbgmd.wire import (
+    DEVICE_STORE,
+    MODEL_REF_KEY,
+    NON_FINITE_DETAIL,
+    BadReply,
+    decode_update,
+    reply_nbytes,
+)
 
 log = logging.getLogger("fedbgmd")
 
@@ -353,6 +361,15 @@ class RobustStrategy(Strategy):
         reasons: Counter[str] = Counter()
         by_pid: dict[int, tuple[torch.Tensor, dict]] = {}
         bytes_up, client_time = 0, 0.0
+
+        def reject(err: BadReply) -> None:
+            reasons[err.reason] += 1
+            log.warning("rejected reply: %s", err)
+
+        # Two passes with the checks in the order of one: decoding, then the finiteness of every
+        # decoded update at once (one host read, not one per reply: on a GPU each read waits for
+        # the device), then the checks that compare replies with each other.
+        decoded: list[tuple[int, torch.Tensor, dict]] = []
         for msg in replies:
             try:
                 if msg.has_error():
@@ -362,7 +379,15 @@ class RobustStrategy(Strategy):
                 if pid is None or (sampled and pid not in sampled):
                     raise BadReply("unknown_node", f"node {node}")
                 bytes_up += reply_nbytes(msg.content)
-                vec, metrics = decode_update(msg.content, dim, max_bytes)
+                vec, metrics = decode_update(msg.content, dim, max_bytes, check_finite=False)
+                decoded.append((pid, vec, metrics))
+            except BadReply as err:
+                reject(err)
+        finite = all_finite_each([vec for _, vec, _ in decoded])
+        for (pid, vec, metrics), ok in zip(decoded, finite):
+            try:
+                if not ok:
+                    raise BadReply("non_finite", NON_FINITE_DETAIL)
                 if int(metrics["partition-id"]) != pid:
                     raise BadReply("wrong_partition", f"claims {metrics['partition-id']}, is {pid}")
                 if pid in by_pid:
@@ -372,8 +397,7 @@ class RobustStrategy(Strategy):
                 client_time += float(metrics["client-time-s"])
                 by_pid[pid] = (vec, metrics)
             except BadReply as err:
-                reasons[err.reason] += 1
-                log.warning("rejected reply: %s", err)
+                reject(err)
         accepted = [(pid, *by_pid[pid]) for pid in sorted(by_pid)]  # order by partition id
         return accepted, reasons, {"bytes_up": bytes_up, "client_time_s": client_time}
 

@@ -342,3 +342,63 @@ def test_node_discovery_skips_hostile_or_broken_replies():
             return out
 
     assert discover_nodes(FakeGrid(), num_clients=2, timeout=1.0) == {1: 0, 7: 1}
+
+
+def test_checks_keep_their_order_when_finiteness_is_checked_for_all_replies_at_once():
+    """A NaN reply that also claims another partition is counted as non_finite (the check that
+    comes first), a finite reply whose float32 sum overflows is accepted, +inf is rejected."""
+    n = 6
+    s = make_strategy("mean", n=n)
+    ups = updates(n)
+    big = torch.full((D,), 3e38)  # finite entries, the float32 sum overflows
+    extra = {
+        0: lambda r, m: reply_for(m, honest_content(torch.full((D,), float("nan")), 3)),
+        1: lambda r, m: reply_for(m, honest_content(big, 1)),
+        2: lambda r, m: reply_for(m, honest_content(torch.full((D,), float("inf")), 2)),
+        4: lambda r, m: reply_for(m, honest_content(ups[4], 5)),
+    }
+    run_round(s, initial_arrays(), ups, extra=extra)
+    assert s.round_info[1]["rejections"] == {"non_finite": 2, "wrong_partition": 1}
+    assert s.round_info[1]["replies_accepted"] == 3  # partitions 1 (big), 3, 5
+
+
+def test_reply_validation_reads_the_host_a_fixed_number_of_times_whatever_the_replies():
+    """On a GPU every bool()/float()/tolist() of a device tensor waits for the device: the
+    server's reply validation must not do one per reply."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostReads(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    def reads(n: int, monkeypatch: pytest.MonkeyPatch) -> int:
+        s = make_strategy("mean", n=n)
+        msgs = send(s, initial_arrays(), 1)
+        pid_of = s.node_to_partition
+        ups = updates(n)
+        replies = [
+            reply_for(
+                m,
+                honest_content(ups[pid_of[m.metadata.dst_node_id]], pid_of[m.metadata.dst_node_id]),
+            )
+            for m in msgs
+        ]
+        counter = HostReads()
+        tolist = torch.Tensor.tolist
+        calls = []
+        with monkeypatch.context() as mp:
+            mp.setattr(torch.Tensor, "tolist", lambda t: calls.append(1) or tolist(t))
+            with counter:
+                accepted, reasons, _ = s._validate(replies, D, set(range(n)))
+        assert len(accepted) == n and not reasons
+        return counter.n + len(calls)
+
+    with pytest.MonkeyPatch.context() as mp:
+        few, many = reads(4, mp), reads(16, mp)
+    assert few == many <= 1

@@ -15,7 +15,7 @@ from fedbgmd.core.bgmd import BlockStepResult, bgmd_step
 from fedbgmd.core.flatten import FlatSpec, flatten_state, stack_rows, unflatten_state
 from fedbgmd.core.geometric_median import GMResult, geometric_median
 from fedbgmd.core.memory import MeanMemory, Memory, NoMemory, PerClientMemory, make_memory
-from fedbgmd.core.nonfinite import all_finite, drop_nonfinite_rows
+from fedbgmd.core.nonfinite import all_finite, all_finite_each, drop_nonfinite_rows
 from fedbgmd.core.quantization import QuantizedTensor, dequantize, quantize
 from fedbgmd.core.selection import (
     available_selectors,
@@ -36,6 +36,7 @@ __all__ = [
     "PerClientMemory",
     "QuantizedTensor",
     "all_finite",
+    "all_finite_each",
     "available_aggregators",
     "available_selectors",
     "bgmd_step",

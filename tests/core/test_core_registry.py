@@ -119,3 +119,31 @@ def test_all_finite_matches_the_elementwise_check(values: list[float], expected:
     t = torch.tensor(values, dtype=torch.float32)
     assert all_finite(t) is expected
     assert expected is bool(torch.isfinite(t).all())
+
+
+def test_all_finite_each_is_all_finite_of_each() -> None:
+    from fedbgmd.core import all_finite, all_finite_each
+
+    ts = [
+        torch.tensor([1.0, -2.0]),
+        torch.tensor([3e38, 3e38, -1.0]),  # overflowing sum of finite values
+        torch.tensor([1.0, float("nan")]),
+        torch.tensor([float("inf"), float("-inf")]),
+        torch.tensor([], dtype=torch.float32),
+        torch.tensor([1e308, 1e308], dtype=torch.float64),
+        torch.tensor([1.0, float("-inf")], dtype=torch.float64),
+    ]
+    assert (
+        all_finite_each(ts)
+        == [all_finite(t) for t in ts]
+        == [
+            True,
+            True,
+            False,
+            False,
+            True,
+            True,
+            False,
+        ]
+    )
+    assert all_finite_each([]) == []
