@@ -24,11 +24,9 @@ import traceback
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_module
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fedbgmd.cli import run
-from fedbgmd.config import register_configs
+from fedbgmd.cli import entry
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = [
@@ -67,17 +65,14 @@ class _Reads(TorchDispatchMode):
 
 
 def _count(rounds: int, overrides: list[str]) -> collections.Counter[str]:
+    """Scalar reads during one run of ``rounds`` rounds through the CLI (as ``fedbgmd ...``)."""
     COUNTS.clear()
-    with initialize_config_module("fedbgmd.conf", version_base="1.3"):
-        cfg = compose("config", overrides=[*DEFAULTS, f"num_rounds={rounds}", *overrides])
     with tempfile.TemporaryDirectory() as tmp, _Reads():
-        if run(cfg, Path(tmp)) != 0:
-            raise SystemExit("the run failed")
+        entry([*DEFAULTS, f"num_rounds={rounds}", *overrides, f"hydra.run.dir={tmp}"])
     return collections.Counter(COUNTS)
 
 
 def main(argv: list[str]) -> int:
-    register_configs()
     tolist = torch.Tensor.tolist
 
     def counted_tolist(t: torch.Tensor):  # type: ignore[no-untyped-def]

@@ -50,10 +50,13 @@ def test_only_config_and_cli_import_hydra_and_nothing_imports_the_bare_folders(p
 
 def test_core_imports_only_torch_and_the_standard_library():
     allowed = {"torch", "fedbgmd", "__future__"}
+    # the one exception: numpy's partition, the CPU kernel of the coordinate-wise median
+    exceptions = {"coordinatewise.py": {"numpy"}}
     import sys
 
     for path in sorted((ROOT / "fedbgmd" / "core").glob("*.py")):
+        ok = allowed | exceptions.get(path.name, set())
         extra = {
-            r for r in imported_roots(path) if r not in allowed and r not in sys.stdlib_module_names
+            r for r in imported_roots(path) if r not in ok and r not in sys.stdlib_module_names
         }
         assert not extra, f"{path.name} imports {extra}"
