@@ -17,29 +17,16 @@ initialisation. Needs the Fashion-MNIST idx files. Prints one line per (aggregat
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
+from seed_setup import load_setup, parse_args
 
 from fedbgmd.core import flatten_state, get_aggregator
-from fedbgmd.data import load_dataset
-from fedbgmd.models import build_model
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--checkpoint", default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--clients", type=int, default=32)
-    ap.add_argument("--byzantine", type=int, default=12)
-    ap.add_argument("--lr", type=float, default=0.01)
-    args = ap.parse_args()
-    ds = load_dataset("fashion_mnist")
-    model = build_model("cnn", ds.num_classes, ds.input_shape, seed=args.seed)
-    if args.checkpoint:
-        model.load_state_dict(torch.load(args.checkpoint, weights_only=True)["model"])
-    model.train()
+    args = parse_args()
+    ds, model = load_setup(args)
     g = torch.Generator().manual_seed(args.seed)
     rows = []
     for _ in range(args.clients):
