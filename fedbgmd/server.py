@@ -29,7 +29,7 @@ from fedbgmd.components import (
     strategy_class,
 )
 from fedbgmd.config import clients_per_round
-from fedbgmd.core import all_finite
+from fedbgmd.core import all_finite_each
 from fedbgmd.models import build_model, count_parameters
 from fedbgmd.results import RunWriter, environment_versions, setting_from_config, summarize
 from fedbgmd.training import evaluate, get_device, lr_at
@@ -166,7 +166,8 @@ class ServerRun:
             )
             self.last_eval = (loss, acc)
             if self.diverged_at is None and not (
-                math.isfinite(loss) and all(all_finite(p.detach()) for p in self.model.parameters())
+                math.isfinite(loss)
+                and all(all_finite_each([p.detach() for p in self.model.parameters()]))
             ):
                 self.diverged_at = server_round
                 if self.strategy.diverged is None:  # finite but overflowing: stop here too

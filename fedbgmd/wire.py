@@ -20,7 +20,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.app.typing import ConfigRecordValues
 
-from fedbgmd.core import QuantizedTensor, all_finite, dequantize, quantize
+from fedbgmd.core import QuantizedTensor, dequantize, quantize
 
 UPDATE_KEY = "update"
 QUANT_KEY = "quant"
@@ -196,15 +196,14 @@ def _expect_array(record: ArrayRecord, key: str, dtype: np.dtype, numel: int | N
 NON_FINITE_DETAIL = "update contains NaN or Inf"
 
 
-def decode_update(
-    content: RecordDict, dim: int, max_bytes: int, *, check_finite: bool = True
-) -> tuple[torch.Tensor, dict]:
+def decode_update(content: RecordDict, dim: int, max_bytes: int) -> tuple[torch.Tensor, dict]:
     """Validate a reply and return (flat float32 update of length ``dim``, its metrics).
 
     Raises :class:`BadReply` for missing records or keys, extra keys, wrong dtype or shape, a
-    payload larger than ``max_bytes``, unknown quantizer settings, bad metrics or non-finite values
-    (``check_finite=False`` leaves the last check to a caller that checks many replies at once
-    with :func:`fedbgmd.core.all_finite_each`; it must then reject them as ``non_finite``).
+    payload larger than ``max_bytes``, unknown quantizer settings or bad metrics. Finiteness is
+    not checked here: the server checks every decoded update of a round at once
+    (:func:`fedbgmd.core.all_finite_each`, one host read) and rejects with ``non_finite`` and
+    :data:`NON_FINITE_DETAIL`.
     """
     array_records, configs, metric_records = _split(content)
     if METRICS_KEY not in metric_records or QUANT_KEY not in configs:
@@ -256,6 +255,4 @@ def decode_update(
             raise BadReply("wrong_shape", f"cannot unpack quantized update: {err}") from err
     else:
         raise BadReply("bad_quantization", f"method={method!r} bits={bits!r}")
-    if check_finite and not all_finite(vec):
-        raise BadReply("non_finite", NON_FINITE_DETAIL)
     return vec, metrics

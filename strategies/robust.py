@@ -379,7 +379,7 @@ class RobustStrategy(Strategy):
                 if pid is None or (sampled and pid not in sampled):
                     raise BadReply("unknown_node", f"node {node}")
                 bytes_up += reply_nbytes(msg.content)
-                vec, metrics = decode_update(msg.content, dim, max_bytes, check_finite=False)
+                vec, metrics = decode_update(msg.content, dim, max_bytes)
                 decoded.append((pid, vec, metrics))
             except BadReply as err:
                 reject(err)

@@ -30,11 +30,9 @@ def all_finite(t: Tensor) -> bool:
 
     One reduction instead of an element-wise mask (1.16M floats on the 2-core CPU: 0.13 ms
     instead of 3.4 ms): NaN/±Inf anywhere make the sum non-finite; a non-finite sum of finite
-    values (overflow) is re-checked element-wise.
+    values (overflow) is re-checked element-wise. See :func:`all_finite_each` for many tensors.
     """
-    if t.numel() == 0 or bool(torch.isfinite(t.sum())):
-        return True
-    return bool(torch.isfinite(t).all())
+    return all_finite_each([t])[0]
 
 
 def all_finite_each(ts: Sequence[Tensor]) -> list[bool]:
