@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,15 +49,22 @@ def test_only_config_and_cli_import_hydra_and_nothing_imports_the_bare_folders(p
         assert "hydra" not in roots
 
 
-def test_core_imports_only_torch_and_the_standard_library():
-    allowed = {"torch", "fedbgmd", "__future__"}
-    # the one exception: numpy's partition, the CPU kernel of the coordinate-wise median
+def test_core_imports_only_torch_its_own_modules_and_the_standard_library():
+    # The one exception: numpy's partition is the CPU selection kernel of the coordinate-wise
+    # median (6x faster than torch's kthvalue/topk there, same values); no other numpy in core.
     exceptions = {"coordinatewise.py": {"numpy"}}
-    import sys
-
+    allowed = {"torch", "__future__"} | set(sys.stdlib_module_names)
     for path in sorted((ROOT / "fedbgmd" / "core").glob("*.py")):
         ok = allowed | exceptions.get(path.name, set())
-        extra = {
-            r for r in imported_roots(path) if r not in ok and r not in sys.stdlib_module_names
-        }
-        assert not extra, f"{path.name} imports {extra}"
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                # core may import itself (fedbgmd.core...), nothing else of fedbgmd
+                if name == "fedbgmd.core" or name.startswith("fedbgmd.core."):
+                    continue
+                assert name.split(".")[0] in ok, f"{path.name} imports {name}"
