@@ -20,12 +20,13 @@ from seed_setup import load_setup, parse_args
 
 from fedbgmd.attacks import get_attack
 from fedbgmd.core import flatten_state
+from fedbgmd.data import normalization
 
 
 def main() -> None:
     args = parse_args()
     ds, model = load_setup(args)
-    mean_px, std_px = 0.2860, 0.3530  # Fashion-MNIST normalisation (fedbgmd.data)
+    (mean_px,), (std_px,) = normalization("fashion_mnist")
 
     def update(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         model.zero_grad(set_to_none=True)

@@ -328,6 +328,33 @@ def make_synthetic(
 # --------------------------------------------------------------------------------------------
 
 
+def _canonical_name(name: str) -> str:
+    key = name.lower().replace("-", "_")
+    if key == "fashionmnist":
+        key = "fashion_mnist"
+    if key not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    return key
+
+
+def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel ``(mean, std)`` that :func:`load_dataset` applies to pixels scaled to [0, 1].
+
+    Why: attacks and checks that speak in pixel units (e.g. impulse noise to exactly 0 or 1)
+    convert with ``(pixel - mean) / std``; one source instead of copied constants.
+
+    Raises:
+        ValueError: unknown ``name``, or ``"synthetic"`` (its features are not pixels).
+    """
+    key = _canonical_name(name)
+    if key == "cifar10":
+        return _CIFAR10_MEAN, _CIFAR10_STD
+    if key == "synthetic":
+        raise ValueError("the synthetic data set is not normalised pixels: it has no normalization")
+    _, mean, std = _IDX_DATASETS[key]
+    return (mean,), (std,)
+
+
 def load_dataset(
     name: str, root: str | None = None, download: bool = False, **synthetic_kwargs: Any
 ) -> Dataset:
@@ -347,11 +374,7 @@ def load_dataset(
         DatasetMissingError: the files are absent (the message says where we looked and how to
             get them).
     """
-    key = name.lower().replace("-", "_")
-    if key == "fashionmnist":
-        key = "fashion_mnist"
-    if key not in DATASET_NAMES:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    key = _canonical_name(name)
     if key == "synthetic":
         return make_synthetic(**synthetic_kwargs)
     if synthetic_kwargs:

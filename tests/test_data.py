@@ -232,3 +232,23 @@ def test_fashion_mnist_from_debian_package() -> None:
     assert int(ds.train.y.min()) == 0 and int(ds.train.y.max()) == 9
     assert torch.equal(ds.train.y.bincount(), torch.full((10,), 6000))
     assert abs(float(ds.train.x.mean())) < 0.01 and abs(float(ds.train.x.std()) - 1.0) < 0.01
+
+
+def test_normalization_is_what_load_dataset_applies(tmp_path: Path) -> None:
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    pixels = torch.tensor([0, 255, 51]).repeat(2, 28 * 28 // 3 + 1)[:, : 28 * 28].view(2, 28, 28)
+    for split in ("train", "t10k"):
+        _write_idx(raw / f"{split}-images-idx3-ubyte.gz", pixels)
+        _write_idx(raw / f"{split}-labels-idx1-ubyte.gz", torch.arange(2))
+    ds = load_dataset("Fashion-MNIST", root=str(tmp_path))
+    (mean,), (std,) = data.normalization("fashion-mnist")
+    # pixel 0 -> (0 - mean) / std, pixel 255 -> (1 - mean) / std, pixel 51 -> (0.2 - mean) / std
+    got = ds.train.x[0, 0, 0, :3]
+    want = (torch.tensor([0.0, 1.0, 0.2]) - mean) / std
+    assert torch.allclose(got, want, atol=1e-6)
+    assert data.normalization("cifar10") == ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    with pytest.raises(ValueError, match="no normalization"):
+        data.normalization("synthetic")
+    with pytest.raises(ValueError, match="valid names"):
+        data.normalization("imagenet")
