@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ from fedbgmd.core import (
     register_selector,
 )
 from fedbgmd.data import Dataset, load_dataset, partition
+from fedbgmd.results import attack_label
 from fedbgmd.training import OptimConfig
 
 
@@ -58,7 +60,8 @@ def generator(*parts: object, device: str | torch.device = "cpu") -> torch.Gener
 
 def byzantine_ids(seed: int, num_clients: int, fraction: float) -> list[int]:
     """⌊fraction·N⌋ partition ids drawn once by a seeded generator (fixed for the whole run)."""
-    count = int(fraction * num_clients)
+    # rounded before the floor: 0.29 * 100 is 28.999999999999996 in floating point, not 29
+    count = math.floor(round(fraction * num_clients, 9))
     if count == 0:
         return []
     perm = torch.randperm(num_clients, generator=generator(seed, "byzantine"))
@@ -103,9 +106,10 @@ class AttackSpec:
 
 def build_attack(cfg: Any) -> AttackSpec:
     a = cfg.attack
-    ids = tuple(byzantine_ids(cfg.seed, cfg.num_clients, a.fraction)) if a.name != "none" else ()
     if a.name == "none" and a.target is None:
         return AttackSpec((), None, None, "none")
+    # a user attack given only by attack.target (name left "none") attacks too
+    ids = tuple(byzantine_ids(cfg.seed, cfg.num_clients, a.fraction))
     params = dict(a.params)
     if a.target:
         obj = locate(a.target)(**params)
@@ -113,10 +117,11 @@ def build_attack(cfg: Any) -> AttackSpec:
         obj = get_omniscient_attack(a.name, **params)
     else:
         obj = get_attack(a.name, **params)
+    name = attack_label(a.name, a.target)
     if isinstance(obj, OmniscientAttack):
-        return AttackSpec(ids, None, obj, a.name)
+        return AttackSpec(ids, None, obj, name)
     if isinstance(obj, ClientAttack):
-        return AttackSpec(ids, obj, None, a.name)
+        return AttackSpec(ids, obj, None, name)
     raise ValueError(
         f"attack target {a.target!r} built a {type(obj).__name__}, which is neither a "
         "ClientAttack nor an OmniscientAttack (see fedbgmd.attacks.base)"

@@ -330,10 +330,11 @@ def setting_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
     strategy, attack = section(config, "strategy"), section(config, "attack")
     block = section(strategy, "block")
     enabled = bool(block.get("enabled"))
-    attacked = attack.get("name", "none") != "none"  # no Byzantine clients without an attack
+    label = attack_label(attack.get("name", "none"), attack.get("target"))
+    attacked = label != "none"  # no Byzantine clients without an attack
     return {
         "strategy": strategy.get("name"),
-        "attack": attack.get("name"),
+        "attack": label,
         "attack.fraction": float(attack.get("fraction", 0.0)) if attacked else 0.0,
         "data": section(config, "data").get("name"),
         "model": section(config, "model").get("name"),
@@ -344,6 +345,12 @@ def setting_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
         "num_clients": _number(config.get("num_clients"), int),
         "num_rounds": _number(config.get("num_rounds"), int),
     }
+
+
+def attack_label(name: Any, target: Any) -> str:
+    """The attack a run used: a user class given by ``attack.target`` wins over the registry name
+    (it is what gets built), so a target-only attack never reads as the clean run ``"none"``."""
+    return str(target) if target else str(name)
 
 
 def _number(value: Any, kind: Callable[[Any], Any]) -> Any:

@@ -168,3 +168,27 @@ def test_setting_tells_the_table2_variants_apart():
     assert gm_paper["strategy.block.memory"] is None  # no block step, no memory
     clean = setting_of(compose_cfg("strategy=gm", "attack=none"))
     assert clean["attack.params"] == {} and clean["attack.fraction"] == 0.0
+
+
+def test_an_attack_given_only_by_target_gets_its_byzantine_clients_and_its_name():
+    from fedbgmd.components import build_attack
+    from fedbgmd.server import setting_of
+
+    target = "fedbgmd.attacks.update.BitFlipAttack"
+    cfg = compose_cfg(f"attack.target={target}", "attack.fraction=0.3")
+    assert cfg.attack.name == "none"
+    spec = build_attack(cfg)
+    assert len(spec.byzantine_ids) == 3 and spec.client_attack is not None
+    assert spec.name == target
+    setting = setting_of(cfg)  # the report must not file it under the clean runs
+    assert setting["attack"] == target and setting["attack.fraction"] == 0.3
+
+
+def test_byzantine_count_is_the_floor_of_the_decimal_fraction():
+    from fedbgmd.components import byzantine_ids
+
+    # 0.29 * 100 is 28.999999999999996 in floating point
+    assert len(byzantine_ids(0, 100, 0.29)) == 29
+    assert len(byzantine_ids(0, 200, 0.29)) == 58
+    assert len(byzantine_ids(0, 32, 0.2)) == 6 and len(byzantine_ids(0, 32, 0.4)) == 12
+    assert len(byzantine_ids(0, 10, 0.09)) == 0
