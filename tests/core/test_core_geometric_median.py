@@ -142,3 +142,52 @@ def test_reported_objective_is_accurate_for_large_float32_inputs(
         r = geometric_median(x, solver=solver, init="mean")
         exact = float(torch.stack([(row.double() - r.median.double()).norm() for row in x]).sum())
         assert abs(r.objective - exact) <= 1e-7 * exact
+
+
+@pytest.mark.parametrize("solver", ["direct", "gram"])
+@pytest.mark.parametrize("init", ["median", "mean"])
+def test_a_start_on_a_non_optimal_row_leaves_it(solver: str, init: str) -> None:
+    # (0,0), (1,0), (0,1): the coordinate-wise median start is the row (0, 0), which is not the
+    # median ((3 - √3)/6 on both axes). Plain smoothed Weiszfeld gives that row the weight 1/ν and
+    # crept away by ~ν per step: it stopped after 8 iterations at (1e-7, 1e-7), "converged".
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    r = geometric_median(x, solver=solver, init=init)
+    assert r.converged
+    want = (3.0 - math.sqrt(3.0)) / 6.0
+    torch.testing.assert_close(
+        r.median, torch.full((2,), want, dtype=torch.float64), atol=2e-6, rtol=0
+    )
+    assert _subgradient_norm(x, r.median) < 1e-4
+    assert abs(float(r.weights.sum()) - 1.0) < 1e-12 and bool((r.weights > 0).all())
+
+
+@pytest.mark.parametrize("solver", ["direct", "gram"])
+def test_a_row_that_is_the_median_stays_the_median(solver: str) -> None:
+    # Vardi–Zhang: y stays on a row exactly when the pull of the others is at most its weight
+    x = torch.tensor(
+        [[0.0, 0.0, 0.0], [1.0, -1.0, 0.5], [-1.0, 1.0, -0.5], [1.0, 1.0, 1.0], [-0.5, -2.0, -1.0]],
+        dtype=torch.float64,
+    )
+    r = geometric_median(x, solver=solver)
+    assert r.converged and float(r.median.norm()) < 1e-5  # gram approaches it from the mean
+    # duplicated rows: every row at the iterate, nothing to divide by
+    same = torch.ones(4, 3, dtype=torch.float64)
+    s = geometric_median(same, solver=solver, init="mean")
+    assert s.converged and torch.equal(s.median, same[0])
+
+
+@pytest.mark.parametrize("big", [1e6, 1e13, 1e16, 1e18, 1e20])
+def test_gram_solver_with_far_finite_outliers(big: float) -> None:
+    # 3 of 10 rows at a huge finite value (a hostile client's). The gram solver used to return
+    # the iterate with the least computed objective, whose rounding noise (~1e-16 · big) beat the
+    # inliers' progress: 0.35 off at 1e13, 45 off at 1e16; from 1e18 its float32 products
+    # overflowed. Now: the last iterate, and the direct solver when G is not finite.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 5000, generator=g) * 0.01
+    x[:3] = big
+    ref = geometric_median(x.double(), solver="direct", eps=1e-12).median
+    r = geometric_median(x)  # auto: gram, as d >= 4n
+    assert r.converged and bool(torch.isfinite(r.median).all())
+    assert r.solver == ("gram" if big < 1e18 else "direct")
+    # the median is 0.31 from the honest mean; float32 output resolution is ~1e-6 here
+    assert float((r.median.double() - ref).norm()) < 1e-5
