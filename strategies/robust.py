@@ -286,6 +286,7 @@ class RobustStrategy(Strategy):
             step_size=self.server_lr,
             selector=self.selector,
             generator=generator(self.seed, server_round, "block", device=self.device),
+            weights=weights,
         )
         diag = _agg_diag(step.aggregation)
         diag["relative_residual"] = float(step.relative_residual)

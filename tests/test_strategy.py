@@ -402,3 +402,35 @@ def test_reply_validation_reads_the_host_a_fixed_number_of_times_whatever_the_re
     with pytest.MonkeyPatch.context() as mp:
         few, many = reads(4, mp), reads(16, mp)
     assert few == many <= 1
+
+
+@pytest.mark.parametrize("agg", ["mean", "gm"])
+def test_weighted_block_step_equals_the_weighted_plain_step(agg):
+    # the block step used to drop the client weights (an unweighted aggregate of the block)
+    x0, ups = initial_arrays(), updates()
+
+    def content(pid: int) -> RecordDict:
+        arrays, q = encode_update(ups[pid])
+        metrics = {
+            "num-examples": 1 + 10 * pid,
+            "train-loss": 0.5,
+            "partition-id": pid,
+            "client-time-s": 0.01,
+        }
+        return build_reply_content(arrays, q, metrics)
+
+    got = []
+    for kw in ({}, {"block": True, "beta": 1.0, "memory": "none"}):
+        s = make_strategy(agg, weighted=True, **kw)
+        pid = s.node_to_partition
+        msgs = send(s, x0)
+        new, _ = s.aggregate_train(
+            1, [reply_for(m, content(pid[m.metadata.dst_node_id])) for m in msgs]
+        )
+        got.append(flat(new))
+    w = torch.tensor([1.0 + 10 * p for p in range(5)])
+    want = get_aggregator(agg)(ups, w).vector
+    torch.testing.assert_close(got[0], flat(x0) - want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got[1], got[0], rtol=0, atol=1e-6)
+    unweighted = get_aggregator(agg)(ups).vector
+    assert float((want - unweighted).norm()) > 1e-2  # the weights matter in this test

@@ -6,9 +6,11 @@ Given the round's stacked messages :math:`G_t \in \mathbb{R}^{n\times d}` (one r
    :math:`\hat m_t` to every row; ``none`` adds nothing);
 2. :math:`I_k` = ``select_block`` on :math:`P_t` (column squared norms, k columns);
 3. :math:`\Delta_t = P_t[:, I_k] \in \mathbb{R}^{n\times k}`;
-4. :math:`M_{t+1} = P_t - C_k(P_t)` is stored (per client / as the row mean / discarded) —
-   *before* aggregation, so the memory is consistent even if the aggregator raises;
-5. :math:`\tilde g = \mathrm{Agg}(\Delta_t) \in \mathbb{R}^k`, scattered into :math:`0 \in \mathbb{R}^d`.
+4. :math:`\tilde g = \mathrm{Agg}(\Delta_t) \in \mathbb{R}^k` (with the client weights if
+   given), scattered into :math:`0 \in \mathbb{R}^d`;
+5. :math:`M_{t+1} = P_t - C_k(P_t)` is stored (per client / as the row mean / discarded). If the
+   aggregator refuses the block (it raises, e.g. Krum with too few rows), no block is applied and
+   :math:`M_{t+1} = P_t`: the round's mass stays in the memory instead of being lost.
 
 The server then applies :math:`x_{t+1} = x_t - \tilde g` (sign conventions are the caller's).
 Diagnostics: relative residual :math:`\lVert P - C_k(P)\rVert^2 / \lVert P\rVert^2` (computed from
@@ -22,6 +24,7 @@ With k = d, memory ``none`` and step size 1 the result equals ``aggregator(G_t).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -55,12 +58,17 @@ class BlockStepResult:
     memory_norm: float
 
 
-def _finite_rows(x: Tensor, client_ids: list[int]) -> tuple[Tensor, list[int], int]:
+def _finite_rows(
+    x: Tensor, client_ids: list[int], weights: Tensor | None
+) -> tuple[Tensor, list[int], Tensor | None, int]:
     xf, _, n_dropped = drop_nonfinite_rows(x)
     if n_dropped == 0:
-        return x, client_ids, 0
-    ok = torch.isfinite(x).all(dim=1).tolist()
-    return xf, [c for c, keep in zip(client_ids, ok) if keep], n_dropped
+        return x, client_ids, weights, 0
+    mask = torch.isfinite(x).all(dim=1)
+    ok = mask.tolist()
+    if weights is not None:
+        weights = weights[mask.to(weights.device)]
+    return xf, [c for c, keep in zip(client_ids, ok) if keep], weights, n_dropped
 
 
 def bgmd_step(
@@ -72,6 +80,7 @@ def bgmd_step(
     step_size: float = 1.0,
     selector: str = "sample",
     generator: torch.Generator | None = None,
+    weights: Tensor | None = None,
 ) -> BlockStepResult:
     """One block-coordinate aggregation step with residual memory (see module docstring).
 
@@ -84,25 +93,43 @@ def bgmd_step(
         step_size: γ_s scaling the messages.
         selector: registered selector name.
         generator: torch.Generator on ``x.device`` for random selectors.
+        weights: optional (n,) client weights, passed to the aggregator with the block (the
+            selection and the memory do not use them).
+
+    Raises:
+        ValueError: on bad shapes, ids or k; whatever the aggregator raises (e.g. Krum with too
+            few rows) after all of P_t went into the memory (nothing of the round is lost).
     """
     ids = [int(c) for c in client_ids]
     if x.ndim != 2 or len(ids) != x.shape[0]:
         raise ValueError(f"need one client id per row: {len(ids)} ids, shape {tuple(x.shape)}")
-    xf, ids, n_dropped = _finite_rows(x, ids)
+    if weights is not None and weights.shape != (len(ids),):
+        raise ValueError(f"need one weight per row: weights {tuple(weights.shape)}, {len(ids)} rows")
+    xf, ids, weights, n_dropped = _finite_rows(x, ids, weights)
     d = xf.shape[1]
     if not 1 <= k <= d:
         raise ValueError(f"block size k must be in [1, d={d}], got {k}")
     p = memory.combine(xf, step_size, ids)
     s = column_sq_norms(p)
+    total = float(s.sum(dtype=torch.float64))
+    if math.isinf(total) and p.dtype != torch.float64:
+        # finite entries whose squares overflow p's dtype (|x| >~ 1e19 in float32, a hostile
+        # client's): inf norms would make the sampling degenerate and the residual NaN
+        s = column_sq_norms(p.to(torch.float64))
+        total = float(s.sum())
     sel = select_from_norms(s, k, selector, generator)
     delta = p if k == d else p.index_select(1, sel)
-    total = float(s.sum(dtype=torch.float64))
     kept = float(s.index_select(0, sel).sum(dtype=torch.float64))
     rel = max(total - kept, 0.0) / total if total > 0 else 0.0
     if k == d and delta is not x:
         delta = delta.clone()
+    try:
+        agg = aggregator(delta, weights)
+    except Exception:
+        # refused: no block is applied this round, so all of P_t stays in the memory
+        memory.commit(ids, p, sel[:0], residual_sq=total)
+        raise
     memory.commit(ids, p, sel, residual_sq=max(total - kept, 0.0))
-    agg = aggregator(delta)
     if n_dropped:
         agg = dataclasses.replace(agg, n_dropped=agg.n_dropped + n_dropped)
     if k == d:

@@ -79,7 +79,9 @@ def sample_selector(s: Tensor, k: int, generator: torch.Generator | None) -> Ten
     logu = _log_uniform(s, generator)
     n_pos = int((s > 0).sum())
     if n_pos >= k:
-        keys = logu.div_(s.to(torch.float32))
+        # float64 norms (bgmd_step's fallback when float32 squares overflow) keep their range
+        dt = torch.float64 if s.dtype == torch.float64 else torch.float32
+        keys = logu.to(dt).div_(s.to(dt))
     else:
         keys = torch.where(s > 0, torch.zeros_like(logu), logu - 1.0)
     return torch.topk(keys, k, sorted=False).indices

@@ -190,3 +190,64 @@ def test_bgmd_validation() -> None:
         make_memory("per_row", dim=3)
     with pytest.raises(ValueError):
         make_memory("per_client", dim=3).combine(torch.randn(2, 3), 1.0, [1, 1])
+
+
+def test_block_step_passes_the_client_weights_to_the_aggregator() -> None:
+    x = torch.tensor([[0.0, 0.0], [10.0, 10.0], [float("nan"), 1.0]])
+    w = torch.tensor([1.0, 3.0, 5.0])
+    mean = get_aggregator("mean")
+    res = bgmd_step(
+        x, mean, k=2, memory=make_memory("none", dim=2), client_ids=[0, 1, 2], weights=w
+    )
+    # the NaN row and its weight are dropped; weighted mean of the rest (was: unweighted 5.0)
+    torch.testing.assert_close(res.vector, torch.tensor([7.5, 7.5]))
+    torch.testing.assert_close(res.vector, mean(x[:2], w[:2]).vector)
+    with pytest.raises(ValueError, match="one weight per row"):
+        bgmd_step(
+            x, mean, k=2, memory=make_memory("none", dim=2), client_ids=[0, 1, 2], weights=w[:2]
+        )
+
+
+@pytest.mark.parametrize("kind", ["per_client", "mean"])
+def test_a_refused_block_stays_in_the_memory(kind: str) -> None:
+    # Krum with f = 2 needs more than 5 rows: the round is refused, nothing is applied, and the
+    # round's P_t = M_t + G_t must stay in the memory (it was: M_{t+1} = P_t - C_k(P_t), the
+    # block's mass lost).
+    x = _x(5, 40, 3)
+    mem = make_memory(kind, dim=40)
+    with pytest.raises(ValueError):
+        bgmd_step(x, get_aggregator("krum", f=2), k=8, memory=mem, client_ids=range(5))
+    if kind == "per_client":
+        assert isinstance(mem, PerClientMemory)
+        for i in range(5):
+            torch.testing.assert_close(mem.residual(i), x[i])
+    else:
+        assert isinstance(mem, MeanMemory)
+        torch.testing.assert_close(mem.m, x.mean(0))
+    torch.testing.assert_close(
+        mem.norm(), float(x.norm() if kind == "per_client" else x.mean(0).norm())
+    )
+
+
+def test_float32_overflowing_rows_keep_selection_and_diagnostics_meaningful() -> None:
+    # finite rows at 1e20 (their squares overflow float32): the column norms used to be inf, so
+    # the sampling ignored its generator, and the relative residual and memory norm were NaN
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 5000, generator=g) * 0.01
+    x[:3] = 1e20
+    sels = []
+    for seed in (0, 1):
+        r = bgmd_step(
+            x,
+            get_aggregator("gm"),
+            k=500,
+            memory=make_memory("per_client", dim=5000),
+            client_ids=range(10),
+            generator=torch.Generator().manual_seed(seed),
+        )
+        assert 0.0 <= r.relative_residual <= 1.0 and math.isfinite(r.memory_norm)
+        assert r.aggregation.converged
+        # GM of the block ignores the 3 far rows: the update is on the honest scale
+        assert float(r.vector.abs().max()) < 0.1
+        sels.append(r.selected)
+    assert not torch.equal(sels[0], sels[1])
