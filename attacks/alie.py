@@ -123,8 +123,9 @@ class OmniscientAlie(OmniscientAttack):
     """Omniscient ALIE (SIMULATION ONLY): every malicious row is ``μ − z·σ`` of the honest rows.
 
     ``z`` explicit, else :func:`alie_z` with ``num_clients`` (default n_h + num_byzantine) and
-    f = num_byzantine; when that is undefined (f = 0, or f > n/2) z falls back to 1.0 only if
-    ``num_byzantine == 0`` (nothing is returned then anyway), otherwise ValueError.
+    f = num_byzantine. A round where the Byzantine rows are a majority (possible when clients are
+    sampled per round even with fewer than half Byzantine overall) uses f = ⌊n/2⌋, the largest f
+    the formula is defined for (its largest z); f = 0 gives 1.0 (nothing is returned then).
     """
 
     name: ClassVar[str] = "alie"
@@ -145,7 +146,7 @@ class OmniscientAlie(OmniscientAttack):
         if num_byzantine == 0:
             return 1.0
         n = self.num_clients if self.num_clients is not None else num_honest + num_byzantine
-        return alie_z(n, num_byzantine)
+        return alie_z(n, min(num_byzantine, n // 2))
 
     def craft(
         self,

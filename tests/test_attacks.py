@@ -569,3 +569,15 @@ def test_agr_tailored_searches_against_the_given_aggregator() -> None:
         assert found >= attack.damage(honest, g, 3, _median) - 1e-9
     with pytest.raises(ValueError, match="aggregator"):
         attack(honest, 3, generator=gen())
+
+
+def test_omniscient_alie_in_a_round_with_a_byzantine_majority():
+    # with clients sampled per round, 3 of 5 sampled rows can be Byzantine although fewer than
+    # half are overall; ALIE's z is undefined for f > n/2 and the round used to crash the run
+    attack = get_omniscient_attack("alie")
+    assert attack.z_for(2, 3) == alie_z(5, 2)  # f capped at ⌊n/2⌋: the formula's largest z
+    assert attack.z_for(3, 2) == alie_z(5, 2)
+    honest = torch.randn(2, 6, generator=torch.Generator().manual_seed(0))
+    out = attack.craft(honest, 3, torch.Generator().manual_seed(1), None)
+    mu, sigma = coordinate_stats(honest)
+    torch.testing.assert_close(out, (mu - alie_z(5, 2) * sigma).expand(3, 6))
