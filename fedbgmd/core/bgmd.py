@@ -104,7 +104,9 @@ def bgmd_step(
     if x.ndim != 2 or len(ids) != x.shape[0]:
         raise ValueError(f"need one client id per row: {len(ids)} ids, shape {tuple(x.shape)}")
     if weights is not None and weights.shape != (len(ids),):
-        raise ValueError(f"need one weight per row: weights {tuple(weights.shape)}, {len(ids)} rows")
+        raise ValueError(
+            f"need one weight per row: weights {tuple(weights.shape)}, {len(ids)} rows"
+        )
     xf, ids, weights, n_dropped = _finite_rows(x, ids, weights)
     d = xf.shape[1]
     if not 1 <= k <= d:
