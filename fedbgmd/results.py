@@ -20,6 +20,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -417,6 +418,36 @@ def _pkg_version(name: str) -> str | None:
         return None
 
 
+def source_commit(root: Path | None = None) -> str | None:
+    """The git commit of fedbgmd's source tree (``+dirty`` if tracked files differ from it), or
+    None when it is not a git checkout (an installed wheel) or git is unavailable.
+
+    Why: the package version does not change between commits; a run's result must say which code
+    produced it.
+    """
+    root = Path(__file__).resolve().parents[1] if root is None else root
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}+dirty" if dirty else head or None
+
+
 def environment_versions(device: str | None = None) -> dict[str, str | None]:
     """Versions for summary.json's ``versions`` field, without importing torch or flwr."""
     return {
@@ -424,6 +455,7 @@ def environment_versions(device: str | None = None) -> dict[str, str | None]:
         "torch": _pkg_version("torch"),
         "flwr": _pkg_version("flwr"),
         "fedbgmd": _pkg_version("fedbgmd"),
+        "fedbgmd_commit": source_commit(),
         "numpy": _pkg_version("numpy"),
         "platform": platform.platform(),
         "device": device,

@@ -816,3 +816,39 @@ def test_table2_cell_not_run_says_so_with_or_without_a_seed_number(tmp_path: Pat
     rows = _pivot_rows(md)
     assert rows["bit_flip"]["fedavg"] == "not run"  # the seed's SGD diverged: no number
     assert rows["bit_flip"]["cm"] == "not run · seed 84.20"
+
+
+def test_source_commit_names_the_code_and_whether_it_was_modified(tmp_path):
+    import shutil
+    import subprocess
+
+    from fedbgmd.results import environment_versions, source_commit
+
+    assert source_commit(tmp_path) is None  # not a checkout (e.g. an installed wheel)
+    if shutil.which("git") is None:
+        pytest.skip("git not installed")
+    env = {
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+    }
+
+    def run(*a):
+        return subprocess.run(
+            ["git", "-C", str(tmp_path), *a], check=True, env=env, capture_output=True, text=True
+        ).stdout.strip()
+
+    run("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    run("add", "a.py")
+    run("commit", "-q", "-m", "c")
+    head = run("rev-parse", "HEAD")
+    assert source_commit(tmp_path) == head
+    (tmp_path / "new.txt").write_text("untracked files do not count\n")
+    assert source_commit(tmp_path) == head
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert source_commit(tmp_path) == head + "+dirty"
+    assert "fedbgmd_commit" in environment_versions("cpu")
