@@ -12,6 +12,7 @@ startup (:func:`fedbgmd.components.build_components`), which names the unknown p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -214,6 +215,11 @@ def _get(cfg: Any, dotted: str) -> Any:
     return node
 
 
+def _positive(value: Any) -> bool:
+    """A finite number > 0 (NaN compares False with everything, so `value <= 0` lets it pass)."""
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
 def validate(cfg: Any) -> None:
     """Check the cross-field rules once at startup; raise one ConfigError listing all problems."""
     p: list[str] = []
@@ -236,19 +242,33 @@ def validate(cfg: Any) -> None:
         p.append("client.local_steps and client.local_epochs: set exactly one (the other null)")
     if c.local_steps is not None and c.local_steps < 1:
         p.append(f"client.local_steps={c.local_steps} must be >= 1")
-    if c.local_epochs is not None and c.local_epochs <= 0:
-        p.append(f"client.local_epochs={c.local_epochs} must be > 0")
+    if c.local_epochs is not None and not _positive(c.local_epochs):
+        p.append(f"client.local_epochs={c.local_epochs} must be a finite number > 0")
     if c.batch_size < 1:
         p.append(f"client.batch_size={c.batch_size} must be >= 1")
-    if c.optimizer.lr <= 0:
-        p.append(f"client.optimizer.lr={c.optimizer.lr} must be > 0")
+    if not _positive(c.optimizer.lr):
+        p.append(f"client.optimizer.lr={c.optimizer.lr} must be a finite number > 0")
     if not 1 <= c.quantization.bits <= 16:
         p.append(f"client.quantization.bits={c.quantization.bits} must be in 1..16")
+    elif c.quantization.method == "sign" and c.quantization.bits != 1:
+        p.append(
+            f"client.quantization.bits={c.quantization.bits}: sign quantization sends 1 bit per "
+            "coordinate; set client.quantization.bits=1"
+        )
+    if cfg.eval_batch_size < 1:
+        p.append(f"eval_batch_size={cfg.eval_batch_size} must be >= 1")
+    if cfg.max_eval_samples is not None and cfg.max_eval_samples < 1:
+        p.append(f"max_eval_samples={cfg.max_eval_samples} must be >= 1 (or null: all)")
     s = cfg.strategy
     if not 0 < s.block.beta <= 1:
         p.append(f"strategy.block.beta={s.block.beta} must satisfy 0 < beta <= 1")
-    if s.server_lr <= 0:
-        p.append(f"strategy.server_lr={s.server_lr} must be > 0")
+    if not _positive(s.server_lr):
+        p.append(f"strategy.server_lr={s.server_lr} must be a finite number > 0")
+    if s.max_update_norm is not None and not _positive(s.max_update_norm):
+        p.append(
+            f"strategy.max_update_norm={s.max_update_norm} must be a finite number > 0 (or null: "
+            "no bound)"
+        )
     if not 0 <= s.server_momentum < 1:
         p.append(f"strategy.server_momentum={s.server_momentum} must be in [0, 1)")
     if not 0 < s.fraction_train <= 1:
@@ -269,7 +289,8 @@ def validate(cfg: Any) -> None:
             f"attack.fraction={a.fraction} must satisfy 0 <= fraction < 0.5 "
             "(a Byzantine majority cannot be tolerated by any aggregator)"
         )
-    if a.name != "none" and a.fraction > 0 and int(a.fraction * cfg.num_clients) == 0:
+    attacked = a.name != "none" or a.target is not None
+    if attacked and a.fraction > 0 and math.floor(round(a.fraction * cfg.num_clients, 9)) == 0:
         p.append(
             f"attack.fraction={a.fraction} with num_clients={cfg.num_clients} makes "
             "⌊fraction·num_clients⌋ = 0 Byzantine clients; raise one of them or use attack=none"
@@ -291,10 +312,13 @@ def validate(cfg: Any) -> None:
         p.append(f"engine.batch_chunk={cfg.engine.batch_chunk} must be >= 1 (or null)")
     if cfg.engine.num_threads is not None and cfg.engine.num_threads < 1:
         p.append(f"engine.num_threads={cfg.engine.num_threads} must be >= 1 (or null)")
-    if cfg.engine.timeout_s <= 0:
-        p.append(f"engine.timeout_s={cfg.engine.timeout_s} must be > 0")
-    if cfg.engine.num_gpus < 0 or cfg.engine.num_cpus <= 0:
-        p.append("engine.num_cpus must be > 0 and engine.num_gpus >= 0")
+    for key in ("timeout_s", "round_timeout_s"):
+        if not _positive(getattr(cfg.engine, key)):
+            p.append(f"engine.{key}={getattr(cfg.engine, key)} must be a finite number > 0")
+    if not _positive(cfg.engine.num_cpus):
+        p.append(f"engine.num_cpus={cfg.engine.num_cpus} must be a finite number > 0")
+    if not (_positive(cfg.engine.num_gpus) or cfg.engine.num_gpus == 0):
+        p.append(f"engine.num_gpus={cfg.engine.num_gpus} must be a finite number >= 0")
     if p:
         raise ConfigError(p)
 

@@ -192,3 +192,34 @@ def test_byzantine_count_is_the_floor_of_the_decimal_fraction():
     assert len(byzantine_ids(0, 200, 0.29)) == 58
     assert len(byzantine_ids(0, 32, 0.2)) == 6 and len(byzantine_ids(0, 32, 0.4)) == 12
     assert len(byzantine_ids(0, 10, 0.09)) == 0
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("strategy.server_lr=nan", "strategy.server_lr"),
+        ("strategy.server_lr=inf", "strategy.server_lr"),
+        ("strategy.max_update_norm=nan", "strategy.max_update_norm"),
+        ("strategy.max_update_norm=-1", "strategy.max_update_norm"),
+        ("engine.round_timeout_s=0", "engine.round_timeout_s"),
+        ("engine.timeout_s=nan", "engine.timeout_s"),
+        ("engine.num_gpus=nan", "engine.num_gpus"),
+        ("engine.num_cpus=inf", "engine.num_cpus"),
+        ("eval_batch_size=0", "eval_batch_size"),
+        ("max_eval_samples=0", "max_eval_samples"),
+        ("client.optimizer.lr=nan", "client.optimizer.lr"),
+        ("client.quantization.method=sign", "client.quantization.bits"),
+    ],
+)
+def test_values_that_would_break_the_run_later_are_refused_at_startup(override, key):
+    # NaN compares False with everything: `value <= 0` checks let these through, and the run then
+    # failed late (exit 1), silently turned a defence off (max_update_norm=nan) or looked like a
+    # divergence (server_lr=nan)
+    with pytest.raises(ConfigError) as info:
+        validate(compose_cfg(override))
+    assert any(p.startswith(key) for p in info.value.problems), info.value.problems
+
+
+def test_the_accepted_neighbours_of_those_values_pass():
+    validate(compose_cfg("strategy.max_update_norm=10", "engine.num_gpus=0", "max_eval_samples=1"))
+    validate(compose_cfg("client.quantization.method=sign", "client.quantization.bits=1"))
