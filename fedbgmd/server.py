@@ -24,6 +24,7 @@ from fedbgmd.components import (
     build_attack,
     load_data,
     model_kwargs,
+    partitions,
     optim_config,
     resolve_selector,
     strategy_class,
@@ -50,17 +51,28 @@ def discover_nodes(grid: Grid, num_clients: int, timeout: float) -> dict[int, in
         node_ids = list(grid.get_node_ids())
     msgs = [Message(RecordDict(), n, "query", group_id="discover") for n in node_ids]
     replies = grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic()))
-    mapping: dict[int, int] = {}
+    claims: dict[int, list[int]] = {}
     for reply in replies:
+        node = reply.metadata.src_node_id
         if reply.has_error() or "node" not in reply.content.metric_records:
-            log.warning("node %s did not report its partition", reply.metadata.src_node_id)
+            log.warning("node %s did not report its partition", node)
             continue
         pid = reply.content.metric_records["node"].get("partition-id")
         if not isinstance(pid, int) or isinstance(pid, bool):  # a hostile or broken reply
-            log.warning("node %s sent no valid partition id", reply.metadata.src_node_id)
+            log.warning("node %s sent no valid partition id", node)
             continue
-        if 0 <= pid < num_clients and pid not in mapping.values():
-            mapping[reply.metadata.src_node_id] = pid
+        if not 0 <= pid < num_clients:
+            log.warning("node %s claims partition %s, outside 0..%d", node, pid, num_clients - 1)
+            continue
+        claims.setdefault(pid, []).append(node)
+    mapping: dict[int, int] = {}
+    for pid, nodes in claims.items():
+        if len(nodes) > 1:
+            # nothing tells the honest node from the impostor (or two misconfigured nodes apart):
+            # serve neither rather than let the first to answer take the partition
+            log.error("partition %d claimed by nodes %s: none of them takes part", pid, nodes)
+            continue
+        mapping[nodes[0]] = pid
     return mapping
 
 
@@ -103,6 +115,14 @@ class ServerRun:
         self.rpe = rounds_per_epoch(cfg, len(self.dataset.train))
         self.strategy = self._build_strategy()
         self.strategy.model_by_reference = model_by_reference
+        # what honest clients send, known here without asking them: the sizes of the partitions
+        # (the same seeded split the clients make; the weights when strategy.weighted) and the
+        # quantizer; replies that claim otherwise are not trusted
+        self.strategy.partition_sizes = [
+            len(part) for part in partitions(cfg, self.dataset.train.y)
+        ]
+        q = cfg.client.quantization
+        self.strategy.expected_quantization = (str(q.method), int(q.bits))
         b = cfg.strategy.block
         if b.enabled and b.memory == "mean" and self.attack.byzantine_ids:
             log.warning(

@@ -160,11 +160,21 @@ def reply_nbytes(content: RecordDict) -> int:
         total += 4 * numel if isinstance(numel, int) and numel > 0 else 0
     for record in array_records.values():
         for arr in record.values():
-            try:
-                total += int(np.prod(arr.shape)) * np.dtype(arr.dtype).itemsize
-            except TypeError:  # an unknown dtype string: count the raw bytes
+            dtype = _parse_dtype(arr.dtype)
+            if dtype is None:  # an unknown or malformed dtype string: count the raw bytes
                 total += len(arr.data)
+            else:
+                total += int(np.prod(arr.shape)) * dtype.itemsize
     return total
+
+
+def _parse_dtype(name: object) -> np.dtype | None:
+    """numpy's dtype for a reply's dtype string, or None: any string reaches us over the wire,
+    and numpy raises TypeError, ValueError or others for malformed ones ("bogus", "(-1,)f4")."""
+    try:
+        return np.dtype(name)  # type: ignore[call-overload]
+    except Exception:
+        return None
 
 
 def received_nbytes(content: RecordDict) -> int:
@@ -180,8 +190,8 @@ def _expect_array(record: ArrayRecord, key: str, dtype: np.dtype, numel: int | N
     if key not in record:
         raise BadReply("missing_key", f"array {key!r} absent")
     arr = record[key]
-    if np.dtype(arr.dtype) != dtype:
-        raise BadReply("wrong_dtype", f"{key}: {arr.dtype}, expected {dtype}")
+    if _parse_dtype(arr.dtype) != dtype:
+        raise BadReply("wrong_dtype", f"{key}: {arr.dtype!r}, expected {dtype}")
     if len(arr.shape) != 1 or (numel is not None and arr.shape[0] != numel):
         raise BadReply("wrong_shape", f"{key}: shape {tuple(arr.shape)}, expected ({numel},)")
     try:
@@ -194,13 +204,29 @@ def _expect_array(record: ArrayRecord, key: str, dtype: np.dtype, numel: int | N
 
 
 NON_FINITE_DETAIL = "update contains NaN or Inf"
+MAX_COUNT = 2**31 - 1
 
 
-def decode_update(content: RecordDict, dim: int, max_bytes: int) -> tuple[torch.Tensor, dict]:
+def _as_configured(method: object, bits: object, quantization: tuple[str, int]) -> bool:
+    want, want_bits = quantization
+    if want == "none":
+        return method in ("none", "device")
+    return method == want and bits == (1 if want == "sign" else want_bits)
+
+
+def decode_update(
+    content: RecordDict,
+    dim: int,
+    max_bytes: int,
+    quantization: tuple[str, int] | None = None,
+) -> tuple[torch.Tensor, dict]:
     """Validate a reply and return (flat float32 update of length ``dim``, its metrics).
 
     Raises :class:`BadReply` for missing records or keys, extra keys, wrong dtype or shape, a
-    payload larger than ``max_bytes``, unknown quantizer settings or bad metrics. Finiteness is
+    payload larger than ``max_bytes``, unknown quantizer settings, quantizer settings other than
+    ``quantization`` (the run's ``(method, bits)``; an unquantized update may come as a device
+    reference), or bad metrics (non-finite; a sample count or partition id that is not an integer
+    in [0, 2^31)). Finiteness is
     not checked here: the server checks every decoded update of a round at once
     (:func:`fedbgmd.core.all_finite_each`, one host read) and rejects with ``non_finite`` and
     :data:`NON_FINITE_DETAIL`.
@@ -218,8 +244,11 @@ def decode_update(content: RecordDict, dim: int, max_bytes: int) -> tuple[torch.
         if not isinstance(value, (int, float)) or not math.isfinite(float(value)):
             raise BadReply("bad_metrics", f"metric {key!r} missing or not finite")
         checked[key] = float(value)
-    if checked["num-examples"] < 0:
-        raise BadReply("bad_metrics", "negative num-examples")
+    for key in ("num-examples", "partition-id"):
+        # integers: a fractional partition id was truncated onto another partition, and a
+        # sample count is a weight (weighted=true) that must stay finite in float32
+        if not (checked[key].is_integer() and 0 <= checked[key] <= MAX_COUNT):
+            raise BadReply("bad_metrics", f"{key} {metrics[key]!r} is not an integer in [0, 2^31)")
     if UPDATE_KEY not in array_records:
         raise BadReply("missing_record", "no 'update' ArrayRecord")
     record = array_records[UPDATE_KEY]
@@ -227,6 +256,11 @@ def decode_update(content: RecordDict, dim: int, max_bytes: int) -> tuple[torch.
     method, bits, numel = quant.get("method"), quant.get("bits"), quant.get("numel")
     if numel != dim:
         raise BadReply("wrong_shape", f"numel {numel!r}, expected {dim}")
+    if quantization is not None and not _as_configured(method, bits, quantization):
+        raise BadReply(
+            "bad_quantization",
+            f"method={method!r} bits={bits!r}, the run uses {quantization[0]!r} {quantization[1]}",
+        )
     if method == "device":
         if len(record.keys()):
             raise BadReply("unexpected_keys", f"keys {sorted(record.keys())}")

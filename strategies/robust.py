@@ -126,6 +126,12 @@ class RobustStrategy(Strategy):
         # DEVICE_STORE reference and is serialised only when someone needs an ArrayRecord
         self.model_by_reference = False
         self._model_nbytes = 0
+        # set by the server, which partitions the same data as the clients: with weighted=true
+        # the weights are these sizes, not the counts clients claim (a hostile claim of 1e30
+        # would otherwise own a weighted aggregate)
+        self.partition_sizes: list[int] | None = None
+        # (method, bits) every honest client uses; a reply with other settings is rejected
+        self.expected_quantization: tuple[str, int] | None = None
 
     # ----------------------------------------------------------------------------- state
     def set_node_map(self, node_to_partition: dict[int, int]) -> None:
@@ -233,8 +239,10 @@ class RobustStrategy(Strategy):
             return None, None
         ids = [pid for pid, _, _ in accepted]
         updates = stack_rows([u for _, u, _ in accepted]).to(self.device)
+        sizes = self.partition_sizes
         num_examples = torch.tensor(
-            [m["num-examples"] for _, _, m in accepted], dtype=torch.float32
+            [m["num-examples"] if sizes is None else sizes[pid] for pid, _, m in accepted],
+            dtype=torch.float32,
         )
         if self.adversary is not None:
             updates = self._apply_adversary(updates, ids, server_round)
@@ -255,6 +263,12 @@ class RobustStrategy(Strategy):
             info["diverged"] = True
         info["agg_time_s"] = time.perf_counter() - t_agg
         info.update(diag)
+        if diag.get("rows_dropped"):
+            log.warning(
+                "round %d: the aggregator dropped %d accepted rows",
+                server_round,
+                diag["rows_dropped"],
+            )
         losses = [m["train-loss"] for _, _, m in accepted]
         info["train_loss"] = float(sum(losses) / len(losses))
         new = ArrayRecord() if self.model_by_reference else self._to_arrays(self._x)
@@ -380,10 +394,15 @@ class RobustStrategy(Strategy):
                 if pid is None or (sampled and pid not in sampled):
                     raise BadReply("unknown_node", f"node {node}")
                 bytes_up += reply_nbytes(msg.content)
-                vec, metrics = decode_update(msg.content, dim, max_bytes)
+                vec, metrics = decode_update(
+                    msg.content, dim, max_bytes, self.expected_quantization
+                )
                 decoded.append((pid, vec, metrics))
             except BadReply as err:
                 reject(err)
+            except Exception as err:  # a hostile reply must never end the run
+                log.error("reply could not be decoded: %r", err)
+                reject(BadReply("undecodable", f"{type(err).__name__}: {err}"))
         finite = all_finite_each([vec for _, vec, _ in decoded])
         for (pid, vec, metrics), ok in zip(decoded, finite):
             try:
@@ -460,5 +479,7 @@ def _agg_diag(res: AggregationResult) -> dict[str, float]:
         "gm_iterations": float(res.iterations),
         "gm_converged": float(res.converged),
     }
+    if res.n_dropped:  # accepted rows the aggregator still dropped (non-finite after weighting)
+        diag["rows_dropped"] = float(res.n_dropped)
     diag.update({k: float(v) for k, v in (res.extra or {}).items()})
     return diag

@@ -178,6 +178,90 @@ def test_malformed_arrays_are_rejected(arrays, reason):
     torch.testing.assert_close(flat(new), flat(x0) - ups[[0, 1, 3, 4]].mean(0), atol=1e-6, rtol=0)
 
 
+def _with_metrics(pid: int, **changes) -> RecordDict:
+    arrays, q = encode_update(torch.zeros(D))
+    metrics = {"num-examples": 10, "train-loss": 0.5, "partition-id": pid, "client-time-s": 0.0}
+    return build_reply_content(arrays, q, {**metrics, **changes})
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda: _with_metrics(2, **{"num-examples": 0.5}), "bad_metrics"),
+        (lambda: _with_metrics(2, **{"num-examples": 1e39}), "bad_metrics"),
+        (lambda: _with_metrics(2, **{"partition-id": 2.01}), "bad_metrics"),
+    ],
+)
+def test_hostile_metrics_are_rejected(make, reason):
+    # a fractional partition id was truncated onto a partition; 1e39 examples overflowed float32
+    s = make_strategy("mean")
+    run_round(s, initial_arrays(), updates(), extra={2: lambda r, m: reply_for(m, make())})
+    assert s.round_info[1]["rejections"] == {reason: 1}
+
+
+@pytest.mark.parametrize("dtype", ["bogus", "(-1,)f4"])
+def test_a_malformed_dtype_string_is_rejected_not_fatal(dtype):
+    content = _content_with_arrays({"update": np.zeros(D, np.float32)}, 2)
+    arr = content["update"]["update"]
+    content["update"]["update"] = Array(dtype, arr.shape, arr.stype, arr.data)
+    s = make_strategy("mean")
+    x0, ups = initial_arrays(), updates()
+    new, _ = run_round(s, x0, ups, extra={2: lambda r, m: reply_for(m, content)})
+    assert s.round_info[1]["rejections"] == {"wrong_dtype": 1}
+    torch.testing.assert_close(flat(new), flat(x0) - ups[[0, 1, 3, 4]].mean(0), atol=1e-6, rtol=0)
+
+
+def test_weights_are_the_server_known_partition_sizes_not_the_claims():
+    # a hostile reply claiming 1e9 examples owned a weighted aggregate (the step was its update)
+    x0, ups = initial_arrays(), updates()
+    sizes = [10, 20, 30, 40, 50]
+
+    s = make_strategy("mean", weighted=True)
+    s.partition_sizes = sizes
+    pid_of = s.node_to_partition
+    msgs = send(s, x0)
+    replies = []
+    for m in msgs:
+        pid = pid_of[m.metadata.dst_node_id]
+        arrays, q = encode_update(ups[pid])
+        n = 10**9 if pid == 3 else sizes[pid]
+        metrics = {"num-examples": n, "train-loss": 0.5, "partition-id": pid, "client-time-s": 0.0}
+        replies.append(reply_for(m, build_reply_content(arrays, q, metrics)))
+    new, _ = s.aggregate_train(1, replies)
+    w = torch.tensor(sizes, dtype=torch.float32)
+    want = (w[:, None] * ups).sum(0) / w.sum()
+    torch.testing.assert_close(flat(new), flat(x0) - want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "expected, sent, ok",
+    [
+        (("none", 8), dict(), True),
+        (("none", 8), dict(method="qsgd", bits=8), False),
+        (("qsgd", 8), dict(method="qsgd", bits=4), False),
+        (("qsgd", 8), dict(method="qsgd", bits=8), True),
+        (("sign", 1), dict(method="sign", bits=1), True),
+        (("sign", 1), dict(method="qsgd", bits=1), False),
+    ],
+)
+def test_replies_must_use_the_run_quantizer(expected, sent, ok):
+    # any quantizer setting used to be accepted, e.g. sign with 8 bits, which no client can send
+    s = make_strategy("mean")
+    s.expected_quantization = expected
+    x0, ups = initial_arrays(), updates()
+    method, bits = expected
+    msgs = send(s, x0)
+    replies = []
+    for m in msgs:
+        pid = s.node_to_partition[m.metadata.dst_node_id]
+        quant = sent if pid == 2 else ({} if method == "none" else dict(method=method, bits=bits))
+        arrays, q = encode_update(ups[pid], **quant)
+        metrics = {"num-examples": 10, "train-loss": 0.5, "partition-id": pid, "client-time-s": 0.0}
+        replies.append(reply_for(m, build_reply_content(arrays, q, metrics)))
+    s.aggregate_train(1, replies)
+    assert s.round_info[1]["rejections"] == ({} if ok else {"bad_quantization": 1})
+
+
 def test_a_reply_claiming_another_partition_is_rejected():
     s = make_strategy("mean")
     run_round(
@@ -314,8 +398,10 @@ def test_a_reference_reply_the_server_never_issued_is_rejected():
     assert strategy.round_info[1]["rejections"] == {"missing_key": 5}
 
 
-def test_node_discovery_skips_hostile_or_broken_replies():
-    """A query reply without a valid integer partition id is skipped with a warning."""
+def test_node_discovery_skips_hostile_or_broken_replies(caplog):
+    """A query reply without a valid integer partition id is skipped with a warning; a partition
+    claimed twice is served by neither claimant (the first to answer used to keep it, so an
+    impostor answering first displaced the honest node without a trace)."""
     from fedbgmd.server import discover_nodes
 
     answers = {
@@ -341,7 +427,8 @@ def test_node_discovery_skips_hostile_or_broken_replies():
                 out.append(reply)
             return out
 
-    assert discover_nodes(FakeGrid(), num_clients=2, timeout=1.0) == {1: 0, 7: 1}
+    assert discover_nodes(FakeGrid(), num_clients=2, timeout=1.0) == {7: 1}
+    assert "partition 0 claimed by nodes [1, 5]" in caplog.text
 
 
 def test_checks_keep_their_order_when_finiteness_is_checked_for_all_replies_at_once():
