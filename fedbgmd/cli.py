@@ -112,9 +112,24 @@ def _hydra_main(cfg: DictConfig) -> None:
         except (OSError, ConfigError) as err:
             print(f"fedbgmd: cannot resume: {err}", file=sys.stderr)
             sys.exit(EXIT_BAD_CONFIG)
-    status = run(cfg, run_dir)
     mode = HydraConfig.get().mode
-    if status and (mode is None or mode.name != "MULTIRUN"):
+    sweep = mode is not None and mode.name == "MULTIRUN"
+    held = [f for f in ("metrics.csv", "summary.json") if (run_dir / f).exists()]
+    if not cfg.resume and held:
+        # a new run would append its rounds to that run's metrics.csv (resume's mechanism) and
+        # its summary would mix both
+        print(
+            f"fedbgmd: {run_dir} already holds a run ({', '.join(held)}); not mixing a new run "
+            f"into it. Choose another hydra.run.dir / hydra.sweep.dir, move that folder away, "
+            f"or continue it with resume={run_dir}"
+            + ("; skipping this job of the sweep" if sweep else ""),
+            file=sys.stderr,
+        )
+        if sweep:
+            return
+        sys.exit(EXIT_BAD_CONFIG)
+    status = run(cfg, run_dir)
+    if status and not sweep:
         sys.exit(status)
     if status:  # in a sweep one failing job is logged and does not stop the rest
         print(f"fedbgmd: job {run_dir} failed; continuing the sweep", file=sys.stderr)

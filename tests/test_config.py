@@ -223,3 +223,24 @@ def test_values_that_would_break_the_run_later_are_refused_at_startup(override, 
 def test_the_accepted_neighbours_of_those_values_pass():
     validate(compose_cfg("strategy.max_update_norm=10", "engine.num_gpus=0", "max_eval_samples=1"))
     validate(compose_cfg("client.quantization.method=sign", "client.quantization.bits=1"))
+
+
+def test_a_new_run_is_not_mixed_into_a_folder_that_holds_one(tmp_path):
+    # it appended its rounds to the old metrics.csv and its summary mixed both runs
+    run = tmp_path / "run"
+    args = ("experiment=smoke", "num_rounds=1", "plots=false", f"hydra.run.dir={run}")
+    assert run_cli(*args, "seed=1", cwd=tmp_path).returncode == 0
+    before = (run / "metrics.csv").read_text()
+    again = run_cli(*args, "seed=2", cwd=tmp_path)
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+    assert f"resume={run}" in again.stderr
+    assert (run / "metrics.csv").read_text() == before
+    # in a sweep the finished jobs are skipped and the missing ones run
+    sweep = tmp_path / "sweep"
+    sargs = ("-m", "experiment=smoke", "num_rounds=1", "plots=false", f"hydra.sweep.dir={sweep}")
+    assert run_cli(*sargs, "seed=0", cwd=tmp_path).returncode == 0
+    first = (sweep / "0" / "metrics.csv").read_text()
+    proc = run_cli(*sargs, "seed=0,1", cwd=tmp_path)
+    assert proc.returncode == 0 and "skipping this job" in proc.stderr
+    assert (sweep / "0" / "metrics.csv").read_text() == first
+    assert (sweep / "1" / "summary.json").exists()
