@@ -202,8 +202,10 @@ def plot_comparison(
             ok = np.isfinite(xs) & np.isfinite(c.mean)
             if not ok.any():
                 continue
-            xs, mean = xs[ok], c.mean[ok]
-            std = np.nan_to_num(c.std[ok], nan=0.0)
+            # by x: a mean wall-clock time need not grow with the round when runs drop out
+            order = np.argsort(xs[ok], kind="stable")
+            xs, mean = xs[ok][order], c.mean[ok][order]
+            std = np.nan_to_num(c.std[ok][order], nan=0.0)
             color = colors[c.color_key or c.label]
             ax.plot(xs, mean, label=textwrap.fill(c.label, 38), color=color)
             ax.fill_between(xs, mean - std, mean + std, color=color, alpha=0.2)

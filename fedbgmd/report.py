@@ -64,6 +64,20 @@ __all__ = [
 ]
 
 EXCLUDED_SETTING_KEYS: frozenset[str] = frozenset({"seed"})
+# config keys that do not change what a run learns: never a reason to tell two runs apart
+_NO_OUTCOME_KEYS = (
+    "seed",
+    "engine",
+    "device",
+    "plots",
+    "progress",
+    "resume",
+    "eval_every",
+    "checkpoint_every",
+    "eval_batch_size",
+    "data.root",
+    "data.download",
+)
 _CLEAN_ATTACKS = ("none", "clean", "no_attack", "null", "")
 
 # strategy presets compared by the speed-up ratios (GMD / BGMD)
@@ -152,18 +166,33 @@ class Group:
         """Completed runs, one per (seed, full setting): a sweep that runs the same setting twice
         (e.g. attack=none at two fractions, which draws no Byzantine client either way) counts
         it once, so n and the std are over distinct runs."""
-        seen: set[str] = set()
-        out = []
-        for r in self.runs:
-            key = json.dumps([r.summary.get("seed"), r.setting], sort_keys=True, default=str)
-            if r.completed and key not in seen:
-                seen.add(key)
-                out.append(r)
-        return out
+        latest: dict[str, Run] = {}
+        for r in self.runs:  # of repeats, the last to finish (a rerun replaces its earlier try)
+            if r.completed:
+                key = _run_key(r)
+                if key not in latest or _finished(r) >= _finished(latest[key]):
+                    latest[key] = r
+        return [r for r in self.runs if r.completed and latest[_run_key(r)] is r]
 
     @property
     def failed(self) -> list[Run]:
-        return [r for r in self.runs if not r.completed]
+        """Failed runs whose seed and setting have no completed run (a failed try that was
+        rerun successfully is not a failure of the cell)."""
+        done = {_run_key(r) for r in self.runs if r.completed}
+        return [r for r in self.runs if not r.completed and _run_key(r) not in done]
+
+    @property
+    def repeats(self) -> int:
+        """Runs not counted: completed repeats of a seed and failed tries that were rerun."""
+        return len(self.runs) - len(self.completed) - len(self.failed)
+
+
+def _run_key(r: Run) -> str:
+    return json.dumps([r.summary.get("seed"), r.setting], sort_keys=True, default=str)
+
+
+def _finished(r: Run) -> str:
+    return str(r.summary.get("finished_at") or "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,7 +439,9 @@ def _series(
     its last value stands for the rest of the rounds the other runs logged — the curve ends at
     the table's mean (diverged runs are in it) instead of jumping up to the survivors' mean — and
     its evaluation at the stopping round, which no other run has, is left out of the curve (a
-    mean of one run there drew a spike)."""
+    mean of one run there drew a spike). It also keeps only the rounds at which every run has a
+    value: runs evaluated at different rounds (another ``eval_every``) otherwise alternate in
+    the mean, a sawtooth no run shows."""
     per_run: list[tuple[Run, dict[int, tuple[float, float | None, float | None]]]] = []
     for run in g.completed:
         pts: dict[int, tuple[float, float | None, float | None]] = {}
@@ -420,17 +451,22 @@ def _series(
                 pts[int(rnd)] = (v, _num(row.get("wall_time_s")), _num(row.get("epoch")))
         per_run.append((run, pts))
     alive = [pts for run, pts in per_run if not run.diverged]
-    if carry_diverged and alive and len(alive) < len(per_run):
-        grid = sorted(set().union(*alive))
+    if carry_diverged and per_run and len(alive) < len(per_run):
+        # every run diverged: carry each to the last stopping round (the curve ends at the mean
+        # of their final values)
+        grid = sorted(set().union(*(alive or [pts for _, pts in per_run])))
         carried = []
         for run, pts in per_run:
             if run.diverged and pts:
                 last = max(pts)
-                pts = {r: pts[r] for r in grid if r in pts} | {
+                pts = {r: pts[r] for r in grid if r in pts and (alive or r <= last)} | {
                     r: (pts[last][0], None, None) for r in grid if r > last
                 }
             carried.append((run, pts))
         per_run = carried
+    if carry_diverged and per_run:
+        common = set.intersection(*(set(pts) for _, pts in per_run))
+        per_run = [(run, {r: v for r, v in pts.items() if r in common}) for run, pts in per_run]
     vals: dict[int, list[float]] = {}
     wall: dict[int, list[float]] = {}
     epoch: dict[int, list[float]] = {}
@@ -466,7 +502,11 @@ def _setting_of(summary: dict[str, Any]) -> dict[str, Any]:
     s = summary.get("setting")
     if isinstance(s, dict) and s:
         return _complete_setting(dict(s), summary.get("config"))
-    return {k: summary[k] for k in ("strategy", "attack", "fraction") if k in summary}
+    # no recorded setting: derive it from the saved config rather than group by three keys
+    return _complete_setting(
+        {k: summary[k] for k in ("strategy", "attack", "fraction") if k in summary},
+        summary.get("config"),
+    )
 
 
 def _complete_setting(setting: dict[str, Any], config: Any) -> dict[str, Any]:
@@ -552,6 +592,15 @@ def group_runs(runs: Sequence[Run], group_by: Sequence[str] | None = None) -> li
             keys.extend(k for k in r.setting if k not in EXCLUDED_SETTING_KEYS and k not in keys)
         # strategy keys first, then attack keys, then the rest (stable within each class)
         keys.sort(key=lambda k: 0 if _is_strategy_key(k) else 1 if _is_attack_key(k) else 2)
+        # any other config value that differs between runs of one setting (a learning rate, a
+        # partition, an aggregator parameter) splits it: such runs must neither be averaged
+        # together nor taken for repeats of one another
+        extra = _distinguishing_keys(runs, keys)
+        for r in runs:
+            flat = _flat_config(r.summary.get("config"))
+            for k in extra:
+                r.setting.setdefault(k, flat.get(k))
+        keys += [k for k in extra if k not in keys]
     groups: dict[tuple[Any, ...], Group] = {}
     for r in runs:
         vals = tuple(r.value(k) for k in keys)
@@ -560,6 +609,37 @@ def group_runs(runs: Sequence[Run], group_by: Sequence[str] | None = None) -> li
             groups[gk] = Group(setting=dict(zip(keys, vals)))
         groups[gk].runs.append(r)
     return [groups[k] for k in sorted(groups, key=lambda t: tuple(_sort_value(v) for v in t))]
+
+
+def _flat_config(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys of a saved config (leaves only), without the keys in _NO_OUTCOME_KEYS."""
+    out: dict[str, Any] = {}
+    if not isinstance(config, dict):
+        return out
+    for k, v in config.items():
+        key = f"{prefix}{k}"
+        if key in _NO_OUTCOME_KEYS or key.startswith(tuple(f"{x}." for x in _NO_OUTCOME_KEYS)):
+            continue
+        if isinstance(v, dict) and v:
+            out.update(_flat_config(v, key + "."))
+        else:
+            out[key] = _hashable(v)
+    return out
+
+
+def _distinguishing_keys(runs: Sequence[Run], keys: Sequence[str]) -> list[str]:
+    """Config keys whose values differ between runs that agree on ``keys`` (a key a run's
+    config lacks, e.g. one added in a later version, is not a difference)."""
+    by_setting: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in runs:
+        gk = tuple(_hashable(r.value(k)) for k in keys)
+        by_setting.setdefault(gk, []).append(_flat_config(r.summary.get("config")))
+    found: list[str] = []
+    for flats in by_setting.values():
+        for k in sorted(set().union(*flats)):
+            if k not in found and len({f[k] for f in flats if k in f}) > 1:
+                found.append(k)
+    return found
 
 
 def _varying_keys(groups: Sequence[Group]) -> list[str]:
@@ -655,8 +735,9 @@ def _is_reduced(s: dict[str, Any]) -> bool:
     target = s.get("target_epochs")
     if target is None:
         return False
+    # 1%: a whole number of rounds falls short of whole epochs (117 rounds = 0.998 epochs here)
     lo = s.get("epochs_min")
-    return lo is None or lo < target * (1 - 1e-3)
+    return lo is None or lo < target * 0.99
 
 
 def _budget(s: dict[str, Any], target: float | None) -> str:
@@ -683,7 +764,8 @@ def _pivot_cell(
     extras: Sequence[str] = (),
 ) -> str:
     """e.g. '78.12 ± 0.40 (n=3, 1.0/50 ep, diverged in 1/3) · seed 88.42'."""
-    m, sd, n = s[f"{metric}_acc_mean"], s[f"{metric}_acc_std"], s["n_completed"]
+    # n = the accuracies averaged (a completed run without one does not count)
+    m, sd, n = s[f"{metric}_acc_mean"], s[f"{metric}_acc_std"], s[f"{metric}_acc_n"]
     if m is None:
         head = "-"
     elif bold:
@@ -1104,15 +1186,22 @@ def build_report(
     shown = varying or all_keys
     common = [k for k in all_keys if k not in varying]
     n_failed = sum(len(g.failed) for g in groups)
+    n_completed = sum(len(g.completed) for g in groups)
+    n_repeats = sum(g.repeats for g in groups)
     n_diverged = sum(s["n_diverged"] for s in stats)
+    repeats = (
+        f", {n_repeats} not counted (repeats of a seed; the last to finish counts)"
+        if n_repeats
+        else ""
+    )
 
     md: list[str] = [
         "# fedbgmd sweep report",
         "",
         f"- sweep: `{root}`",
         f"- generated: {utc_now_iso()}",
-        f"- runs: {len(runs)} ({len(runs) - n_failed} completed, {n_failed} failed, "
-        f"{n_diverged} diverged); settings: {len(groups)}",
+        f"- runs: {len(runs)} ({n_completed} completed, {n_failed} failed, "
+        f"{n_diverged} diverged{repeats}); settings: {len(groups)}",
     ]
     if common:
         md.append("- common to all runs: " + _label(groups[0].setting, common))

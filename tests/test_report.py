@@ -793,13 +793,27 @@ def test_accuracy_curve_carries_a_diverged_run_forward_and_drops_its_stop_round(
     raw = report._series(g, "test_accuracy", report._pct)
     assert raw.rounds.tolist() == [0, 2, 3, 4, 6]
     assert raw.mean[2] == pytest.approx(10.0) and raw.n[2] == 1
-    # every run diverged: nothing to carry against, the runs' own points are kept
-    g.runs = [run(0, {0: 0.1, 3: 0.1}, 3), run(1, {0: 0.1, 5: 0.1}, 5)]
-    assert report._series(g, "test_accuracy", report._pct, carry_diverged=True).rounds.tolist() == [
-        0,
-        3,
-        5,
-    ]
+    # every run diverged: each is carried to the last stopping round, where the curve ends at
+    # the mean of their final values (it used to draw each run's stop as a point of n = 1)
+    g.runs = [run(0, {0: 0.1, 3: 0.2}, 3), run(1, {0: 0.1, 5: 0.1}, 5)]
+    alld = report._series(g, "test_accuracy", report._pct, carry_diverged=True)
+    assert alld.rounds.tolist() == [0, 5] and alld.n.tolist() == [2, 2]
+    assert alld.mean.tolist() == pytest.approx([10.0, 15.0])
+
+
+def test_accuracy_curve_keeps_the_rounds_every_run_evaluated() -> None:
+    # one run evaluated every 2 rounds, one every 3: the mean used to alternate between them
+    def run(seed: int, every: int) -> report.Run:
+        rows = [
+            {"round": r, "test_accuracy": r / 12, "epoch": r / 6, "wall_time_s": r}
+            for r in range(0, 13, every)
+        ]
+        return report.Run(Path(f"/x/{seed}"), {"seed": seed}, {"strategy": "gm"}, metrics=rows)
+
+    g = report.Group({"strategy": "gm"})
+    g.runs = [run(0, 2), run(1, 3)]
+    s = report._series(g, "test_accuracy", report._pct, carry_diverged=True)
+    assert s.rounds.tolist() == [0, 6, 12] and s.n.tolist() == [2, 2, 2]
 
 
 def test_table2_cell_not_run_says_so_with_or_without_a_seed_number(tmp_path: Path) -> None:
@@ -852,3 +866,95 @@ def test_source_commit_names_the_code_and_whether_it_was_modified(tmp_path):
     (tmp_path / "a.py").write_text("x = 2\n")
     assert source_commit(tmp_path) == head + "+dirty"
     assert "fedbgmd_commit" in environment_versions("cpu")
+
+
+def _sweep_run(root: Path, name: str, seed: int, acc: float, **config_changes: Any) -> Path:
+    """A run folder whose config is the smoke preset's with ``config_changes`` (dotted keys)."""
+    config: dict[str, Any] = {
+        "seed": seed,
+        "num_rounds": 2,
+        "strategy": {"name": "gm", "block": {"enabled": False}},
+        "attack": {"name": "none", "fraction": 0.0},
+        "client": {"optimizer": {"lr": 0.01}},
+        "data": {"name": "synthetic", "partition": "iid"},
+        "engine": {"name": "inprocess", "num_threads": seed + 1},
+    }
+    for dotted, value in config_changes.items():
+        node = config
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    d = root / name
+    d.mkdir(parents=True)
+    summary = {
+        "seed": seed,
+        "status": "completed",
+        "final_accuracy": acc,
+        "best_accuracy": acc,
+        "strategy": "gm",
+        "attack": "none",
+        "fraction": 0.0,
+        "finished_at": f"2026-01-01T00:00:{seed:02d}",
+        "config": config,
+    }
+    (d / "summary.json").write_text(json.dumps(summary))
+    (d / "metrics.csv").write_text("round,epoch,test_accuracy\n0,0.0,0.1\n2,1.0," + str(acc) + "\n")
+    return d
+
+
+def test_runs_that_differ_in_any_outcome_relevant_config_are_not_merged(tmp_path: Path) -> None:
+    # these summaries carry no "setting": they used to be grouped by strategy/attack/fraction
+    # only, merged, and the lr=0.1 runs dropped as repeats of the same seeds without a note
+    for seed in range(3):
+        _sweep_run(tmp_path, f"a{seed}", seed, 0.8)
+        _sweep_run(tmp_path, f"b{seed}", seed, 0.3, client__optimizer__lr=0.1)
+    runs, _ = report.collect_runs(tmp_path)
+    groups = report.group_runs(runs)
+    assert len(groups) == 2
+    assert sorted(len(g.completed) for g in groups) == [3, 3]
+    assert {g.setting["client.optimizer.lr"] for g in groups} == {0.01, 0.1}
+    # engine threads differ between seeds too, but do not change what a run learns: no split
+
+
+def test_repeats_and_retried_failures(tmp_path: Path) -> None:
+    for seed in range(3):
+        _sweep_run(tmp_path, f"r{seed}", seed, 0.7 + seed / 100)
+    # a rerun of seed 0 that finished later replaces the first; a failed try of seed 1 that
+    # was rerun (r1) is not a failure of the cell
+    late = _sweep_run(tmp_path, "r0-again", 0, 0.9)
+    s = json.loads((late / "summary.json").read_text())
+    s["finished_at"] = "2026-02-01T00:00:00"
+    (late / "summary.json").write_text(json.dumps(s))
+    failed = _sweep_run(tmp_path, "r1-crashed", 1, 0.0)
+    s = json.loads((failed / "summary.json").read_text())
+    s.update(status="failed", final_accuracy=None)
+    (failed / "summary.json").write_text(json.dumps(s))
+    runs, _ = report.collect_runs(tmp_path)
+    (g,) = report.group_runs(runs)
+    assert sorted(r.path.name for r in g.completed) == ["r0-again", "r1", "r2"]
+    assert g.failed == [] and g.repeats == 2
+    stats = report._group_stats(g)
+    assert stats["final_acc_mean"] == pytest.approx((90 + 71 + 72) / 3)
+    report.build_report(tmp_path, out_dir=tmp_path / "out")
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "- runs: 5 (3 completed, 0 failed, 0 diverged, 2 not counted" in text
+
+
+def test_cell_n_counts_the_accuracies_averaged_and_a_whole_epoch_is_not_reduced() -> None:
+    s = {
+        "final_acc_mean": 78.91,
+        "final_acc_std": 0.83,
+        "final_acc_n": 2,  # the third completed run logged no accuracy
+        "n_completed": 3,
+        "n_diverged": 0,
+        "n_failed": 0,
+        "epochs_min": 0.9984,  # 117 rounds of 117.1875 per epoch
+        "epochs_max": 0.9984,
+        "target_epochs": 1.0,
+    }
+    cell = report._pivot_cell(s, "final", None, bold=False)
+    assert "n=2" in cell and "1.0 ep" in cell and "/1 ep" not in cell
+    assert not report._is_reduced(s)
+    assert report._is_reduced({**s, "target_epochs": 50.0})
+    assert not report._is_reduced({**s, "epochs_min": 49.92, "target_epochs": 50.0})
