@@ -73,14 +73,29 @@ def _pack(codes: Tensor, bits: int) -> Tensor:
     return (bitmat.reshape(-1, 8).to(torch.int32) * byte_w).sum(dim=1).to(torch.uint8)
 
 
+_UNPACK_CHUNK = 1 << 16  # codes per step (a multiple of 8: each chunk starts on a byte)
+
+
 def _unpack(data: Tensor, bits: int, numel: int) -> Tensor:
-    """Inverse of :func:`_pack`: int32 codes (numel,)."""
+    """Inverse of :func:`_pack`: int32 codes (numel,).
+
+    Chunked, so the temporary bit matrix stays ~``bits`` MB whatever ``numel`` is: unpacked at
+    once it took 64 bytes per 16-bit code (a 8 MB message of 4M codes needed 530 MB; the server
+    decodes every client's message, hostile ones included)."""
     if bits == 8:
         return data.to(torch.int32)
-    shifts = torch.arange(7, -1, -1, device=data.device, dtype=torch.int32)
-    bitmat = ((data.to(torch.int32)[:, None] >> shifts) & 1).reshape(-1)[: numel * bits]
+    out = torch.empty(numel, dtype=torch.int32, device=data.device)
+    shifts = torch.arange(7, -1, -1, device=data.device, dtype=torch.uint8)
     weights = 2 ** torch.arange(bits - 1, -1, -1, device=data.device, dtype=torch.int32)
-    return (bitmat.reshape(numel, bits) * weights).sum(dim=1, dtype=torch.int32)
+    for start in range(0, numel, _UNPACK_CHUNK):
+        n = min(_UNPACK_CHUNK, numel - start)
+        first = start * bits // 8
+        chunk = data[first : first + (n * bits + 7) // 8]
+        bitmat = ((chunk[:, None] >> shifts) & 1).reshape(-1)[: n * bits]
+        out[start : start + n] = (bitmat.reshape(n, bits).to(torch.int32) * weights).sum(
+            dim=1, dtype=torch.int32
+        )
+    return out
 
 
 def quantize(

@@ -70,3 +70,14 @@ def test_zero_vector_and_validation() -> None:
         quantize(torch.ones(3), method="ternary")
     with pytest.raises(ValueError):
         quantize(torch.tensor([1.0, float("nan")]))
+
+
+@pytest.mark.parametrize("bits", [1, 3, 8, 12, 16])
+def test_unpack_is_the_inverse_of_pack_across_chunks(bits: int) -> None:
+    # the server unpacks in chunks of 65,536 codes (bounded memory for hostile messages)
+    from fedbgmd.core.quantization import _UNPACK_CHUNK, _pack, _unpack
+
+    g = torch.Generator().manual_seed(bits)
+    for numel in (1, 9, _UNPACK_CHUNK, 2 * _UNPACK_CHUNK + 5):
+        codes = torch.randint(0, 2**bits, (numel,), generator=g, dtype=torch.int32)
+        assert torch.equal(_unpack(_pack(codes, bits), bits, numel), codes)
