@@ -24,8 +24,8 @@ from fedbgmd.components import (
     build_attack,
     load_data,
     model_kwargs,
-    partitions,
     optim_config,
+    partitions,
     resolve_selector,
     strategy_class,
 )
@@ -99,6 +99,9 @@ class ServerRun:
         self.device = get_device(cfg.device)
         self.writer = RunWriter(self.run_dir)
         self.started = time.time()
+        # taken now: the code that runs is the code imported at the start (a commit made while a
+        # long run goes must not be credited with its results)
+        self.versions = environment_versions(str(self.device))
         self.dataset = load_data(cfg)
         self.model = build_model(
             cfg.model.name,
@@ -330,7 +333,7 @@ class ServerRun:
                 else None
             ),
             wall_time_s=time.time() - self.started,
-            versions=environment_versions(str(self.device)),
+            versions=self.versions,
             config=OmegaConf.to_container(self.cfg, resolve=True),
         )
         self.writer.write_summary(summary)
