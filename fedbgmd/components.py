@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +18,7 @@ import torch
 
 from fedbgmd.attacks import get_attack, get_omniscient_attack
 from fedbgmd.attacks.base import ClientAttack, OmniscientAttack
-from fedbgmd.config import ConfigError
+from fedbgmd.config import ConfigError, byzantine_count
 from fedbgmd.core import (
     AggregationResult,
     available_selectors,
@@ -60,8 +59,7 @@ def generator(*parts: object, device: str | torch.device = "cpu") -> torch.Gener
 
 def byzantine_ids(seed: int, num_clients: int, fraction: float) -> list[int]:
     """⌊fraction·N⌋ partition ids drawn once by a seeded generator (fixed for the whole run)."""
-    # rounded before the floor: 0.29 * 100 is 28.999999999999996 in floating point, not 29
-    count = math.floor(round(fraction * num_clients, 9))
+    count = byzantine_count(fraction, num_clients)
     if count == 0:
         return []
     perm = torch.randperm(num_clients, generator=generator(seed, "byzantine"))

@@ -19,6 +19,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from fedbgmd.results import attack_label
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message lists every problem found."""
@@ -215,6 +217,12 @@ def _get(cfg: Any, dotted: str) -> Any:
     return node
 
 
+def byzantine_count(fraction: float, num_clients: int) -> int:
+    """⌊fraction·num_clients⌋ of the decimal fraction: rounded before the floor, as 0.29 * 100
+    is 28.999999999999996 in floating point, not 29."""
+    return math.floor(round(fraction * num_clients, 9))
+
+
 def _positive(value: Any) -> bool:
     """A finite number > 0 (NaN compares False with everything, so `value <= 0` lets it pass)."""
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
@@ -289,8 +297,8 @@ def validate(cfg: Any) -> None:
             f"attack.fraction={a.fraction} must satisfy 0 <= fraction < 0.5 "
             "(a Byzantine majority cannot be tolerated by any aggregator)"
         )
-    attacked = a.name != "none" or a.target is not None
-    if attacked and a.fraction > 0 and math.floor(round(a.fraction * cfg.num_clients, 9)) == 0:
+    attacked = attack_label(a.name, a.target) != "none"
+    if attacked and a.fraction > 0 and byzantine_count(a.fraction, cfg.num_clients) == 0:
         p.append(
             f"attack.fraction={a.fraction} with num_clients={cfg.num_clients} makes "
             "⌊fraction·num_clients⌋ = 0 Byzantine clients; raise one of them or use attack=none"
