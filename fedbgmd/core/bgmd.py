@@ -61,14 +61,14 @@ class BlockStepResult:
 def _finite_rows(
     x: Tensor, client_ids: list[int], weights: Tensor | None
 ) -> tuple[Tensor, list[int], Tensor | None, int]:
-    xf, _, n_dropped = drop_nonfinite_rows(x)
+    xf, wf, n_dropped = drop_nonfinite_rows(x, weights)
     if n_dropped == 0:
         return x, client_ids, weights, 0
-    mask = torch.isfinite(x).all(dim=1)
-    ok = mask.tolist()
+    # the rows drop_nonfinite_rows kept (its rule: the row and its weight finite)
+    ok = torch.isfinite(x).all(dim=1)
     if weights is not None:
-        weights = weights[mask.to(weights.device)]
-    return xf, [c for c, keep in zip(client_ids, ok) if keep], weights, n_dropped
+        ok &= torch.isfinite(weights).to(ok.device)
+    return xf, [c for c, keep in zip(client_ids, ok.tolist()) if keep], wf, n_dropped
 
 
 def bgmd_step(
@@ -103,10 +103,6 @@ def bgmd_step(
     ids = [int(c) for c in client_ids]
     if x.ndim != 2 or len(ids) != x.shape[0]:
         raise ValueError(f"need one client id per row: {len(ids)} ids, shape {tuple(x.shape)}")
-    if weights is not None and weights.shape != (len(ids),):
-        raise ValueError(
-            f"need one weight per row: weights {tuple(weights.shape)}, {len(ids)} rows"
-        )
     xf, ids, weights, n_dropped = _finite_rows(x, ids, weights)
     d = xf.shape[1]
     if not 1 <= k <= d:

@@ -202,7 +202,7 @@ def test_block_step_passes_the_client_weights_to_the_aggregator() -> None:
     # the NaN row and its weight are dropped; weighted mean of the rest (was: unweighted 5.0)
     torch.testing.assert_close(res.vector, torch.tensor([7.5, 7.5]))
     torch.testing.assert_close(res.vector, mean(x[:2], w[:2]).vector)
-    with pytest.raises(ValueError, match="one weight per row"):
+    with pytest.raises(ValueError, match="weights must have shape"):
         bgmd_step(
             x, mean, k=2, memory=make_memory("none", dim=2), client_ids=[0, 1, 2], weights=w[:2]
         )
