@@ -211,7 +211,7 @@ def _as_configured(method: object, bits: object, quantization: tuple[str, int]) 
     want, want_bits = quantization
     if want == "none":
         return method in ("none", "device")
-    return method == want and bits == (1 if want == "sign" else want_bits)
+    return method == want and bits == want_bits  # the config holds sign quantization to 1 bit
 
 
 def decode_update(
