@@ -595,9 +595,9 @@ def group_runs(runs: Sequence[Run], group_by: Sequence[str] | None = None) -> li
         # any other config value that differs between runs of one setting (a learning rate, a
         # partition, an aggregator parameter) splits it: such runs must neither be averaged
         # together nor taken for repeats of one another
-        extra = _distinguishing_keys(runs, keys)
-        for r in runs:
-            flat = _flat_config(r.summary.get("config"))
+        flats = [_flat_config(r.summary.get("config")) for r in runs]
+        extra = _distinguishing_keys(runs, flats, keys)
+        for r, flat in zip(runs, flats):
             for k in extra:
                 r.setting.setdefault(k, flat.get(k))
         keys += [k for k in extra if k not in keys]
@@ -627,13 +627,16 @@ def _flat_config(config: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _distinguishing_keys(runs: Sequence[Run], keys: Sequence[str]) -> list[str]:
-    """Config keys whose values differ between runs that agree on ``keys`` (a key a run's
-    config lacks, e.g. one added in a later version, is not a difference)."""
+def _distinguishing_keys(
+    runs: Sequence[Run], flats: Sequence[dict[str, Any]], keys: Sequence[str]
+) -> list[str]:
+    """Config keys whose values differ between runs that agree on ``keys`` (``flats``: each
+    run's :func:`_flat_config`; a key a run's config lacks, e.g. one added in a later version,
+    is not a difference)."""
     by_setting: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-    for r in runs:
+    for r, flat in zip(runs, flats):
         gk = tuple(_hashable(r.value(k)) for k in keys)
-        by_setting.setdefault(gk, []).append(_flat_config(r.summary.get("config")))
+        by_setting.setdefault(gk, []).append(flat)
     found: list[str] = []
     for flats in by_setting.values():
         for k in sorted(set().union(*flats)):
