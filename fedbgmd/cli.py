@@ -211,6 +211,9 @@ def entry(argv: list[str] | None = None) -> None:
 
         sys.exit(report.main(args[1:]))
     register_configs()
+    from fedbgmd.fused_launcher import register_launcher
+
+    register_launcher()  # hydra/launcher=fused
     # Any Hydra flag (--multirun, --help, --cfg, --config-dir, ...) changes what is composed or
     # run: Hydra handles those itself; the job still checks its config (exit 2 on a bad value).
     if not any(a.startswith("-") for a in args):

@@ -1,0 +1,1176 @@
+"""Fused sweeps: many runs of one sweep advanced in lockstep as one batched computation.
+
+Why: one run of the seed's setup (32 clients x batch 16, a 1.16M-parameter CNN, H = 1) leaves a
+GPU nearly idle; a corruption sweep is dozens of such runs. Here the runs that can advance
+together (same data, model, clients, rounds and client optimiser; free to differ in strategy,
+aggregator, block step, attack, fraction, seed and learning rate) share every round:
+
+* models, momentum buffers and residual memories are stacked along a leading run axis R;
+* all runs' clients compute their gradient in one nested ``vmap`` (runs x clients) of
+  ``grad(loss ∘ functional_call)``: with H = 1 every client of run r starts from x_r, so this is
+  per-client gradients of one model per run;
+* GM (full, or on the BGMD block) runs as one batched Gram-space Weiszfeld over all runs
+  (:func:`fedbgmd.core.batched_geometric_median`); the BGMD block step (column norms, top-k,
+  memory) is batched over the runs that share its block size, selector and memory;
+* other aggregators, update and omniscient attacks are called per run on views, through the same
+  plug-in objects as a single run; one host read per round collects every run's diagnostics;
+* evaluation of all runs is one batched forward pass per test chunk.
+
+What each job keeps from its single run (same seeds, same derivation from (seed, round, client)):
+client sampling, the Byzantine set, partitions, every client's mini-batch indices, data-attack
+batches (the attack's own ``corrupt_batch`` with the client's generator), update-attack noise,
+block selection randomness, the omniscient adversary's generator, the learning-rate schedule,
+model initialisation, reply validation (non-finite or over-norm rows rejected with their reason,
+the round then handled through the single-run core functions), divergence handling and the run
+folder (config.yaml, metrics.csv, metrics.jsonl, summary.json, plots). What differs: dropout masks
+(drawn for the whole group; the batched in-process engine's also differ from the per-client loop,
+see :mod:`fedbgmd.batched`) and float rounding of batched kernels. tests/test_fused.py compares
+fused jobs with the same jobs run alone, with the tolerance and its reason.
+
+Not fused (the job runs alone on its configured engine, and the log says why): a custom
+strategy class, local_steps != 1 or local epochs, a non-SGD client optimiser, quantized
+messages, message attacks, non-omniscient attacks that train extra local updates (ALIE/IPM),
+models with buffers (BatchNorm), the deployment engine, resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import multiprocessing as mp
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call, grad_and_value, vmap
+
+from fedbgmd.core import (
+    flatten_state,
+    geometric_median,
+    make_memory,
+)
+from fedbgmd.core.agg_gm import GeometricMedian
+from fedbgmd.core.batched_gm import batched_geometric_median
+
+log = logging.getLogger("fedbgmd")
+
+DEFAULT_STRATEGY = "fedbgmd.strategies.RobustStrategy"
+# non-omniscient attacks that ask the client for extra honest updates (sample_updates)
+_NEEDS_SAMPLES = frozenset({"alie", "ipm"})
+
+__all__ = ["FusedGroup", "fuse_reason", "group_key", "plan_groups", "run_jobs"]
+
+
+# ----------------------------------------------------------------------------- grouping
+def fuse_reason(cfg: Any) -> str | None:
+    """Why ``cfg`` cannot be fused (None: it can)."""
+    c = cfg.client
+    if cfg.engine.name == "deployment":
+        return "the deployment engine runs real SuperNodes"
+    if cfg.resume:
+        return "resume continues a single run from its checkpoint"
+    if cfg.strategy.target != DEFAULT_STRATEGY:
+        return f"custom strategy class {cfg.strategy.target}"
+    if c.local_epochs is not None or c.local_steps != 1:
+        return "only local_steps=1 is fused (H > 1 or local epochs run alone)"
+    if c.optimizer.name != "sgd":
+        return f"client optimizer {c.optimizer.name!r} (only sgd is fused)"
+    if c.quantization.method != "none":
+        return f"quantized messages ({c.quantization.method})"
+    a = cfg.attack
+    if a.mode != "omniscient" and a.name in _NEEDS_SAMPLES and a.target is None:
+        return f"attack {a.name!r} trains extra local updates on the client"
+    if a.target is None and a.name != "none" and a.mode != "omniscient":
+        from fedbgmd.attacks import get_attack
+
+        if get_attack(a.name, **dict(a.params)).kind == "message":
+            return f"message attack {a.name!r} (acts on serialised arrays)"
+    if cfg.model.name == "resnet18":
+        return "models with buffers (BatchNorm running statistics)"
+    return None
+
+
+def group_key(cfg: Any) -> str:
+    """Jobs with equal keys can advance in lockstep (see the module docstring)."""
+    from omegaconf import OmegaConf
+
+    c = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(c, dict)
+    client = dict(c["client"])
+    client["optimizer"] = {k: v for k, v in client["optimizer"].items() if k != "lr"}
+    data = dict(c["data"])
+    # partitions are per run; the data itself depends on the seed only when it is generated
+    data_seed = c["seed"] if data["name"] == "synthetic" else None
+    key = {
+        "data": data,
+        "data_seed": data_seed,
+        "model": c["model"],
+        "client": client,
+        "num_clients": c["num_clients"],
+        "num_rounds": c["num_rounds"],
+        "device": c["device"],
+        "eval": (c["eval_every"], c["eval_batch_size"], c["max_eval_samples"]),
+    }
+    return repr(sorted(key.items()))
+
+
+def plan_groups(cfgs: Sequence[Any]) -> tuple[list[list[int]], dict[int, str]]:
+    """(groups of job indices that fuse, {job index: reason} for the jobs that run alone)."""
+    alone: dict[int, str] = {}
+    groups: dict[str, list[int]] = {}
+    for i, cfg in enumerate(cfgs):
+        reason = fuse_reason(cfg)
+        if reason is not None:
+            alone[i] = reason
+            continue
+        groups.setdefault(group_key(cfg), []).append(i)
+    return list(groups.values()), alone
+
+
+# ----------------------------------------------------------------------------- one run's state
+@dataclasses.dataclass
+class _Run:
+    """The per-run pieces of a fused group (everything that is not a stacked tensor)."""
+
+    cfg: Any
+    run_dir: Path
+    server: Any  # fedbgmd.server.ServerRun-like bookkeeping (writer, attack, strategy object)
+    parts: list[Tensor]
+    byz: frozenset[int]
+    client_attack: Any
+    strategy: Any  # the RobustStrategy built from the config (aggregator, block, memory kind)
+    active: bool = True
+
+
+def _device_of(cfg: Any) -> torch.device:
+    from fedbgmd.training import get_device
+
+    return get_device(cfg.device)
+
+
+class FusedGroup:
+    """Runs the jobs ``[(cfg, run_dir), ...]`` of one lockstep group to completion.
+
+    Each job writes its usual run folder. ``workers`` > 0 plans the rounds' mini-batches and
+    data-attack batches in that many forked processes ahead of the device (the per-client
+    generators are CPU work; on a GPU they would otherwise dominate); 0 plans inline.
+    """
+
+    def __init__(self, jobs: Sequence[tuple[Any, Path]], workers: int = 0) -> None:
+        from fedbgmd.components import build_attack, load_data, partitions
+        from fedbgmd.config import clients_per_round
+        from fedbgmd.models import build_model
+        from fedbgmd.server import rounds_per_epoch
+
+        if not jobs:
+            raise ValueError("FusedGroup needs at least one job")
+        self.jobs = list(jobs)
+        cfg0 = self.jobs[0][0]
+        self.device = _device_of(cfg0)
+        self.num_rounds = int(cfg0.num_rounds)
+        self.num_clients = int(cfg0.num_clients)
+        self.cpr = clients_per_round(cfg0)
+        self.batch_size = int(cfg0.client.batch_size)
+        self.workers = int(workers)
+        self.dataset = load_data(cfg0)
+        self.rpe = rounds_per_epoch(cfg0, len(self.dataset.train))
+        self.train_x = self.dataset.train.x.to(self.device)
+        self.train_y = self.dataset.train.y.to(self.device)
+        test = self.dataset.test
+        if cfg0.max_eval_samples is not None:
+            test = test.subset(torch.arange(min(len(test), cfg0.max_eval_samples)))
+        self.test = test.to(self.device)
+        self.eval_every = int(cfg0.eval_every)
+        self.eval_batch = int(cfg0.eval_batch_size)
+        self.model = build_model(
+            cfg0.model.name,
+            self.dataset.num_classes,
+            self.dataset.input_shape,
+            **_model_kwargs(cfg0),
+        ).to(self.device)
+        self.keys = [k for k, _ in self.model.named_parameters()]
+        self.shapes = {k: p.shape for k, p in self.model.named_parameters()}
+        self.numels = {k: p.numel() for k, p in self.model.named_parameters()}
+        self.dim = sum(self.numels.values())
+        self.runs: list[_Run] = []
+        xs = []
+        for cfg, run_dir in self.jobs:
+            server = _Bookkeeping(cfg, Path(run_dir), self.dataset, self.device, self.rpe)
+            spec = build_attack(cfg)
+            model = build_model(
+                cfg.model.name,
+                self.dataset.num_classes,
+                self.dataset.input_shape,
+                seed=cfg.seed,
+                **_model_kwargs(cfg),
+            )
+            flat, _ = flatten_state(model.state_dict())
+            xs.append(flat.to(self.device, torch.float32))
+            self.runs.append(
+                _Run(
+                    cfg=cfg,
+                    run_dir=Path(run_dir),
+                    server=server,
+                    parts=partitions(cfg, self.dataset.train.y),
+                    byz=frozenset(spec.byzantine_ids),
+                    client_attack=spec.client_attack,
+                    strategy=server.strategy,
+                )
+            )
+        self.x = torch.stack(xs)  # (R, d) global models
+        self.momentum: Tensor | None = None
+        self.memory: dict[int, Tensor] = {}  # per_client: (N, d) rows; mean: (d,)
+        self._check_params()
+
+    def _check_params(self) -> None:
+        state = self.model.state_dict()
+        if set(state) != set(self.keys) or list(state) != self.keys:
+            raise NotImplementedError("fused runs need a model whose state is its parameters")
+
+    # ------------------------------------------------------------------ planning (CPU)
+    def plan_round(self, rnd: int) -> tuple[Tensor, Any, list]:
+        """Global mini-batch indices (R, n, b), data-attacked batches and the sampled ids."""
+        return _plan_round(self._plan_state(), rnd)
+
+    def _plan_state(self) -> dict[str, Any]:
+        return {
+            "runs": [
+                (
+                    int(r.cfg.seed),
+                    r.parts,
+                    r.byz,
+                    r.client_attack
+                    if r.client_attack is not None and r.client_attack.kind == "data"
+                    else None,
+                    r.strategy,
+                )
+                for r in self.runs
+            ],
+            "batch_size": self.batch_size,
+            "train": self.dataset.train,
+            "num_classes": self.dataset.num_classes,
+        }
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> None:
+        """All rounds of every job; each job's folder gets its rows and summary."""
+        status, error = "completed", None
+        self.started = time.time()
+        planner = _Planner(self._plan_state(), self.num_rounds, self.workers, self.device)
+        try:
+            self._evaluate_and_log(0, {})
+            for rnd in range(1, self.num_rounds + 1):
+                if not any(r.active for r in self.runs):
+                    break
+                t0 = time.perf_counter()
+                plan = planner.get(rnd)
+                info = self._round(rnd, plan, t0)
+                self._evaluate_and_log(rnd, info)
+        except BaseException as err:
+            status, error = "failed", f"{type(err).__name__}: {err}"
+            raise
+        finally:
+            planner.close()
+            if self.device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+                print(f"fused: peak GPU memory {peak:.1f} GiB", flush=True)
+            for r in self.runs:
+                if r.active or status != "completed":
+                    r.server.finish(status, error)
+
+    # ------------------------------------------------------------------ one round
+    def _round(self, rnd: int, plan: Any, t0: float) -> dict[int, dict[str, Any]]:
+        idx, attacked, sampled = plan
+        active = [i for i, r in enumerate(self.runs) if r.active]
+        dev = self.device
+        info: dict[int, dict[str, Any]] = {i: {"t_start": t0} for i in active}
+        lrs = [float(self.runs[i].strategy.client_lr(rnd)) for i in active]
+        # batches: gathered on the device, data-attacked clients' batches substituted
+        gidx = idx[torch.tensor(active, device=dev)]
+        xb = self.train_x[gidx]  # (R, n, b, ...)
+        yb = self.train_y[gidx]
+        if attacked is not None:
+            a_run, a_client, ax, ay = attacked
+            pos = torch.full((len(self.runs),), -1, dtype=torch.int64, device=dev)
+            pos[torch.tensor(active, device=dev)] = torch.arange(len(active), device=dev)
+            where = pos[a_run]
+            keep = where >= 0
+            xb[where[keep], a_client[keep]] = ax[keep]
+            yb[where[keep], a_client[keep]] = ay[keep]
+        t_c = time.perf_counter()
+        updates, losses = self._client_updates([self.runs[i] for i in active], xb, yb, lrs, rnd)
+        _sync(dev)
+        client_s = time.perf_counter() - t_c
+        t_a = time.perf_counter()
+        ids_all = [sampled[i] for i in active]
+        for j, i in enumerate(active):
+            self._update_attacks(i, rnd, ids_all[j], updates[j])
+        accepted, rejections = self._validate(active, updates, losses)
+        directions, diag = self._aggregate(active, rnd, updates, ids_all, accepted)
+        self._server_step(active, directions)
+        finite = torch.isfinite(self.x[active]).all(dim=1)
+        # one host read for every run's diagnostics
+        loss_mean = torch.stack(
+            [
+                losses[j][accepted[j]].double().mean()
+                if accepted[j].any()
+                else torch.tensor(float("nan"), dtype=torch.float64, device=dev)
+                for j in range(len(active))
+            ]
+        )
+        host = torch.stack([loss_mean, finite.double()]).tolist()
+        diag_host = {k: v.tolist() for k, v in diag.items() if isinstance(v, Tensor)}
+        _sync(dev)
+        agg_s = time.perf_counter() - t_a
+        dim, n = self.dim, updates.shape[1]
+        for j, i in enumerate(active):
+            d = info[i]
+            run = self.runs[i]
+            n_acc = int(accepted[j].sum())
+            d.update(
+                lr=lrs[j],
+                train_loss=host[0][j] if n_acc else None,
+                client_time_s=client_s / len(active),
+                agg_time_s=agg_s / len(active),
+                transport_s=0.0,
+                bytes_up=n * dim * 4,
+                bytes_down=n * dim * 4,
+                replies_accepted=n_acc,
+                replies_rejected=sum(rejections[j].values()),
+                rejections=dict(rejections[j]),
+            )
+            for k, vals in diag_host.items():
+                if vals[j] is not None and not (isinstance(vals[j], float) and math.isnan(vals[j])):
+                    d[k] = vals[j]
+            for k, v in diag.get("skipped", {}).items():
+                if k == j:
+                    d["skipped"] = v
+            if not host[1][j]:
+                msg = f"round {rnd}: the global model has NaN/Inf parameters"
+                run.strategy.diverged = run.strategy.diverged or msg
+                d["diverged"] = True
+        return info
+
+    # ------------------------------------------------------------------ clients
+    def _client_updates(
+        self, runs: list[_Run], xb: Tensor, yb: Tensor, lrs: list[float], rnd: int
+    ) -> tuple[Tensor, Tensor]:
+        """(R, n, d) updates x_r − y_i and (R, n) losses for one SGD step per client."""
+        idx = [self.runs.index(r) for r in runs]
+        x = self.x[idx]
+        params: dict[str, Tensor] = {}
+        off = 0
+        for k in self.keys:
+            params[k] = x[:, off : off + self.numels[k]].view(len(runs), *self.shapes[k])
+            off += self.numels[k]
+        model = self.model
+
+        def loss_fn(p: dict[str, Tensor], xc: Tensor, yc: Tensor) -> Tensor:
+            return F.cross_entropy(functional_call(model, p, (xc,)), yc)
+
+        per_client = vmap(grad_and_value(loss_fn), in_dims=(None, 0, 0), randomness="different")
+        per_run = vmap(per_client, in_dims=(0, 0, 0), randomness="different")
+        seed = hash((rnd, tuple(int(r.cfg.seed) for r in runs))) & ((1 << 62) - 1)
+        modes = [(m, m.training) for m in model.modules()]
+        model.train()
+        try:
+            with _seeded(seed, self.device):
+                grads, loss = per_run(params, xb, yb)
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        n = xb.shape[1]
+        out = torch.empty(len(runs), n, self.dim, dtype=torch.float32, device=self.device)
+        # SGD's first step from a fresh buffer: lr·(g + λx), times (1 + μ) with Nesterov
+        coef, decay = [], []
+        for r, lr in zip(runs, lrs):
+            o = r.cfg.client.optimizer
+            c = lr * (1.0 + float(o.momentum)) if o.nesterov else lr
+            coef.append(c)
+            decay.append(c * float(o.weight_decay))
+        coef_t = torch.tensor(coef, dtype=torch.float32, device=self.device).view(-1, 1, 1)
+        decay_t = torch.tensor(decay, dtype=torch.float32, device=self.device).view(-1, 1, 1)
+        off = 0
+        for k in self.keys:
+            nk = self.numels[k]
+            view = out[:, :, off : off + nk]
+            torch.mul(grads[k].reshape(len(runs), n, nk), coef_t, out=view)
+            if any(decay):
+                view.add_(decay_t * params[k].reshape(len(runs), 1, nk))
+            off += nk
+        return out, loss.detach()
+
+    def _update_attacks(self, i: int, rnd: int, ids: list[int], rows: Tensor) -> None:
+        from fedbgmd.components import generator
+
+        run = self.runs[i]
+        attack = run.client_attack
+        if attack is None or attack.kind != "update":
+            return
+        seed = int(run.cfg.seed)
+        for j, pid in enumerate(ids):
+            if pid in run.byz:
+                g = generator(seed, rnd, pid, "attack", device=rows.device)
+                rows[j] = attack.corrupt_update(rows[j].clone(), generator=g, sample_updates=None)
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self, active: list[int], updates: Tensor, losses: Tensor) -> tuple[list, list]:
+        from collections import Counter
+
+        finite_rows = torch.isfinite(updates).all(dim=2)
+        finite_loss = torch.isfinite(losses)
+        norms_needed = any(self.runs[i].strategy.max_update_norm is not None for i in active)
+        norms = torch.linalg.vector_norm(updates, dim=2) if norms_needed else None
+        fr, fl = finite_rows.tolist(), finite_loss.tolist()
+        nh = norms.tolist() if norms is not None else None
+        accepted, rejections = [], []
+        for j, i in enumerate(active):
+            bound = self.runs[i].strategy.max_update_norm
+            ok, why = [], Counter()
+            for c in range(updates.shape[1]):
+                if not fl[j][c]:
+                    why["bad_metrics"] += 1
+                    ok.append(False)
+                elif not fr[j][c]:
+                    why["non_finite"] += 1
+                    ok.append(False)
+                elif bound is not None and nh is not None and nh[j][c] > bound:
+                    why["norm_too_large"] += 1
+                    ok.append(False)
+                else:
+                    ok.append(True)
+            accepted.append(torch.tensor(ok, device=updates.device))
+            rejections.append(why)
+        return accepted, rejections
+
+    # ------------------------------------------------------------------ aggregation
+    def _aggregate(
+        self,
+        active: list[int],
+        rnd: int,
+        updates: Tensor,
+        ids_all: list[list[int]],
+        accepted: list[Tensor],
+    ) -> tuple[Tensor, dict[str, Any]]:
+        """Directions u_r (R, d) and per-run diagnostics (tensors of shape (R,))."""
+
+        dev = self.device
+        n_runs = len(active)
+        directions = torch.zeros(n_runs, self.dim, dtype=torch.float32, device=dev)
+        nan = float("nan")
+        iters = torch.full((n_runs,), nan, dtype=torch.float64, device=dev)
+        conv = torch.full((n_runs,), nan, dtype=torch.float64, device=dev)
+        mem_norm = torch.full((n_runs,), nan, dtype=torch.float64, device=dev)
+        rel_res = torch.full((n_runs,), nan, dtype=torch.float64, device=dev)
+        skipped: dict[int, str] = {}
+        all_ok = [bool(a.all()) for a in accepted]
+        # omniscient adversaries see the honest rows and rewrite the Byzantine ones (per run)
+        for j, i in enumerate(active):
+            st = self.runs[i].strategy
+            if st.adversary is not None and all_ok[j]:
+                updates[j] = st._apply_adversary(updates[j], ids_all[j], rnd)
+        # rows to aggregate: runs whose replies were all accepted go batched
+        batched_gm: list[int] = []  # plain GM runs
+        block_groups: dict[tuple, list[int]] = {}
+        for j, i in enumerate(active):
+            st = self.runs[i].strategy
+            n_acc = int(accepted[j].sum())
+            if n_acc < st.min_replies:
+                skipped[j] = f"{n_acc} accepted replies < min_replies={st.min_replies}"
+                continue
+            if not all_ok[j]:
+                self._aggregate_alone(
+                    j,
+                    i,
+                    rnd,
+                    updates,
+                    ids_all,
+                    accepted,
+                    directions,
+                    iters,
+                    conv,
+                    mem_norm,
+                    rel_res,
+                    skipped,
+                )
+                continue
+            if st.block:
+                key = (
+                    max(1, math.ceil(st.beta * self.dim)),
+                    st.selector,
+                    st.memory_kind,
+                    _batchable_gm(st.aggregator),
+                    float(st.server_lr),
+                )
+                block_groups.setdefault(key, []).append(j)
+            elif _batchable_gm(st.aggregator) and not st.weighted:
+                batched_gm.append(j)
+            else:
+                w = self._weights(i, ids_all[j]) if st.weighted else None
+                res = st.aggregator(updates[j], w)
+                directions[j] = st.server_lr * res.vector
+                iters[j], conv[j] = float(res.iterations), float(res.converged)
+        if batched_gm:
+            js = torch.tensor(batched_gm, device=dev)
+            agg = self.runs[active[batched_gm[0]]].strategy.aggregator
+            res = _gm_many(updates[js], agg)
+            lr_s = torch.tensor(
+                [self.runs[active[j]].strategy.server_lr for j in batched_gm],
+                dtype=torch.float32,
+                device=dev,
+            ).unsqueeze(1)
+            directions[js] = lr_s * res.median
+            iters[js] = res.iterations.double()
+            conv[js] = res.converged.double()
+        for (k, selector, memory, gm_ok, lr_s), js_list in block_groups.items():
+            self._block_step(
+                active,
+                js_list,
+                k,
+                selector,
+                memory,
+                gm_ok,
+                lr_s,
+                rnd,
+                updates,
+                ids_all,
+                directions,
+                iters,
+                conv,
+                mem_norm,
+                rel_res,
+            )
+        diag = {
+            "gm_iterations": iters,
+            "gm_converged": conv,
+            "memory_norm": mem_norm,
+            "relative_residual": rel_res,
+            "skipped": skipped,
+        }
+        return directions, diag
+
+    def _weights(self, i: int, ids: list[int]) -> Tensor:
+        sizes = [len(self.runs[i].parts[p]) for p in ids]
+        return torch.tensor(sizes, dtype=torch.float32, device=self.device)
+
+    def _memory_rows(self, i: int, memory: str) -> Tensor:
+        if i not in self.memory:
+            shape = (self.num_clients, self.dim) if memory == "per_client" else (self.dim,)
+            self.memory[i] = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        return self.memory[i]
+
+    def _block_step(
+        self,
+        active,
+        js_list,
+        k,
+        selector,
+        memory,
+        gm_ok,
+        lr_s,
+        rnd,
+        updates,
+        ids_all,
+        directions,
+        iters,
+        conv,
+        mem_norm,
+        rel_res,
+    ) -> None:
+        """FL-BGMD's block step (fedbgmd.core.bgmd_step) for runs sharing k/selector/memory."""
+        from fedbgmd.components import generator
+        from fedbgmd.core.selection import select_from_norms
+
+        dev = self.device
+        js = torch.tensor(js_list, device=dev)
+        g = updates[js]  # (B, n, d)
+        # P = γ_s G + M
+        if memory == "per_client":
+            rows = [torch.tensor(ids_all[j], device=dev) for j in js_list]
+            m = torch.stack(
+                [self._memory_rows(active[j], memory)[r] for j, r in zip(js_list, rows)]
+            )
+            p = m.add_(g, alpha=lr_s)
+        elif memory == "mean":
+            m = torch.stack([self._memory_rows(active[j], memory) for j in js_list])
+            p = torch.add(m.unsqueeze(1), g, alpha=lr_s)
+        else:
+            p = g * lr_s if lr_s != 1.0 else g.clone()
+        s = p.square().sum(dim=1)  # (B, d) column squared norms
+        total = s.sum(dim=1, dtype=torch.float64)
+        if not bool(torch.isfinite(total).all()):
+            s = p.double().square().sum(dim=1)
+            total = s.sum(dim=1)
+        if selector == "topk" and k < self.dim:
+            sel = torch.topk(s, k, dim=1, sorted=False).indices.sort(dim=1).values
+        elif k == self.dim:
+            sel = torch.arange(self.dim, device=dev).expand(len(js_list), -1)
+        else:
+            sel = torch.stack(
+                [
+                    select_from_norms(
+                        s[b],
+                        k,
+                        selector,
+                        generator(int(self.runs[active[j]].cfg.seed), rnd, "block", device=dev),
+                    )
+                    for b, j in enumerate(js_list)
+                ]
+            )
+        kept = s.gather(1, sel).sum(dim=1, dtype=torch.float64)
+        resid = (total - kept).clamp_min(0.0)
+        rel = torch.where(total > 0, resid / total, torch.zeros_like(total))
+        n = p.shape[1]
+        delta = p.gather(2, sel.unsqueeze(1).expand(-1, n, -1))  # (B, n, k)
+        if gm_ok:
+            agg = self.runs[active[js_list[0]]].strategy.aggregator
+            res = _gm_many(delta, agg)
+            vec_k = res.median
+            it, cv = res.iterations.double(), res.converged.double()
+        else:
+            outs, it_l, cv_l = [], [], []
+            for b, j in enumerate(js_list):
+                r = self.runs[active[j]].strategy.aggregator(delta[b], None)
+                outs.append(r.vector)
+                it_l.append(float(r.iterations))
+                cv_l.append(float(r.converged))
+            vec_k = torch.stack(outs)
+            it = torch.tensor(it_l, dtype=torch.float64, device=dev)
+            cv = torch.tensor(cv_l, dtype=torch.float64, device=dev)
+        vec = torch.zeros(len(js_list), self.dim, dtype=vec_k.dtype, device=dev)
+        vec.scatter_(1, sel, vec_k)
+        # M_{t+1} = P − C_k(P)
+        p.scatter_(2, sel.unsqueeze(1).expand(-1, n, -1), 0.0)
+        norms = torch.zeros(len(js_list), dtype=torch.float64, device=dev)
+        for b, j in enumerate(js_list):
+            i = active[j]
+            if memory == "per_client":
+                store = self._memory_rows(i, memory)
+                store[rows[b]] = p[b]
+                norms[b] = torch.linalg.vector_norm(store, dtype=torch.float64)
+            elif memory == "mean":
+                self.memory[i] = p[b].mean(dim=0)
+                norms[b] = torch.linalg.vector_norm(self.memory[i], dtype=torch.float64)
+        directions[js] = vec.float()
+        iters[js], conv[js] = it, cv
+        rel_res[js] = rel
+        mem_norm[js] = norms
+
+    def _aggregate_alone(
+        self,
+        j,
+        i,
+        rnd,
+        updates,
+        ids_all,
+        accepted,
+        directions,
+        iters,
+        conv,
+        mem_norm,
+        rel_res,
+        skipped,
+    ) -> None:
+        """A run with rejected replies this round: the single-run code on its accepted rows."""
+        from fedbgmd.components import generator
+        from fedbgmd.core import bgmd_step
+
+        st = self.runs[i].strategy
+        keep = accepted[j].nonzero().squeeze(1)
+        rows = updates[j][keep]
+        ids = [ids_all[j][c] for c in keep.tolist()]
+        w = self._weights(i, ids) if st.weighted else None
+        if st.adversary is not None:
+            rows = st._apply_adversary(rows, ids, rnd)
+        try:
+            if not st.block:
+                res = st.aggregator(rows, w)
+                directions[j] = st.server_lr * res.vector
+                iters[j], conv[j] = float(res.iterations), float(res.converged)
+                return
+            mem = make_memory(st.memory_kind, dim=self.dim, device=self.device)
+            store = self._memory_rows(i, st.memory_kind) if st.memory_kind != "none" else None
+            if st.memory_kind == "per_client":
+                mem.load_state_dict(
+                    {
+                        "kind": "per_client",
+                        "dim": self.dim,
+                        "client_ids": list(range(self.num_clients)),
+                        "rows": store,
+                    }
+                )
+            elif st.memory_kind == "mean":
+                mem.load_state_dict({"kind": "mean", "dim": self.dim, "m": store})
+            step = bgmd_step(
+                rows,
+                aggregator=st.aggregator,
+                k=max(1, math.ceil(st.beta * self.dim)),
+                memory=mem,
+                client_ids=ids,
+                step_size=st.server_lr,
+                selector=st.selector,
+                generator=generator(int(self.runs[i].cfg.seed), rnd, "block", device=self.device),
+                weights=w,
+            )
+            state = mem.state_dict()
+            if st.memory_kind == "per_client":
+                order = torch.tensor(state["client_ids"], device=self.device)
+                store[order] = state["rows"].to(self.device)
+            elif st.memory_kind == "mean":
+                self.memory[i] = state["m"].to(self.device)
+            directions[j] = step.vector
+            iters[j] = float(step.aggregation.iterations)
+            conv[j] = float(step.aggregation.converged)
+            mem_norm[j], rel_res[j] = float(step.memory_norm), float(step.relative_residual)
+        except ValueError as err:
+            skipped[j] = f"aggregation refused: {err}"
+
+    # ------------------------------------------------------------------ server step
+    def _server_step(self, active: list[int], directions: Tensor) -> None:
+        idx = torch.tensor(active, device=self.device)
+        mus = [float(self.runs[i].strategy.momentum) for i in active]
+        if all(m == 0.0 for m in mus):
+            self.x[idx] = self.x[idx] - directions
+            return
+        if self.momentum is None:
+            self.momentum = torch.zeros_like(self.x)
+            self._momentum_started = torch.zeros(len(self.runs), dtype=torch.bool)
+        for j, i in enumerate(active):
+            st = self.runs[i].strategy
+            u = directions[j]
+            if st.momentum == 0.0:
+                self.x[i] -= u
+                continue
+            if not bool(self._momentum_started[i]):
+                self.momentum[i] = u
+                self._momentum_started[i] = True
+            else:
+                self.momentum[i].mul_(st.momentum).add_(u)
+            buf = self.momentum[i]
+            step = u + st.momentum * buf if st.nesterov else buf
+            self.x[i] -= step
+
+    # ------------------------------------------------------------------ evaluation and rows
+    def _evaluate_and_log(self, rnd: int, info: dict[int, dict[str, Any]]) -> None:
+        active = [i for i, r in enumerate(self.runs) if r.active]
+        due_all = rnd in (0, self.num_rounds) or rnd % self.eval_every == 0
+        due = [i for i in active if due_all or info.get(i, {}).get("diverged")]
+        t0 = time.perf_counter()
+        results = self._evaluate(due) if due else {}
+        if due_all and results:
+            accs = [a for _, a in results.values()]
+            print(
+                f"fused: round {rnd}/{self.num_rounds}, {len(active)} jobs, elapsed "
+                f"{time.time() - self.started:.1f} s, test accuracy mean {sum(accs) / len(accs):.4f}"
+                f" min {min(accs):.4f} max {max(accs):.4f}",
+                flush=True,
+            )
+        eval_s = (time.perf_counter() - t0) / max(1, len(due))
+        for i in active:
+            run = self.runs[i]
+            d = info.get(i, {})
+            loss, acc = results.get(i, (None, None))
+            run.server.log(rnd, d, loss, acc, eval_s if i in results else 0.0)
+            if run.strategy.diverged is not None and run.cfg.stop_on_divergence:
+                log.warning("%s: %s; stopping this job", run.run_dir, run.strategy.diverged)
+                run.server.finish("completed", None)
+                run.active = False
+
+    @torch.no_grad()
+    def _evaluate(self, which: list[int]) -> dict[int, tuple[float, float]]:
+        x = self.x[which]
+        params: dict[str, Tensor] = {}
+        off = 0
+        for k in self.keys:
+            params[k] = x[:, off : off + self.numels[k]].view(len(which), *self.shapes[k])
+            off += self.numels[k]
+        model = self.model
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+
+        def logits(p: dict[str, Tensor], xb: Tensor) -> Tensor:
+            return functional_call(model, p, (xb,))
+
+        f = vmap(logits, in_dims=(0, None))
+        loss = torch.zeros(len(which), dtype=torch.float64, device=self.device)
+        correct = torch.zeros(len(which), dtype=torch.int64, device=self.device)
+        try:
+            n = len(self.test)
+            for s in range(0, n, self.eval_batch):
+                xb, yb = self.test.x[s : s + self.eval_batch], self.test.y[s : s + self.eval_batch]
+                out = f(params, xb)  # (R, b, C)
+                ce = F.cross_entropy(out.flatten(0, 1), yb.repeat(len(which)), reduction="none")
+                loss += ce.view(len(which), -1).sum(dim=1)
+                correct += (out.argmax(2) == yb).sum(dim=1)
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        n = len(self.test)
+        lh, ch = loss.tolist(), correct.tolist()
+        return {i: (lh[j] / n, ch[j] / n) for j, i in enumerate(which)}
+
+
+def _batchable_gm(agg: Any) -> bool:
+    return isinstance(agg, GeometricMedian) and agg.solver in ("auto", "gram")
+
+
+def _gm_many(x: Tensor, agg: GeometricMedian) -> Any:
+    """Batched GM of (B, n, k) with ``agg``'s parameters; the direct solver where the Gram
+    path cannot serve (auto picks direct when k < 4n; non-finite Gram)."""
+    b, n, k = x.shape
+    if agg.solver == "auto" and k < 4 * n:
+        return _gm_direct_each(x, agg)
+    res = batched_geometric_median(x, eps=agg.eps, max_iter=agg.max_iter, nu=agg.nu)
+    bad = (~res.gram_ok).nonzero().squeeze(1).tolist()
+    if bad:
+        alone = _gm_direct_each(x[bad], agg, solver="direct")
+        med = res.median.clone()
+        med[bad] = alone.median
+        iters, conv = res.iterations.clone(), res.converged.clone()
+        iters[bad], conv[bad] = alone.iterations, alone.converged
+        return dataclasses.replace(res, median=med, iterations=iters, converged=conv)
+    return res
+
+
+@dataclasses.dataclass
+class _Many:
+    median: Tensor
+    iterations: Tensor
+    converged: Tensor
+
+
+def _gm_direct_each(x: Tensor, agg: GeometricMedian, solver: str | None = None) -> _Many:
+    meds, its, cvs = [], [], []
+    for b in range(x.shape[0]):
+        r = geometric_median(
+            x[b],
+            eps=agg.eps,
+            max_iter=agg.max_iter,
+            nu=agg.nu,
+            init=agg.init,
+            solver=solver or agg.solver,
+            check_every=agg.check_every,
+        )
+        meds.append(r.median)
+        its.append(r.iterations)
+        cvs.append(r.converged)
+    dev = x.device
+    return _Many(torch.stack(meds), torch.tensor(its, device=dev), torch.tensor(cvs, device=dev))
+
+
+# ----------------------------------------------------------------------------- bookkeeping
+class _Bookkeeping:
+    """A job's run folder and strategy object: rows, summary and plots as a single run writes."""
+
+    def __init__(self, cfg: Any, run_dir: Path, dataset: Any, device: torch.device, rpe: float):
+        from fedbgmd.components import build_attack, optim_config, partitions
+        from fedbgmd.results import RunWriter, environment_versions
+        from fedbgmd.server import ServerRun
+        from fedbgmd.training import lr_at
+
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.started = time.time()
+        self.versions = environment_versions(str(device))
+        self.writer = RunWriter(run_dir)
+        self.attack = build_attack(cfg)
+        self.rpe = rpe
+        self.diverged_at: int | None = None
+        self.finished = False
+        opt = optim_config(cfg)
+
+        def client_lr(server_round: int) -> float:
+            t = server_round - 1
+            if cfg.client.optimizer.schedule_unit == "epoch":
+                t = int(t // rpe)
+            return lr_at(opt, t)
+
+        # the strategy object a single run would build (aggregator, block, memory, momentum)
+        shell = ServerRun.__new__(ServerRun)
+        shell.cfg, shell.device, shell.attack, shell.rpe = cfg, device, self.attack, rpe
+        self.strategy = shell._build_strategy()
+        self.strategy.client_lr = client_lr
+        self.strategy.partition_sizes = [len(p) for p in partitions(cfg, dataset.train.y)]
+        self.num_parameters = None
+
+    def log(
+        self, rnd: int, info: dict[str, Any], loss: float | None, acc: float | None, eval_s: float
+    ) -> None:
+        from fedbgmd.server import _progress_line
+
+        cfg = self.cfg
+        if loss is not None and self.diverged_at is None and not math.isfinite(loss):
+            self.diverged_at = rnd
+            if self.strategy.diverged is None:
+                self.strategy.diverged = f"round {rnd}: the global model's test loss is not finite"
+        round_time = time.perf_counter() - info["t_start"] if "t_start" in info else eval_s
+        row = {
+            "round": rnd,
+            "epoch": rnd / self.rpe,
+            "test_accuracy": acc,
+            "test_loss": loss,
+            "train_loss": info.get("train_loss"),
+            "round_time_s": round_time,
+            "client_time_s": info.get("client_time_s"),
+            "comm_time_s": 0.0 if rnd else None,
+            "agg_time_s": info.get("agg_time_s"),
+            "eval_time_s": eval_s,
+            "wall_time_s": time.time() - self.started,
+            "bytes_up": info.get("bytes_up"),
+            "bytes_down": info.get("bytes_down"),
+            "replies_accepted": info.get("replies_accepted"),
+            "replies_rejected": info.get("replies_rejected"),
+            "gm_iterations": info.get("gm_iterations"),
+            "gm_converged": info.get("gm_converged"),
+            "memory_norm": info.get("memory_norm"),
+            "relative_residual": info.get("relative_residual"),
+            "rejections": info.get("rejections"),
+            "skipped": info.get("skipped"),
+            "lr": info.get("lr"),
+        }
+        self.writer.log_round(row)
+        if cfg.progress and (acc is not None):
+            print(f"{self.run_dir.name}: " + _progress_line(row, cfg.num_rounds), flush=True)
+
+    def finish(self, status: str, error: str | None) -> None:
+        from omegaconf import OmegaConf
+
+        from fedbgmd.results import summarize
+        from fedbgmd.server import setting_of
+
+        if self.finished:
+            return
+        self.finished = True
+        rows = self.writer.rows()
+        summary = summarize(rows)
+        setting = setting_of(self.cfg)
+        summary.update(
+            status=status,
+            error=error,
+            seed=self.cfg.seed,
+            strategy=self.cfg.strategy.name,
+            attack=self.attack.name,
+            fraction=setting["attack.fraction"],
+            byzantine_ids=list(self.attack.byzantine_ids),
+            setting=setting,
+            num_parameters=None,
+            diverged_at=self.diverged_at,
+            stopped_early=(
+                self.strategy.diverged
+                if self.strategy.diverged is not None and self.cfg.stop_on_divergence
+                else None
+            ),
+            engine="fused",
+            wall_time_s=time.time() - self.started,
+            versions=self.versions,
+            config=OmegaConf.to_container(self.cfg, resolve=True),
+        )
+        self.writer.write_summary(summary)
+        if not self.cfg.plots:
+            return
+        try:
+            from fedbgmd import plots
+
+            plots.plot_run(self.run_dir)
+        except Exception as err:  # plots must never turn a finished run into a failed one
+            log.warning("could not draw plots: %s", err)
+
+
+# ----------------------------------------------------------------------------- planning
+def _plan_round(state: dict[str, Any], rnd: int) -> tuple[Tensor, Any, list[list[int]]]:
+    """Every run's sampled clients, their mini-batch indices (global, (R, n, b)) and the
+    data-attacked batches [(run, client position, x, y)], exactly as the single-run clients
+    draw them (fedbgmd.clients.honest: generator(seed, round, pid, "batches"/"data", ...))."""
+    from fedbgmd.components import generator
+    from fedbgmd.training import batch_indices
+
+    b = state["batch_size"]
+    train = state["train"]
+    out_idx, attacked, sampled = [], [], []  # attacked: (run, client position, x, y)
+    for r, (seed, parts, byz, data_attack, strategy) in enumerate(state["runs"]):
+        ids = strategy.sample_partitions(rnd)
+        sampled.append(ids)
+        rows = []
+        for c, pid in enumerate(ids):
+            part = parts[pid]
+            g = generator(seed, rnd, pid, "batches", "honest")
+            local = next(batch_indices(len(part), b, 1, None, g))
+            gi = part[local]
+            if len(gi) < b:  # a client smaller than the batch: not fusable
+                raise NotImplementedError(
+                    f"partition {pid} holds {len(part)} samples < batch_size {b}"
+                )
+            rows.append(gi)
+            if data_attack is not None and pid in byz:
+                gd = generator(seed, rnd, pid, "data", "honest", device="cpu")
+                xa, ya = data_attack.corrupt_batch(
+                    train.x[gi], train.y[gi], generator=gd, num_classes=state["num_classes"]
+                )
+                attacked.append((r, c, xa, ya))
+        out_idx.append(torch.stack(rows))
+    packed = None
+    if attacked:  # one tensor each: one host-to-device copy per round
+        packed = (
+            torch.tensor([a[0] for a in attacked]),
+            torch.tensor([a[1] for a in attacked]),
+            torch.stack([a[2] for a in attacked]),
+            torch.stack([a[3] for a in attacked]),
+        )
+    return torch.stack(out_idx), packed, sampled
+
+
+_WORKER_STATE: dict[str, Any] = {}
+
+
+def _worker_plan(rnd: int, slot: int) -> tuple[list[list[int]], int]:
+    """In a forked planner: plan ``rnd`` into the shared slot; return the small parts."""
+    torch.set_num_threads(1)
+    idx, attacked, sampled = _plan_round(_WORKER_STATE["state"], rnd)
+    bufs = _WORKER_STATE["bufs"]
+    bufs["idx"][slot].copy_(idx)
+    count = 0
+    if attacked is not None:
+        count = len(attacked[0])
+        for name, t in zip(("run", "client", "x", "y"), attacked):
+            bufs[name][slot, :count].copy_(t)
+    return sampled, count
+
+
+class _Planner:
+    """Rounds' plans on ``device``, computed inline or by forked workers working ahead.
+
+    Workers write into shared-memory slots (mini-batch indices and the data-attacked batches:
+    tens of MB a round for a full Table 2 sweep, too much to pickle) and return only the sampled
+    client ids; at most ``slots`` rounds are in flight, so a slot is rewritten only after the
+    device copy of the round it held.
+    """
+
+    def __init__(
+        self, state: dict[str, Any], num_rounds: int, workers: int, device: torch.device
+    ) -> None:
+        self.state, self.num_rounds, self.device = state, num_rounds, device
+        self.pool: Any = None
+        self.pending: dict[int, Any] = {}
+        if workers <= 0 or "fork" not in mp.get_all_start_methods():
+            return
+        runs = state["runs"]
+        n_runs = len(runs)
+        n = max(1, len(runs[0][4].sample_partitions(1)))
+        b = state["batch_size"]
+        shape = tuple(state["train"].x.shape[1:])
+        attacked_max = sum(len(byz) for _, _, byz, attack, _ in runs if attack is not None)
+        self.slots = 2 * workers + 2
+        k, a = self.slots, max(1, attacked_max)
+        self.bufs = {
+            "idx": torch.zeros(k, n_runs, n, b, dtype=torch.int64).share_memory_(),
+            "run": torch.zeros(k, a, dtype=torch.int64).share_memory_(),
+            "client": torch.zeros(k, a, dtype=torch.int64).share_memory_(),
+            "x": torch.zeros(k, a, b, *shape, dtype=state["train"].x.dtype).share_memory_(),
+            "y": torch.zeros(k, a, b, dtype=state["train"].y.dtype).share_memory_(),
+        }
+        _WORKER_STATE.update(state=state, bufs=self.bufs)
+        self.pool = mp.get_context("fork").Pool(workers)
+        for rnd in range(1, min(num_rounds, self.slots) + 1):
+            self._submit(rnd)
+
+    def _submit(self, rnd: int) -> None:
+        self.pending[rnd] = self.pool.apply_async(_worker_plan, (rnd, rnd % self.slots))
+
+    def get(self, rnd: int) -> tuple[Tensor, Any, list[list[int]]]:
+        dev = self.device
+        if self.pool is None:
+            idx, attacked, sampled = _plan_round(self.state, rnd)
+            if attacked is not None:
+                attacked = tuple(t.to(dev) for t in attacked)
+            return idx.to(dev), attacked, sampled
+        sampled, count = self.pending.pop(rnd).get()
+        slot = rnd % self.slots
+        idx = self.bufs["idx"][slot].to(dev)
+        attacked = None
+        if count:
+            attacked = tuple(
+                self.bufs[k][slot, :count].to(dev) for k in ("run", "client", "x", "y")
+            )
+        if dev.type == "cuda":
+            torch.cuda.current_stream(dev).synchronize()  # the slot is read before reuse
+        if rnd + self.slots <= self.num_rounds:
+            self._submit(rnd + self.slots)
+        return idx, attacked, sampled
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+
+
+# ----------------------------------------------------------------------------- helpers
+def _model_kwargs(cfg: Any) -> dict[str, Any]:
+    from fedbgmd.components import model_kwargs
+
+    return model_kwargs(cfg)
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+class _seeded:
+    """Fork the global RNG (CPU and the CUDA device) and seed it: dropout masks of the group."""
+
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self.seed, self.device = seed, device
+        self._ctx: Any = None
+
+    def __enter__(self) -> None:
+        devices = []
+        if self.device.type == "cuda":
+            devices = [
+                self.device.index if self.device.index is not None else torch.cuda.current_device()
+            ]
+        self._ctx = torch.random.fork_rng(devices=devices)
+        self._ctx.__enter__()
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._ctx.__exit__(*exc)
+
+
+# ----------------------------------------------------------------------------- entry
+def run_jobs(jobs: Sequence[tuple[Any, Path]], workers: int = 0) -> dict[int, int]:
+    """Run ``jobs`` [(cfg, run_dir)]: fusable ones in lockstep groups, the rest alone.
+
+    Returns {job index: exit status} (0 done, 1 failed), as the CLI reports a single run.
+    """
+    from fedbgmd.cli import run as run_alone
+
+    cfgs = [c for c, _ in jobs]
+    groups, alone = plan_groups(cfgs)
+    status: dict[int, int] = {}
+    for i, reason in alone.items():
+        log.warning("job %s runs alone: %s", jobs[i][1], reason)
+    for group in groups:
+        members = [(jobs[i][0], Path(jobs[i][1])) for i in group]
+        log.warning("fusing %d jobs into one computation", len(members))
+        for cfg, run_dir in members:
+            from omegaconf import OmegaConf
+
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        try:
+            FusedGroup(members, workers=workers).run()
+            for i in group:
+                status[i] = 0
+        except Exception as err:
+            log.exception("fused group failed: %s: %s", type(err).__name__, err)
+            for i in group:
+                status[i] = 1
+    for i in alone:
+        status[i] = run_alone(jobs[i][0], Path(jobs[i][1]))
+    return status

@@ -1,0 +1,179 @@
+"""``hydra/launcher=fused``: a Hydra launcher that runs a sweep's jobs as fused groups.
+
+``fedbgmd -m <sweep overrides> hydra/launcher=fused`` composes and validates every job as Hydra's
+basic launcher does (same run folders ``hydra.sweep.dir/hydra.sweep.subdir`` with their
+``.hydra/`` files), then hands all jobs at once to :func:`fedbgmd.fused.run_jobs`, which advances
+the jobs that can go in lockstep as one batched computation and runs the others alone.
+
+Re-running an interrupted sweep continues it: a job whose folder holds a completed
+``summary.json`` is skipped; a job left without one (interrupted, or failed) is run again from its
+start, its partial metrics moved aside to ``metrics.csv.interrupted``/``.jsonl.interrupted``.
+
+Hydra only instantiates launchers whose class lives in the ``hydra_plugins`` package; fedbgmd's
+top-level layout is fixed, so :func:`register_launcher` registers the class under that module
+name with Hydra's plugin registry (``Plugins.register``) and stores its config node, before Hydra
+composes. ``fedbgmd`` (the CLI) calls it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus, _save_config, configure_log, setup_globals
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+log = logging.getLogger("fedbgmd")
+
+PLUGIN_MODULE = "hydra_plugins.fedbgmd_fused"
+
+
+@dataclass
+class FusedLauncherConf:
+    _target_: str = f"{PLUGIN_MODULE}.FusedLauncher"
+    # processes that plan mini-batches and data-attack batches ahead of the device (0: inline)
+    workers: int = 0
+
+
+class FusedLauncher(Launcher):
+    """Runs all jobs of a sweep through :func:`fedbgmd.fused.run_jobs` (see the module doc)."""
+
+    def __init__(self, workers: int = 0) -> None:
+        super().__init__()
+        self.workers = int(workers)
+        self.config: DictConfig | None = None
+        self.task_function: TaskFunction | None = None
+        self.hydra_context: HydraContext | None = None
+
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+
+    def launch(
+        self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
+    ) -> Sequence[JobReturn]:
+        from fedbgmd.cli import check_config
+        from fedbgmd.config import ConfigError
+        from fedbgmd.fused import run_jobs
+        from fedbgmd.results import read_summary
+
+        setup_globals()
+        assert self.config is not None and self.hydra_context is not None
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        # compose and check every job before any runs: a bad value stops the sweep at once
+        prepared: list[tuple[list[str], DictConfig, DictConfig, Path]] = []
+        problems: list[str] = []
+        for k, overrides in enumerate(job_overrides):
+            idx = initial_job_idx + k
+            sweep_config = self.hydra_context.config_loader.load_sweep_config(
+                self.config, list(overrides)
+            )
+            with open_dict(sweep_config):
+                sweep_config.hydra.job.id = idx
+                sweep_config.hydra.job.num = idx
+            HydraConfig.instance().set_config(sweep_config)
+            out = Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)
+            with read_write(sweep_config.hydra.runtime), open_dict(sweep_config.hydra.runtime):
+                sweep_config.hydra.runtime.output_dir = str(out.absolute())
+            task_cfg = copy.deepcopy(sweep_config)
+            with read_write(task_cfg), open_dict(task_cfg):
+                del task_cfg["hydra"]
+            try:
+                check_config(task_cfg)
+            except ConfigError as err:
+                problems.append(f"job {idx} ({' '.join(overrides)}): {err}")
+            prepared.append((list(overrides), sweep_config, task_cfg, out))
+        if problems:
+            print("fedbgmd: " + "\n".join(problems), file=sys.stderr)
+            sys.exit(2)
+        jobs: list[tuple[Any, Path]] = []
+        positions: list[int] = []
+        skipped: set[int] = set()
+        for k, (overrides, sweep_config, task_cfg, out) in enumerate(prepared):
+            try:
+                done = read_summary(out).get("status") == "completed"
+            except (OSError, ValueError):
+                done = False
+            if done:
+                print(f"fedbgmd: {out} already holds a completed run; skipping it", file=sys.stderr)
+                skipped.add(k)
+                continue
+            _set_aside_partial(out)
+            hydra_dir = out / str(sweep_config.hydra.output_subdir)
+            hydra_dir.mkdir(parents=True, exist_ok=True)
+            _save_config(task_cfg, "config.yaml", hydra_dir)
+            _save_config(sweep_config, "hydra.yaml", hydra_dir)
+            _save_config(OmegaConf.create(overrides), "overrides.yaml", hydra_dir)
+            jobs.append((task_cfg, out))
+            positions.append(k)
+        status = run_jobs(jobs, workers=self.workers) if jobs else {}
+        results: list[JobReturn] = []
+        by_position = {k: status.get(j, 1) for j, k in enumerate(positions)}
+        for k, (overrides, sweep_config, task_cfg, out) in enumerate(prepared):
+            ret = JobReturn(
+                overrides=overrides,
+                cfg=task_cfg,
+                hydra_cfg=sweep_config,
+                working_dir=os.getcwd(),
+                task_name=str(sweep_config.hydra.job.name),
+                status=JobStatus.COMPLETED,
+                _return_value=0 if k in skipped else by_position.get(k, 1),
+            )
+            results.append(ret)
+        failed = [str(prepared[k][3]) for k, s in by_position.items() if s]
+        if failed:
+            print(f"fedbgmd: {len(failed)} job(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return results
+
+
+def _set_aside_partial(out: Path) -> None:
+    for name in ("metrics.csv", "metrics.jsonl", "summary.json"):
+        p = out / name
+        if p.exists():
+            os.replace(p, out / f"{name}.interrupted")
+            log.warning("%s: an unfinished run's %s moved to %s.interrupted", out, name, name)
+
+
+_REGISTERED = False
+
+
+def register_launcher() -> None:
+    """Make ``hydra/launcher=fused`` available (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    import importlib
+    import types
+
+    from hydra.core.plugins import Plugins
+
+    registry = Plugins.instance()  # scans the installed hydra_plugins first
+    # the name Hydra's plugin check requires, importable for its target lookup
+    FusedLauncher.__module__ = PLUGIN_MODULE
+    try:
+        importlib.import_module("hydra_plugins")
+    except ImportError:  # no other Hydra plugin installed: an empty namespace stands in
+        parent = types.ModuleType("hydra_plugins")
+        parent.__path__ = []
+        sys.modules["hydra_plugins"] = parent
+    module = types.ModuleType(PLUGIN_MODULE, "fedbgmd's fused launcher (fedbgmd.fused_launcher)")
+    module.FusedLauncher = FusedLauncher  # type: ignore[attr-defined]
+    module.FusedLauncherConf = FusedLauncherConf  # type: ignore[attr-defined]
+    sys.modules[PLUGIN_MODULE] = module
+    registry.register(FusedLauncher)
+    ConfigStore.instance().store(
+        group="hydra/launcher", name="fused", node=FusedLauncherConf, provider="fedbgmd"
+    )
+    _REGISTERED = True
