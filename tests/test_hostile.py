@@ -3,6 +3,7 @@ seeded fuzz test of RobustStrategy.aggregate_train with its invariants."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -218,3 +219,176 @@ def test_client_reported_diagnostics_are_robust_and_bounded():
     ]
     s2.aggregate_train(1, replies)
     assert s2.round_info[1]["train_loss"] == 1.7e308
+
+
+# ------------------------------------------------------------------------ fuzz
+N_FUZZ = 7  # clients; at most 3 Byzantine, so the honest rows are a majority of every round
+FUZZ_CONFIGS = {
+    "gm": {},
+    "cm": {"agg": "cm"},
+    "weighted_gm_momentum": {"weighted": True, "server_momentum": 0.5},
+    "fedbgmd": {"block": True, "beta": 0.25, "memory": "per_client"},
+    "block_cm_mean_memory": {"agg": "cm", "block": True, "beta": 0.25, "memory": "mean"},
+}
+EXTREMES = (1e20, FLT_MAX, -FLT_MAX)
+
+
+def _hostile(kind: str, pid: int, rng: np.random.Generator) -> RecordDict | None:
+    """A hostile reply of partition pid (None: an error reply)."""
+    if kind == "extreme":  # finite, accepted
+        v = torch.tensor(rng.choice(EXTREMES, size=D), dtype=torch.float32)
+        return _content(v, pid)
+    if kind in ("nan", "inf"):
+        v = torch.zeros(D)
+        v[int(rng.integers(D))] = float(kind)
+        return _content(v, pid)
+    if kind == "wrong_shape":
+        return _content(torch.zeros(D + int(rng.integers(1, 5))), pid)
+    if kind == "claimed_shape":
+        return _claimed_shape(
+            [int(rng.integers(1, 2**62)) for _ in range(int(rng.integers(1, 3)))]
+        )(pid)
+    if kind == "dtype":
+        content = _content(torch.zeros(D), pid)
+        arr = content["update"]["update"]
+        junk = "".join(rng.choice(list("<>|fiuc0123456789(),[]'x "), size=int(rng.integers(1, 64))))
+        content["update"]["update"] = Array(junk, arr.shape, arr.stype, arr.data)
+        return content
+    if kind == "bad_metrics":
+        key, value = [
+            ("num-examples", 0.5),
+            ("num-examples", 1e39),
+            ("partition-id", (pid + 1) % N_FUZZ),
+            ("client-time-s", -1.0),
+            ("client-time-s", 1.7e308),
+            ("train-loss", float("nan")),
+        ][int(rng.integers(6))]
+        return _content(torch.zeros(D), pid, **{key: value})
+    if kind == "extra_record":
+        return _with_record(
+            pid, "junk", ConfigRecord({"s": "x" * int(rng.integers(5_000, 50_000))})
+        )
+    if kind == "bad_quant":
+        arrays, q = encode_update(torch.zeros(D), method="qsgd", bits=8)
+        base = {"num-examples": 10, "train-loss": 0.5, "partition-id": pid, "client-time-s": 0.0}
+        return build_reply_content(arrays, q, base)
+    if kind == "missing_record":
+        return RecordDict({"metrics": MetricRecord({"x": 1})})
+    assert kind == "error"
+    return None
+
+
+REJECTED_KINDS = (
+    "nan", "inf", "wrong_shape", "claimed_shape", "dtype", "bad_metrics", "extra_record",
+    "bad_quant", "missing_record", "error",
+)  # fmt: skip
+
+
+def _arrived(replies) -> tuple[int, int]:
+    """Bytes of array data that arrived, and the number of arrays."""
+    arrays = [
+        a
+        for r in replies
+        if not r.has_error()
+        for rec in r.content.values()
+        if isinstance(rec, ArrayRecord)
+        for a in rec.values()
+    ]
+    return sum(len(a.data) for a in arrays), len(arrays)
+
+
+def _check_bound(name: str, u: torch.Tensor, honest: torch.Tensor, n_rows: int) -> None:
+    """The aggregate stays within the rule's bound of the honest rows."""
+    u, honest = u.double(), honest.double()
+    if (
+        name == "cm"
+    ):  # coordinate-wise median: inside the honest rows' range, coordinate by coordinate
+        assert bool(
+            (u >= honest.min(0).values - 1e-6).all() and (u <= honest.max(0).values + 1e-6).all()
+        )
+        return
+    # geometric median with honest share h > 1/2: ||GM - z|| <= 2h/(2h - 1) max_honest ||x_i - z||
+    h = honest.shape[0] / n_rows
+    z = honest.mean(0)
+    radius = float((honest - z).norm(dim=1).max())
+    assert float((u - z).norm()) <= 2 * h / (2 * h - 1) * radius * 1.001 + 1e-6
+
+
+@pytest.mark.parametrize("config", sorted(FUZZ_CONFIGS))
+def test_fuzz_hostile_replies(config):
+    """Seeded episodes of honest, finite-extreme and malformed replies, duplicates and silent
+    nodes. Invariants: nothing escapes aggregate_train; the rejected replies change nothing (the
+    same round without them gives the same model, memory and momentum bitwise); the aggregate
+    stays within the rule's bound of the honest rows; the counters equal what arrived."""
+    params = dict(FUZZ_CONFIGS[config])
+    agg = params.pop("agg", "gm")
+    rng = np.random.default_rng(13)
+    s = make_strategy(agg, n=N_FUZZ, **params)
+    s.partition_sizes = [10] * N_FUZZ  # the server-known weights (weighted=true)
+    s.expected_quantization = ("none", 8)  # as the server sets them
+    x = initial_arrays()
+    for rnd in range(1, 61):
+        ups = torch.randn(N_FUZZ, D, generator=torch.Generator().manual_seed(rnd)) * 0.1
+        byz = rng.choice(N_FUZZ, size=int(rng.integers(0, 4)), replace=False).tolist()
+        kinds = {p: str(rng.choice(("extreme", *REJECTED_KINDS))) for p in byz}
+        silent = {p for p in byz if rng.random() < 0.15}
+        twice = {p for p in range(N_FUZZ) if p not in silent and rng.random() < 0.1}
+        msgs = send(s, x, rnd)
+        pid = s.node_to_partition
+        everything, kept = [], []
+        for m in msgs:
+            p = pid[m.metadata.dst_node_id]
+            if p in silent:
+                continue
+            if p in kinds:
+                content = _hostile(kinds[p], p, rng)
+                reply = reply_for(m, content, error=content is None)
+            else:
+                reply = reply_for(m, honest_content(ups[p], p))
+            everything.append(reply)
+            if kinds.get(p, "extreme") == "extreme":
+                kept.append(reply)
+            if p in twice:
+                everything.append(
+                    reply_for(
+                        m, reply.content if not reply.has_error() else None, error=reply.has_error()
+                    )
+                )
+        order = rng.permutation(len(everything))
+        everything = [everything[i] for i in order]
+        twin = copy.deepcopy(s)
+        x_before = s._x.clone()
+        s.aggregate_train(rnd, everything)  # must not raise
+        twin.aggregate_train(rnd, kept)
+        # rejected replies change nothing
+        assert torch.equal(s._x, twin._x), (
+            kinds,
+            s.round_info[rnd].get("rejections"),
+            twin.round_info[rnd].get("rejections"),
+            s.round_info[rnd].get("skipped"),
+        )
+        assert (s._momentum_buf is None) == (twin._momentum_buf is None)
+        if s._momentum_buf is not None:
+            assert torch.equal(s._momentum_buf, twin._momentum_buf)
+        if s._memory is not None:
+            a, b = s._memory.state_dict(), twin._memory.state_dict()
+            assert all(
+                torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]
+                for k in a
+            )
+        # counters equal what arrived
+        info = s.round_info[rnd]
+        assert info["rejections"].get("timeout", 0) == len(silent)
+        assert info["replies_accepted"] + info["replies_rejected"] == len(everything) + len(silent)
+        assert info["replies_rejected"] == sum(info["rejections"].values())
+        data, n_arrays = _arrived(everything)
+        assert data - 128 * n_arrays <= info["bytes_up"] <= data
+        assert math.isfinite(info.get("train_loss", 0.0)) and math.isfinite(info["client_time_s"])
+        assert s.diverged is None
+        # the aggregate stays within the rule's bound of the honest rows
+        honest = [p for p in range(N_FUZZ) if p not in byz and p not in silent]
+        accepted_extremes = [p for p in byz if kinds[p] == "extreme" and p not in silent]
+        if not s.block and s.momentum == 0.0 and "skipped" not in info:
+            n_rows = len(honest) + len(accepted_extremes)
+            _check_bound(agg, x_before - s._x, ups[honest], n_rows)
+        x = initial_arrays()  # the strategy keeps its own model; the record is a placeholder
