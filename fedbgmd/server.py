@@ -179,6 +179,7 @@ class ServerRun:
             server_round in (0, cfg.num_rounds)
             or server_round % cfg.eval_every == 0
             or bool(info.get("diverged"))  # the last round when the run stops there
+            or bool(info.get("check_model"))  # every reply non-finite: is the model?
         )
         t0 = time.perf_counter()
         acc = loss = None

@@ -73,6 +73,11 @@ class DeviceStore:
         self._shared[key] = tensor
         return key
 
+    def nbytes(self, key: object) -> int:
+        """Bytes of the tensor a reply's reference stands for (0 for an unknown reference)."""
+        t = self._items.get(key) if isinstance(key, str) else None
+        return 0 if t is None else t.numel() * t.element_size()
+
     def shared(self, key: object) -> torch.Tensor:
         if not isinstance(key, str) or key not in self._shared:
             raise LookupError(f"unknown model reference {key!r} (not in the server's process?)")
@@ -149,41 +154,81 @@ def _split(
 
 
 def reply_nbytes(content: RecordDict) -> int:
-    """Payload bytes of a reply's arrays (element count x item size; what the update costs).
+    """Payload bytes of a reply's arrays that arrived (what the update cost; ``bytes_up``).
 
-    A device reference counts as the float32 update it stands for."""
-    total = 0
+    An array whose bytes hold its declared shape and dtype plus at most a header counts as
+    element count x item size (the payload, as ``bytes_down``); any other counts its raw bytes,
+    so a claimed shape never counts more than arrived ((2^40,) used to count 4.4e12 bytes). A
+    device reference counts as the tensor it refers to (nothing for an unknown reference)."""
     array_records, configs, _ = _split(content)
     quant = configs.get(QUANT_KEY)
+    total = 0
     if quant is not None and quant.get("method") == "device":
-        numel = quant.get("numel")
-        total += 4 * numel if isinstance(numel, int) and numel > 0 else 0
+        total += DEVICE_STORE.nbytes(quant.get("ref"))
     for record in array_records.values():
         for arr in record.values():
-            dtype = _parse_dtype(arr.dtype)
-            if dtype is None:  # an unknown or malformed dtype string: count the raw bytes
-                total += len(arr.data)
-            else:
-                total += int(np.prod(arr.shape)) * dtype.itemsize
+            total += _payload_nbytes(arr)
     return total
 
 
+_NPY_HEADER_MAX = 128  # the .npy header Flower writes for a 1-D array (np.save pads it to 128)
+
+
+def _payload_nbytes(arr: Array) -> int:
+    arrived = len(arr.data) if isinstance(arr.data, bytes) else 0
+    dtype = _parse_dtype(arr.dtype)
+    shape = arr.shape
+    if dtype is None or not (
+        isinstance(shape, (list, tuple))
+        and len(shape) <= 8
+        and all(isinstance(n, int) and n >= 0 for n in shape)
+    ):
+        return arrived
+    claimed = math.prod(shape) * dtype.itemsize
+    return claimed if 0 <= arrived - claimed <= _NPY_HEADER_MAX else arrived
+
+
+# The only dtype strings a reply may carry (Flower writes str(ndarray.dtype)); checked before
+# numpy parses anything: np.dtype() of a 12 MB string took 15.9 s and +815 MB before rejecting.
+_DTYPES: dict[str, np.dtype] = {"float32": np.dtype(np.float32), "uint8": np.dtype(np.uint8)}
+
+
 def _parse_dtype(name: object) -> np.dtype | None:
-    """numpy's dtype for a reply's dtype string, or None: any string reaches us over the wire,
-    and numpy raises TypeError, ValueError or others for malformed ones ("bogus", "(-1,)f4")."""
-    try:
-        return np.dtype(name)  # type: ignore[call-overload]
-    except Exception:
-        return None
+    """The dtype for an allowed dtype string, else None (the wire uses float32 and uint8)."""
+    return _DTYPES.get(name) if isinstance(name, str) else None
 
 
-def received_nbytes(content: RecordDict) -> int:
-    """Bytes actually received for a reply's arrays (serialised, headers included)."""
-    return _received(_split(content)[0])
+_ITEM_OVERHEAD = 8  # per key and per scalar, so a reply of many empty items is bounded too
 
 
-def _received(array_records: dict[str, ArrayRecord]) -> int:
-    return sum(len(a.data) for r in array_records.values() for a in r.values())
+def reply_size(content: RecordDict, limit: int) -> int:
+    """Bytes of the whole reply, as far as counted: every record's key, every array's data,
+    dtype, stype and shape, every config value (strings, bytes, lists) and metric list. Counting
+    stops once past ``limit`` (a hostile reply may hold 100,000 arrays or 88 MB of strings)."""
+    total = 0
+    for key, record in content.items():
+        total += _ITEM_OVERHEAD + len(key)
+        for name, value in record.items():
+            total += _ITEM_OVERHEAD + len(name)
+            if isinstance(value, Array):
+                total += _sized(value.data) + _sized(value.dtype) + _sized(value.stype)
+                total += _sized(value.shape)
+            else:
+                total += _sized(value)
+            if total > limit:
+                return total
+    return total
+
+
+def _sized(value: object) -> int:
+    if isinstance(value, (str, bytes)):
+        return len(value)
+    if isinstance(value, (list, tuple)):
+        n = _ITEM_OVERHEAD * len(value)
+        if value and isinstance(value[0], (str, bytes)):
+            n += sum(len(v) for v in value if isinstance(v, (str, bytes)))
+        return n
+    return _ITEM_OVERHEAD
 
 
 def _expect_array(record: ArrayRecord, key: str, dtype: np.dtype, numel: int | None) -> np.ndarray:
@@ -205,6 +250,7 @@ def _expect_array(record: ArrayRecord, key: str, dtype: np.dtype, numel: int | N
 
 NON_FINITE_DETAIL = "update contains NaN or Inf"
 MAX_COUNT = 2**31 - 1
+MAX_CLIENT_TIME_S = 1e6  # 11.6 days of local training; beyond it a claim, not a measurement
 
 
 def _as_configured(method: object, bits: object, quantization: tuple[str, int]) -> bool:
@@ -222,21 +268,22 @@ def decode_update(
 ) -> tuple[torch.Tensor, dict]:
     """Validate a reply and return (flat float32 update of length ``dim``, its metrics).
 
-    Raises :class:`BadReply` for missing records or keys, extra keys, wrong dtype or shape, a
-    payload larger than ``max_bytes``, unknown quantizer settings, quantizer settings other than
+    Raises :class:`BadReply` for a reply larger than ``max_bytes`` as a whole (:func:`reply_size`,
+    checked before anything is parsed), missing records or keys, extra keys, wrong dtype (an
+    allow-list) or shape, unknown quantizer settings, quantizer settings other than
     ``quantization`` (the run's ``(method, bits)``; an unquantized update may come as a device
     reference), or bad metrics (non-finite; a sample count or partition id that is not an integer
-    in [0, 2^31)). Finiteness is
+    in [0, 2^31); a client time outside [0, 1e6] s). Finiteness is
     not checked here: the server checks every decoded update of a round at once
     (:func:`fedbgmd.core.all_finite_each`, one host read) and rejects with ``non_finite`` and
     :data:`NON_FINITE_DETAIL`.
     """
+    size = reply_size(content, max_bytes)  # the whole reply, before anything is parsed
+    if size > max_bytes:
+        raise BadReply("too_large", f"more than {max_bytes} bytes (counted {size})")
     array_records, configs, metric_records = _split(content)
     if METRICS_KEY not in metric_records or QUANT_KEY not in configs:
         raise BadReply("missing_record", "no 'metrics' MetricRecord or 'quant' ConfigRecord")
-    received = _received(array_records)
-    if received > max_bytes:
-        raise BadReply("too_large", f"{received} bytes > limit {max_bytes}")
     metrics = dict(metric_records[METRICS_KEY])
     checked: dict[str, float] = {}
     for key in REQUIRED_METRICS:
@@ -244,6 +291,8 @@ def decode_update(
         if not isinstance(value, (int, float)) or not math.isfinite(float(value)):
             raise BadReply("bad_metrics", f"metric {key!r} missing or not finite")
         checked[key] = float(value)
+    if not 0.0 <= checked["client-time-s"] <= MAX_CLIENT_TIME_S:
+        raise BadReply("bad_metrics", f"client-time-s {metrics['client-time-s']!r} not in [0, 1e6]")
     for key in ("num-examples", "partition-id"):
         # integers: a fractional partition id was truncated onto another partition, and a
         # sample count is a weight (weighted=true) that must stay finite in float32

@@ -66,9 +66,6 @@ log = logging.getLogger("fedbgmd")
 LrSchedule = Callable[[int], float]
 
 
-_NONFINITE_REASONS = frozenset({"non_finite", "bad_metrics"})
-
-
 class RobustStrategy(Strategy):
     """Sampling, defences, (block) robust aggregation and server step. See the module docstring."""
 
@@ -200,6 +197,7 @@ class RobustStrategy(Strategy):
             "lr": lr,
             "bytes_down": len(msgs) * self._model_nbytes,  # payload, as bytes_up
             "sent": len(msgs),
+            "sent_nodes": [m.metadata.dst_node_id for m in msgs],
         }
         if missing:
             log.warning("round %d: no node serves partitions %s", server_round, missing)
@@ -217,8 +215,11 @@ class RobustStrategy(Strategy):
         replies = list(replies)
         accepted, reasons, stats = self._validate(replies, dim, set(info.get("sampled", [])))
         DEVICE_STORE.clear()  # device references of rejected replies are dropped here
-        missing = info.get("sent", len(replies)) - len(replies)
-        if missing > 0:  # no reply before the round's timeout (or the node vanished)
+        # the nodes asked that did not answer (before the round's timeout, or vanished); counted
+        # by node, so a duplicate reply cannot hide a silent node
+        answered = {msg.metadata.src_node_id for msg in replies}
+        missing = len(set(info.get("sent_nodes", ())) - answered)
+        if missing > 0:
             reasons["timeout"] += missing
             log.warning("round %d: %d sampled clients did not reply in time", server_round, missing)
         info.update(stats)
@@ -228,13 +229,11 @@ class RobustStrategy(Strategy):
         if len(accepted) < self.min_replies:
             info["skipped"] = f"{len(accepted)} accepted replies < min_replies={self.min_replies}"
             log.warning("round %d skipped: %s", server_round, info["skipped"])
-            if not accepted and reasons and set(reasons) <= _NONFINITE_REASONS:
-                # honest clients too (psi < 1/2) got NaN/Inf from the global model
-                self.diverged = self.diverged or (
-                    f"round {server_round}: every reply was non-finite (the global model no "
-                    "longer gives finite losses or updates)"
-                )
-                info["diverged"] = True
+            # rejections are never divergence, not even of every reply (two Byzantine clients
+            # that made up a round's sample stopped a finite run): only a non-finite model is.
+            # Every reply non-finite may mean the model broke: the server checks it (evaluation)
+            if not accepted and reasons.keys() & {"non_finite", "bad_metrics"}:
+                info["check_model"] = True
             info["agg_time_s"] = 0.0
             return None, None
         ids = [pid for pid, _, _ in accepted]
@@ -256,6 +255,15 @@ class RobustStrategy(Strategy):
             info["agg_time_s"] = time.perf_counter() - t_agg
             log.warning("round %d skipped: %s", server_round, info["skipped"])
             return None, None
+        overflowed = int(diag.pop("memory_overflowed", 0.0))
+        if overflowed:  # P = γG + M of these clients was not finite: rejected, not aggregated
+            reasons["memory_overflow"] += overflowed
+            info["replies_accepted"] -= overflowed
+            info["replies_rejected"] += overflowed
+            info["rejections"] = dict(reasons)
+            log.warning(
+                "round %d: %d clients' residual memory overflowed", server_round, overflowed
+            )
         self._x = self._server_step(self._x, direction)
         self._sync()
         if self.diverged is None and not all_finite(self._x):
@@ -269,11 +277,10 @@ class RobustStrategy(Strategy):
                 server_round,
                 diag["rows_dropped"],
             )
-        losses = [m["train-loss"] for _, _, m in accepted]
-        info["train_loss"] = float(sum(losses) / len(losses))
+        info["train_loss"] = _median([m["train-loss"] for _, _, m in accepted])
         new = ArrayRecord() if self.model_by_reference else self._to_arrays(self._x)
         metrics = MetricRecord(
-            {"train-loss": info["train_loss"], "replies-accepted": len(accepted)}
+            {"train-loss": info["train_loss"], "replies-accepted": info["replies_accepted"]}
         )
         return new, metrics
 
@@ -305,6 +312,8 @@ class RobustStrategy(Strategy):
         diag = _agg_diag(step.aggregation)
         diag["relative_residual"] = float(step.relative_residual)
         diag["memory_norm"] = float(step.memory_norm)
+        if step.overflowed:
+            diag["memory_overflowed"] = float(len(step.overflowed))
         return step.vector, diag
 
     def start(
@@ -375,7 +384,7 @@ class RobustStrategy(Strategy):
         max_bytes = self.max_reply_bytes or (8 * dim + 4096)  # 2x a float32 update + headers
         reasons: Counter[str] = Counter()
         by_pid: dict[int, tuple[torch.Tensor, dict]] = {}
-        bytes_up, client_time = 0, 0.0
+        bytes_up, client_times = 0, []
 
         def reject(err: BadReply) -> None:
             reasons[err.reason] += 1
@@ -414,11 +423,14 @@ class RobustStrategy(Strategy):
                     raise BadReply("duplicate", f"partition {pid}")
                 if self.max_update_norm is not None and vec.norm() > self.max_update_norm:
                     raise BadReply("norm_too_large", f"{float(vec.norm()):.3g}")
-                client_time += float(metrics["client-time-s"])
+                client_times.append(float(metrics["client-time-s"]))
                 by_pid[pid] = (vec, metrics)
             except BadReply as err:
                 reject(err)
         accepted = [(pid, *by_pid[pid]) for pid in sorted(by_pid)]  # order by partition id
+        # what clients claim is bounded (decode_update) and aggregated robustly: the round's
+        # summed client time is estimated as n x the median claim
+        client_time = len(client_times) * _median(client_times) if client_times else 0.0
         return accepted, reasons, {"bytes_up": bytes_up, "client_time_s": client_time}
 
     def _apply_adversary(
@@ -472,6 +484,13 @@ class RobustStrategy(Strategy):
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _median(values: list[float]) -> float:
+    """Median of finite floats, finite whatever they are (two claims of 1.7e308 summed to inf)."""
+    v = sorted(values)
+    k = len(v) // 2
+    return v[k] if len(v) % 2 else v[k - 1] / 2 + v[k] / 2
 
 
 def _agg_diag(res: AggregationResult) -> dict[str, float]:

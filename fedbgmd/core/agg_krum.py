@@ -148,7 +148,7 @@ class Bulyan(Aggregator):
         s = x.index_select(0, sel)
         med = coordinate_median(s)
         closest = torch.topk((s - med).abs(), beta, dim=0, largest=False).indices
-        vec = torch.gather(s, 0, closest).mean(dim=0)
+        vec = torch.gather(s, 0, closest).mean(dim=0, dtype=torch.float64).to(x.dtype)
         return AggregationResult(
             vec,
             weights=scores.to(device=x.device, dtype=x.dtype),

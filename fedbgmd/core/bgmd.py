@@ -17,7 +17,11 @@ Diagnostics: relative residual :math:`\lVert P - C_k(P)\rVert^2 / \lVert P\rVert
 the column norms, Lemma 1) and the memory norm.
 
 Non-finite policy: rows of :math:`G_t` with NaN/Inf are dropped *before* touching the memory
-(those clients' residuals are left unchanged) and counted in ``aggregation.n_dropped``.
+(those clients' residuals are left unchanged) and counted in ``aggregation.n_dropped``. A finite
+row can still overflow when combined, :math:`\gamma_s G_t + M_t` (a client sending FLT_MAX
+twice): such rows of :math:`P_t` are dropped too, their clients' residuals are cleared
+(:meth:`~fedbgmd.core.memory.Memory.forget`: the in-place sum already overwrote them) and they are
+listed in ``overflowed``, so the memory never stores Inf/NaN and its norm stays finite.
 With k = d, memory ``none`` and step size 1 the result equals ``aggregator(G_t).vector`` exactly.
 """
 
@@ -49,6 +53,8 @@ class BlockStepResult:
         aggregation: the aggregator's result on the (n, k) block.
         relative_residual: ||P − C_k(P)||² / ||P||² (0 when P = 0).
         memory_norm: Frobenius norm of the memory after the step.
+        overflowed: ids of the clients whose row of P = γ_s G + M was not finite (dropped, also
+            counted in ``aggregation.n_dropped``).
     """
 
     vector: Tensor
@@ -56,6 +62,7 @@ class BlockStepResult:
     aggregation: AggregationResult
     relative_residual: float
     memory_norm: float
+    overflowed: tuple[int, ...] = ()
 
 
 def _finite_rows(
@@ -108,13 +115,12 @@ def bgmd_step(
     if not 1 <= k <= d:
         raise ValueError(f"block size k must be in [1, d={d}], got {k}")
     p = memory.combine(xf, step_size, ids)
-    s = column_sq_norms(p)
-    total = float(s.sum(dtype=torch.float64))
-    if math.isinf(total) and p.dtype != torch.float64:
-        # finite entries whose squares overflow p's dtype (|x| >~ 1e19 in float32, a hostile
-        # client's): inf norms would make the sampling degenerate and the residual NaN
-        s = column_sq_norms(p.to(torch.float64))
-        total = float(s.sum())
+    s, total = _column_norms(p)
+    overflowed: list[int] = []
+    if not math.isfinite(total):  # some row of P = γG + M overflowed (its G row was finite)
+        p, ids, weights, overflowed = _drop_overflowed(p, ids, weights, memory)
+        n_dropped += len(overflowed)
+        s, total = _column_norms(p)
     sel = select_from_norms(s, k, selector, generator)
     delta = p if k == d else p.index_select(1, sel)
     kept = float(s.index_select(0, sel).sum(dtype=torch.float64))
@@ -135,4 +141,32 @@ def bgmd_step(
     else:
         vec = torch.zeros(d, dtype=agg.vector.dtype, device=agg.vector.device)
         vec.index_copy_(0, sel, agg.vector)
-    return BlockStepResult(vec, sel, agg, rel, memory.norm())
+    return BlockStepResult(vec, sel, agg, rel, memory.norm(), tuple(overflowed))
+
+
+def _column_norms(p: Tensor) -> tuple[Tensor, float]:
+    """Column squared norms of P and their float64 total (inf/NaN when P is not finite)."""
+    s = column_sq_norms(p)
+    total = float(s.sum(dtype=torch.float64))
+    if math.isinf(total) and p.dtype != torch.float64:
+        # finite entries whose squares overflow p's dtype (|x| >~ 1e19 in float32, a hostile
+        # client's): inf norms would make the sampling degenerate and the residual NaN
+        s = column_sq_norms(p.to(torch.float64))
+        total = float(s.sum())
+    return s, total
+
+
+def _drop_overflowed(
+    p: Tensor, ids: list[int], weights: Tensor | None, memory: Memory
+) -> tuple[Tensor, list[int], Tensor | None, list[int]]:
+    """Drop the rows of P that are not finite and clear their clients' residuals."""
+    ok = torch.isfinite(p).all(dim=1).tolist()
+    bad = [c for c, keep in zip(ids, ok) if not keep]
+    memory.forget(bad)
+    if len(bad) == len(ids):
+        raise ValueError(
+            f"every row of P = γG + M overflowed (clients {bad}); nothing to aggregate"
+        )
+    keep = torch.tensor([i for i, k in enumerate(ok) if k], device=p.device)
+    kept_w = None if weights is None else weights.index_select(0, keep.to(weights.device))
+    return p.index_select(0, keep), [c for c, k in zip(ids, ok) if k], kept_w, bad

@@ -3,6 +3,10 @@
 ``coordinate_median(x)_j`` = median of the column ``x[:, j]``; for even n it is the mean of the
 two middle order statistics ``(x_(n/2) + x_(n/2+1)) / 2`` (1-based order statistics).
 ``trimmed_mean(x, b)_j`` = mean of the order statistics ``x_(b+1), ..., x_(n-b)`` of column j.
+
+Both are overflow-safe for finite input: the median's midpoint is ``lo/2 + hi/2`` (halving is
+exact, so it equals the rounded ``(lo + hi)/2`` wherever that does not overflow; two values near
+FLT_MAX summed to inf in float32), and the trimmed mean accumulates in float64.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ def coordinate_median(x: Tensor) -> Tensor:
         return torch.kthvalue(x, n // 2 + 1, dim=0).values
     lo = torch.kthvalue(x, n // 2, dim=0).values
     hi = torch.kthvalue(x, n // 2 + 1, dim=0).values
-    return lo.add_(hi).mul_(0.5)
+    return lo.mul_(0.5).add_(hi, alpha=0.5)
 
 
 def _median_cpu(x: Tensor) -> Tensor:
@@ -38,8 +42,8 @@ def _median_cpu(x: Tensor) -> Tensor:
     if x.shape[0] % 2 == 1:
         return torch.from_numpy(p[k].copy())  # a copy: a view would keep all of `p` alive
     lo = p[:k].max(axis=0)
-    lo += p[k]
     lo *= 0.5
+    lo += p[k] * 0.5
     return torch.from_numpy(lo)
 
 
@@ -49,6 +53,6 @@ def trimmed_mean(x: Tensor, b: int) -> Tensor:
     if not 0 <= 2 * b < n:
         raise ValueError(f"cannot trim {b} from each end of {n} rows")
     if b == 0:
-        return x.mean(dim=0)
+        return x.mean(dim=0, dtype=torch.float64).to(x.dtype)
     xs = torch.sort(x, dim=0).values
-    return xs[b : n - b].mean(dim=0)
+    return xs[b : n - b].mean(dim=0, dtype=torch.float64).to(x.dtype)

@@ -40,11 +40,14 @@ Two solvers compute the same iterates:
   :math:`\lVert x_i - X^\top\alpha\rVert^2 = G_{ii} - 2 (G\alpha)_i + \alpha^\top G \alpha`
   whenever :math:`\sum_j \alpha_j = 1` (clamped at 0 against rounding). The data are read once for G
   and once for the final :math:`X^\top\alpha`; the O(n²) iterations run on the host in float64. The
-  reference row is the medoid of a column sketch; if the medoid under the full Gram distances is a
-  different row and the first centre is far from the bulk (median centred norm² more than 100× the
-  median squared distance from the medoid), G is recomputed centred at the true medoid, so
-  outliers never cause cancellation in the distances between inliers. The gram solver always
-  starts from the weighted mean (its iterations are cheap), so ``init`` affects ``direct`` only.
+  reference row is the medoid (least weighted median distance, :func:`fedbgmd.core.gram.medoid`)
+  of a column sketch; if the medoid under the full Gram distances is a different row and the
+  first centre is far from the bulk (its score more than 10× the medoid's), G is recomputed
+  centred at the true medoid, so outliers never cause cancellation in the distances between
+  inliers. The gram solver starts on that centre row (α = e_c; ``init`` affects ``direct``
+  only): like the medoid, and unlike the weighted mean, it cannot be dragged away by rows
+  holding less than half the weight, however far. In the final :math:`X^\top\alpha` the terms
+  of far rows (α below 1e-30, subnormal in float32) are summed in float64.
 
 ``solver="auto"`` picks ``gram`` when d >= 4 n (measured on CPU and GPU, see docs/core.md).
 
@@ -75,6 +78,12 @@ __all__ = ["GMResult", "geometric_median"]
 _SOLVERS = ("auto", "direct", "gram")
 _INITS = ("median", "mean")
 _DIRECT_FLOAT64_NUMEL = 1 << 24  # direct solver works on a float64 copy up to this size
+# above it, a float32 working copy only while no entry reaches this: differences, their squares
+# summed over a chunk of columns (row_norms) and the weighted sums then stay finite in float32
+_FLOAT32_SAFE_ABS = 1e15
+# float32 coefficients below this are subnormal or close to it (~1e-38): x_j α_j of a far row
+# (α_j ~ 1 / its distance) would lose its digits; such terms are added in float64
+_TINY_COEF = 1e-30
 
 
 @dataclass(frozen=True)
@@ -160,7 +169,8 @@ def _normalised_weights(weights: Tensor | None, n: int, device: torch.device) ->
 def _direct(
     x: Tensor, w: Tensor, eps: float, max_iter: int, nu: float, init: str, check_every: int
 ) -> GMResult:
-    xw = x.to(torch.float64) if x.numel() <= _DIRECT_FLOAT64_NUMEL else x
+    small = x.numel() <= _DIRECT_FLOAT64_NUMEL
+    xw = x.to(torch.float64) if small or not _float32_safe(x) else x
     y = coordinate_median(xw) if init == "median" else w.to(xw.dtype) @ xw
     f_prev = torch.tensor(math.inf, dtype=torch.float64, device=x.device)
     y_prev, coef, f = y, w, f_prev
@@ -237,25 +247,45 @@ def _gram(
         # solver's float64 distances are not (the result says solver="direct")
         return _direct(x, w_dev, eps, max_iter, nu, init, check_every)
     w = w_dev.cpu()
-    alpha, f, it, converged = _weiszfeld_gram(g, w, eps, max_iter, nu)
+    # start on the centre row, not at the weighted mean: the centre is robust (gram.medoid), the
+    # mean is not (12 of 25 rows at FLT_MAX left it unconverged after 1,000 iterations)
+    alpha0 = torch.zeros_like(w)
+    alpha0[c_idx] = 1.0
+    alpha, f, it, converged = _weiszfeld_gram(g, w, eps, max_iter, nu, alpha0)
     if f == 0.0:
         median = x[c_idx].clone()
     else:
-        median = alpha.to(device=x.device, dtype=x.dtype) @ x
+        median = _combine(alpha, x)
     return GMResult(median, it, converged, f, alpha.to(device=x.device, dtype=x.dtype), "gram")
 
 
+def _combine(alpha: Tensor, x: Tensor) -> Tensor:
+    """Xᵀα in x's dtype; the terms of coefficients below _TINY_COEF are summed in float64."""
+    tiny = (alpha > 0) & (alpha < _TINY_COEF)
+    if x.dtype == torch.float64 or not bool(tiny.any()):
+        return alpha.to(device=x.device, dtype=x.dtype) @ x
+    idx = tiny.nonzero().squeeze(1)
+    main = torch.where(tiny, torch.zeros_like(alpha), alpha).to(device=x.device, dtype=x.dtype)
+    far = alpha[idx].to(x.device) @ x.index_select(0, idx.to(x.device)).to(torch.float64)
+    return main @ x + far.to(x.dtype)
+
+
+def _float32_safe(x: Tensor) -> bool:
+    return float(x.abs().amax()) < _FLOAT32_SAFE_ABS
+
+
 def _weiszfeld_gram(
-    g: Tensor, w: Tensor, eps: float, max_iter: int, nu: float
+    g: Tensor, w: Tensor, eps: float, max_iter: int, nu: float, alpha0: Tensor
 ) -> tuple[Tensor, float, int, bool]:
-    """Weiszfeld (Vardi–Zhang step) in coefficient space: (alpha, objective, iterations, ok).
+    """Weiszfeld (Vardi–Zhang step) in coefficient space from the iterate ``Xᵀ alpha0``
+    (``alpha0`` sums to 1): (alpha, objective, iterations, ok).
 
     Returns the last iterate, as the direct solver does: with far outliers the objective's
     rounding noise exceeds the inliers' progress, so an argmin over its values picks an early
     iterate (0.35 off the median for outliers at 1e13, 45 at 1e16 in a 5,000-dimensional test).
     """
     diag = g.diagonal()
-    alpha = w.clone()
+    alpha = alpha0.to(dtype=g.dtype).clone()
     f_prev = math.inf
     alpha_prev = alpha
     it = 0

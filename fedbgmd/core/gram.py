@@ -7,6 +7,15 @@ distances, so no precision is lost to cancellation when the data share a large c
 contain far outliers. The reference row is the medoid of a strided column sketch; if the medoid
 under the full distances differs and the first centre is far from the bulk, G is recomputed once.
 On CPU the product is taken over column chunks of the input dtype, summed in float64.
+
+"Medoid" here is the row whose *weighted median* distance to the rows is least, not the row with
+the least sum of distances: a sum is dominated by the farthest rows, and with two finite extremes
+(1e20 and FLT_MAX) every row's sum was ~1e40, the honest rows' differences fell below float64
+resolution and the tie went to a Byzantine row. A row's weighted median distance is the radius of
+the smallest ball around it that holds half the weight. While the rows of one group hold more
+than half the weight, each of their scores is at most the group's diameter, and a row that beats
+them has a row of the group within that diameter. Only the order of the distances and one of
+them enter a score, so rows at any finite distance cannot swamp it.
 """
 
 from __future__ import annotations
@@ -16,7 +25,13 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["centred_gram", "medoid", "pairwise_from_gram", "robust_centred_gram"]
+__all__ = [
+    "centred_gram",
+    "median_distance_scores",
+    "medoid",
+    "pairwise_from_gram",
+    "robust_centred_gram",
+]
 
 SKETCH_COLUMNS = 1024
 RECENTRE_RATIO = 100.0
@@ -42,11 +57,23 @@ def pairwise_from_gram(g: Tensor) -> Tensor:
     return (diag[:, None] + diag[None, :] - 2.0 * g).clamp_min_(0.0).sqrt_()
 
 
+def median_distance_scores(dist: Tensor, w: Tensor) -> Tensor:
+    """Each row's weighted median distance to the rows: the least r with
+    Σ_{j: dist_ij <= r} w_j >= Σ_j w_j / 2 (the row itself counts, at distance 0); +inf for rows
+    of zero weight, which cannot be a centre."""
+    wd = w.to(device=dist.device, dtype=dist.dtype)
+    d_sorted, order = torch.sort(dist, dim=1)
+    cum = wd[order].cumsum(dim=1)
+    half = 0.5 * float(wd.sum()) * (1.0 - 1e-12)  # equal weights summing to exactly half count
+    k = (cum < half).sum(dim=1).clamp_max_(dist.shape[1] - 1)
+    score = d_sorted.gather(1, k[:, None]).squeeze(1)
+    return torch.where(wd > 0, score, torch.full_like(score, math.inf))
+
+
 def medoid(dist: Tensor, w: Tensor) -> int:
-    """Index minimising Σ_j w_j dist_ij over the rows with positive weight (ties: lowest index)."""
-    score = dist @ w.to(dist.dtype)
-    score = torch.where(w > 0, score, torch.full_like(score, math.inf))
-    return int(torch.argmin(score))
+    """Index of the least :func:`median_distance_scores` (ties: lowest index); see the module
+    docstring for why not the least sum of distances."""
+    return int(torch.argmin(median_distance_scores(dist, w)))
 
 
 def _sketch_medoid(x: Tensor, w: Tensor) -> int:
@@ -58,18 +85,23 @@ def _sketch_medoid(x: Tensor, w: Tensor) -> int:
 def robust_centred_gram(x: Tensor, w: Tensor) -> tuple[Tensor, int]:
     """Gram matrix of ``x`` centred at a medoid row, on the host, and that row's index.
 
+    The first centre is the medoid of a column sketch. If the medoid under the full Gram
+    distances is another row and the first centre is far from the bulk (its score more than
+    √RECENTRE_RATIO times the medoid's: an outlier that differs from the rest only in columns
+    the sketch missed), G is recomputed centred at the medoid. A G that is not finite (float32
+    products of finite rows beyond ~1e18 overflow) is returned as it is, for the caller to see.
+
     Args:
         x: (n, d) finite floating tensor.
         w: (n,) non-negative weights (used for the medoid).
     """
     c_idx = _sketch_medoid(x, w)
     g = centred_gram(x, x[c_idx]).cpu()
-    w_h = w.cpu()
-    dist = pairwise_from_gram(g)
-    m_idx = medoid(dist, w_h)
-    if m_idx != c_idx:
-        spread = float(dist[m_idx].median()) ** 2
-        if float(g.diagonal().median()) > RECENTRE_RATIO * spread:
-            c_idx = m_idx
-            g = centred_gram(x, x[c_idx]).cpu()
+    if not bool(torch.isfinite(g).all()):
+        return g, c_idx
+    score = median_distance_scores(pairwise_from_gram(g), w.cpu())
+    m_idx = int(torch.argmin(score))
+    if m_idx != c_idx and float(score[c_idx]) ** 2 > RECENTRE_RATIO * float(score[m_idx]) ** 2:
+        c_idx = m_idx
+        g = centred_gram(x, x[c_idx]).cpu()
     return g, c_idx

@@ -68,6 +68,11 @@ class Memory(ABC):
         ``residual_sq`` = ||P − C_k(P)||² when the caller already knows it (saves a pass).
         """
 
+    def forget(self, client_ids: Sequence[int]) -> None:
+        """Clear the residual of these clients: their P = γx + M overflowed (``bgmd_step``
+        drops their rows), so what is stored for them is no residual worth keeping."""
+        return None  # a memory that keeps nothing has nothing to clear
+
     @abstractmethod
     def norm(self) -> float:
         """Frobenius norm of the whole stored residual."""
@@ -131,6 +136,12 @@ class MeanMemory(Memory):
         m = weighted_row_mean(p)
         m[selected] = 0
         self.m = m.to(device=self.device, dtype=self.dtype)
+
+    def forget(self, client_ids: Sequence[int]) -> None:
+        # one vector is added to every row: it cannot be cleared for some clients only, and a
+        # row overflowed because of it or of a client's message; either way it is cleared
+        if client_ids:
+            self.m.zero_()
 
     def norm(self) -> float:
         return float(torch.linalg.vector_norm(self.m, dtype=torch.float64))
@@ -218,8 +229,15 @@ class PerClientMemory(Memory):
 
     def _rows_sq(self, rows: list[int]) -> Tensor:
         idx = torch.tensor(rows, device=self.device)
-        block = self._store.index_select(0, idx)
-        return row_norms(block).square_().cpu()
+        return _sq_norms(self._store.index_select(0, idx))
+
+    def forget(self, client_ids: Sequence[int]) -> None:
+        known = [self._rows[int(c)] for c in client_ids if int(c) in self._rows]
+        if not known:
+            return
+        self._flush_group(keep=[])  # cached norms of the last round's rows, before any change
+        self._store[torch.tensor(known, device=self.device)] = 0.0
+        self._row_sq[torch.tensor(known)] = 0.0
 
     def _flush_group(self, keep: list[int]) -> None:
         """Give the last round's rows that are not in ``keep`` their own cached norms."""
@@ -262,7 +280,16 @@ class PerClientMemory(Memory):
         self._rows = {c: i for i, c in enumerate(ids)}
         self._store = rows.clone()
         self._group, self._group_sq = [], 0.0
-        self._row_sq = row_norms(rows).square_().cpu()
+        self._row_sq = _sq_norms(rows)
+
+
+def _sq_norms(rows: Tensor) -> Tensor:
+    """Squared row norms on the host; float64 where float32 squares overflow (|x| ≳ 1e19, a
+    hostile client's residual), so the memory norm stays finite."""
+    sq = row_norms(rows).square_().cpu()
+    if rows.dtype != torch.float64 and not bool(torch.isfinite(sq).all()):
+        sq = row_norms(rows.to(torch.float64)).square_().cpu()
+    return sq
 
 
 _KINDS: dict[str, type[Memory]] = {

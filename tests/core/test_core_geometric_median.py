@@ -5,10 +5,12 @@ from __future__ import annotations
 import importlib
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from fedbgmd.core import geometric_median, get_aggregator
+from fedbgmd.core.gram import medoid
 
 # the package re-exports the function under the module's name; fetch the module itself
 gm_module = importlib.import_module("fedbgmd.core.geometric_median")
@@ -191,3 +193,103 @@ def test_gram_solver_with_far_finite_outliers(big: float) -> None:
     assert r.solver == ("gram" if big < 1e18 else "direct")
     # the median is 0.31 from the honest mean; float32 output resolution is ~1e-6 here
     assert float((r.median.double() - ref).norm()) < 1e-5
+
+
+FLT_MAX = float(np.finfo(np.float32).max)
+
+
+def _reference_gm(x: np.ndarray, w: np.ndarray, iters: int = 20_000) -> np.ndarray:
+    """Plain Weiszfeld in float64 numpy from the honest-looking coordinate-wise median, written
+    here independently of fedbgmd (no row ever sits on the iterate in these tests)."""
+    y = np.median(x, axis=0)
+    for _ in range(iters):
+        dist = np.sqrt(((x - y) ** 2).sum(axis=1))
+        beta = w / np.maximum(dist, 1e-300)
+        new = (beta / beta.sum()) @ x
+        if np.linalg.norm(new - y) <= 1e-15 * max(np.median(dist), 1e-300):
+            return new
+        y = new
+    return y
+
+
+def _extremes(case: str, n: int, place: str) -> tuple[list[int], list[list[float]]]:
+    """Rows to overwrite (first, last or in the middle) and the finite extremes they get."""
+    values = {
+        "1e20_and_flt_max": [[1e20], [FLT_MAX]],
+        "mixed_signs": [[FLT_MAX], [-FLT_MAX], [-1e20, 1e20]],
+        "half_minus_one_at_flt_max": [[FLT_MAX]] * ((n - 1) // 2),
+    }[case]
+    k = len(values)
+    start = {"first": 0, "last": n - k, "middle": (n - k) // 2}[place]
+    return list(range(start, start + k)), values
+
+
+@pytest.mark.parametrize("place", ["first", "middle", "last"])
+@pytest.mark.parametrize("case", ["1e20_and_flt_max", "mixed_signs", "half_minus_one_at_flt_max"])
+@pytest.mark.parametrize("d", [64, 5000])
+@pytest.mark.parametrize("solver", ["gram", "direct"])
+def test_finite_extremes_do_not_capture_the_median(
+    solver: str, d: int, case: str, place: str
+) -> None:
+    # issue 13: with one row at 1e20 and one at FLT_MAX, every row's sum of distances was ~1e40,
+    # the medoid search tied and centred G on a Byzantine row (GM step 2.9e13, honest 0.096),
+    # and 12 of 25 rows at FLT_MAX left the mean-started gram solver unconverged. d = 64 keeps G
+    # finite in float64 (the branch a GPU takes up to d = 4M); at d = 5000 the float32 chunk
+    # products overflow and the call goes to the direct solver.
+    n = 25 if case.startswith("half") else 10
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, d, generator=g) * 0.01
+    rows, values = _extremes(case, n, place)
+    for r, v in zip(rows, values):
+        x[r] = torch.tensor(v * (d // len(v)) + v[: d % len(v)])
+    r = geometric_median(x, solver=solver)
+    assert bool(torch.isfinite(r.median).all())
+    ref = _reference_gm(x.double().numpy(), np.ones(n))
+    honest = np.delete(x.double().numpy(), rows, axis=0)
+    spread = float(np.linalg.norm(honest - honest.mean(0), axis=1).max())
+    err = float(np.linalg.norm(r.median.double().numpy() - ref))
+    assert err < 1e-4 * spread, (err, spread, r.solver, r.iterations)
+    assert r.converged
+
+
+@pytest.mark.parametrize("solver", ["gram", "direct"])
+@pytest.mark.parametrize("place", ["first", "last"])
+@pytest.mark.parametrize("big", [1e30, FLT_MAX])
+def test_a_far_row_holding_almost_half_the_weight_does_not_capture_the_median(
+    solver: str, place: str, big: float
+) -> None:
+    # issue 13: a client holding 45 of 93 of the weight at a huge finite value moved the
+    # mean-started gram solver by 9.4e11 (here: unconverged after 1,000 iterations, 88 off at
+    # 1e30, 3e10 at FLT_MAX)
+    g = torch.Generator().manual_seed(4)
+    n, d = 10, 64
+    x = torch.randn(n, d, generator=g) * 0.01
+    w = torch.full((n,), 48.0 / 9)
+    far = 0 if place == "first" else n - 1
+    x[far], w[far] = big, 45.0
+    r = geometric_median(x, weights=w, solver=solver)
+    ref = _reference_gm(x.double().numpy(), w.double().numpy())
+    assert r.converged
+    assert float(np.linalg.norm(r.median.double().numpy() - ref)) < 1e-5
+    assert float(r.median.double().abs().max()) < 1.0  # in the honest rows' range, not ~1e20
+
+
+def test_the_centre_is_the_least_weighted_median_distance() -> None:
+    # rows 0 and 1 far out (one of them huge): by sum of distances every row scores ~the huge
+    # distance, by weighted median distance only the three close rows score small
+    dist = torch.tensor(
+        [
+            [0.0, 1e40, 1e20, 1e20, 1e20],
+            [1e40, 0.0, 1e40, 1e40, 1e40],
+            [1e20, 1e40, 0.0, 2.0, 1.0],
+            [1e20, 1e40, 2.0, 0.0, 1.5],
+            [1e20, 1e40, 1.0, 1.5, 0.0],
+        ],
+        dtype=torch.float64,
+    )
+    w = torch.full((5,), 0.2, dtype=torch.float64)
+    # weighted median distances (3 of the 5 rows must be in the ball): 1e20, 1e40, 2, 2, 1.5;
+    # sums of distances: rows 0, 2, 3, 4 all 2e39 to float64 resolution (the old argmin: row 0)
+    sums = (dist @ w).tolist()
+    assert sums[0] == sums[2] == sums[3] == sums[4]
+    assert medoid(dist, w) == 4
