@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, grad_and_value, vmap
 
+from fedbgmd.components import derive_seed
 from fedbgmd.core import (
     flatten_state,
     geometric_median,
@@ -56,10 +57,12 @@ from fedbgmd.core import (
 )
 from fedbgmd.core.agg_gm import GeometricMedian
 from fedbgmd.core.batched_gm import batched_geometric_median
+from fedbgmd.strategies.robust import _median
 
 log = logging.getLogger("fedbgmd")
 
 DEFAULT_STRATEGY = "fedbgmd.strategies.RobustStrategy"
+FLUSH_EVERY = 200  # rounds between writes of a job's buffered metrics rows
 # non-omniscient attacks that ask the client for extra honest updates (sample_updates)
 _NEEDS_SAMPLES = frozenset({"alie", "ipm"})
 
@@ -144,6 +147,8 @@ class _Run:
     byz: frozenset[int]
     client_attack: Any
     strategy: Any  # the RobustStrategy built from the config (aggregator, block, memory kind)
+    seed: int = 0
+    sgd: tuple[float, bool, float] = (0.0, False, 0.0)  # client momentum, nesterov, weight decay
     active: bool = True
 
 
@@ -220,6 +225,12 @@ class FusedGroup:
                     byz=frozenset(spec.byzantine_ids),
                     client_attack=spec.client_attack,
                     strategy=server.strategy,
+                    seed=int(cfg.seed),
+                    sgd=(
+                        float(cfg.client.optimizer.momentum),
+                        bool(cfg.client.optimizer.nesterov),
+                        float(cfg.client.optimizer.weight_decay),
+                    ),
                 )
             )
         self.x = torch.stack(xs)  # (R, d) global models
@@ -261,6 +272,9 @@ class FusedGroup:
         """All rounds of every job; each job's folder gets its rows and summary."""
         status, error = "completed", None
         self.started = time.time()
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # the shapes repeat every round
+        self.timing = dict.fromkeys(("plan", "round", "client", "agg", "log", "rounds"), 0.0)
         planner = _Planner(self._plan_state(), self.num_rounds, self.workers, self.device)
         try:
             self._evaluate_and_log(0, {})
@@ -269,8 +283,14 @@ class FusedGroup:
                     break
                 t0 = time.perf_counter()
                 plan = planner.get(rnd)
+                t1 = time.perf_counter()
                 info = self._round(rnd, plan, t0)
+                t2 = time.perf_counter()
+                self.timing["plan"] += t1 - t0
+                self.timing["round"] += t2 - t1
+                self.timing["rounds"] += 1
                 self._evaluate_and_log(rnd, info)
+                self.timing["log"] += time.perf_counter() - t2
         except BaseException as err:
             status, error = "failed", f"{type(err).__name__}: {err}"
             raise
@@ -303,38 +323,36 @@ class FusedGroup:
             xb[where[keep], a_client[keep]] = ax[keep]
             yb[where[keep], a_client[keep]] = ay[keep]
         t_c = time.perf_counter()
-        updates, losses = self._client_updates([self.runs[i] for i in active], xb, yb, lrs, rnd)
+        updates, losses = self._client_updates(active, xb, yb, lrs, rnd)
         _sync(dev)
         client_s = time.perf_counter() - t_c
+        self.timing["client"] += client_s
         t_a = time.perf_counter()
         ids_all = [sampled[i] for i in active]
         for j, i in enumerate(active):
             self._update_attacks(i, rnd, ids_all[j], updates[j])
         accepted, rejections = self._validate(active, updates, losses)
-        directions, diag = self._aggregate(active, rnd, updates, ids_all, accepted)
+        directions, diag = self._aggregate(active, rnd, updates, ids_all, accepted, rejections)
         self._server_step(active, directions)
         finite = torch.isfinite(self.x[active]).all(dim=1)
         # one host read for every run's diagnostics
-        loss_mean = torch.stack(
-            [
-                losses[j][accepted[j]].double().mean()
-                if accepted[j].any()
-                else torch.tensor(float("nan"), dtype=torch.float64, device=dev)
-                for j in range(len(active))
-            ]
-        )
-        host = torch.stack([loss_mean, finite.double()]).tolist()
+        loss_h, finite_h = losses.double().tolist(), finite.tolist()
+        ok_h = [a.tolist() for a in accepted]
         diag_host = {k: v.tolist() for k, v in diag.items() if isinstance(v, Tensor)}
         _sync(dev)
         agg_s = time.perf_counter() - t_a
+        self.timing["agg"] += agg_s
         dim, n = self.dim, updates.shape[1]
         for j, i in enumerate(active):
             d = info[i]
             run = self.runs[i]
-            n_acc = int(accepted[j].sum())
+            n_acc = int(accepted[j].sum()) - rejections[j].get("memory_overflow", 0)
             d.update(
                 lr=lrs[j],
-                train_loss=host[0][j] if n_acc else None,
+                # the single run's rule: the median of the accepted claims (never inf)
+                train_loss=_median([v for v, ok in zip(loss_h[j], ok_h[j]) if ok])
+                if n_acc
+                else None,
                 client_time_s=client_s / len(active),
                 agg_time_s=agg_s / len(active),
                 transport_s=0.0,
@@ -350,7 +368,7 @@ class FusedGroup:
             for k, v in diag.get("skipped", {}).items():
                 if k == j:
                     d["skipped"] = v
-            if not host[1][j]:
+            if not finite_h[j]:
                 msg = f"round {rnd}: the global model has NaN/Inf parameters"
                 run.strategy.diverged = run.strategy.diverged or msg
                 d["diverged"] = True
@@ -358,10 +376,10 @@ class FusedGroup:
 
     # ------------------------------------------------------------------ clients
     def _client_updates(
-        self, runs: list[_Run], xb: Tensor, yb: Tensor, lrs: list[float], rnd: int
+        self, idx: list[int], xb: Tensor, yb: Tensor, lrs: list[float], rnd: int
     ) -> tuple[Tensor, Tensor]:
         """(R, n, d) updates x_r − y_i and (R, n) losses for one SGD step per client."""
-        idx = [self.runs.index(r) for r in runs]
+        runs = [self.runs[i] for i in idx]
         x = self.x[idx]
         params: dict[str, Tensor] = {}
         off = 0
@@ -375,7 +393,7 @@ class FusedGroup:
 
         per_client = vmap(grad_and_value(loss_fn), in_dims=(None, 0, 0), randomness="different")
         per_run = vmap(per_client, in_dims=(0, 0, 0), randomness="different")
-        seed = hash((rnd, tuple(int(r.cfg.seed) for r in runs))) & ((1 << 62) - 1)
+        seed = derive_seed("fused-dropout", rnd, tuple(r.seed for r in runs))
         modes = [(m, m.training) for m in model.modules()]
         model.train()
         try:
@@ -389,10 +407,10 @@ class FusedGroup:
         # SGD's first step from a fresh buffer: lr·(g + λx), times (1 + μ) with Nesterov
         coef, decay = [], []
         for r, lr in zip(runs, lrs):
-            o = r.cfg.client.optimizer
-            c = lr * (1.0 + float(o.momentum)) if o.nesterov else lr
+            mu, nesterov, wd = r.sgd
+            c = lr * (1.0 + mu) if nesterov else lr
             coef.append(c)
-            decay.append(c * float(o.weight_decay))
+            decay.append(c * wd)
         coef_t = torch.tensor(coef, dtype=torch.float32, device=self.device).view(-1, 1, 1)
         decay_t = torch.tensor(decay, dtype=torch.float32, device=self.device).view(-1, 1, 1)
         off = 0
@@ -412,7 +430,7 @@ class FusedGroup:
         attack = run.client_attack
         if attack is None or attack.kind != "update":
             return
-        seed = int(run.cfg.seed)
+        seed = run.seed
         for j, pid in enumerate(ids):
             if pid in run.byz:
                 g = generator(seed, rnd, pid, "attack", device=rows.device)
@@ -456,8 +474,14 @@ class FusedGroup:
         updates: Tensor,
         ids_all: list[list[int]],
         accepted: list[Tensor],
+        rejections: list[Any],
     ) -> tuple[Tensor, dict[str, Any]]:
-        """Directions u_r (R, d) and per-run diagnostics (tensors of shape (R,))."""
+        """Directions u_r (R, d) and per-run diagnostics (tensors of shape (R,)).
+
+        Runs with a rejected reply this round, and block runs whose P = γG + M overflows, take
+        the single-run path (fedbgmd.core on the accepted rows), so every rule a single run
+        applies to such rounds applies here.
+        """
 
         dev = self.device
         n_runs = len(active)
@@ -476,6 +500,7 @@ class FusedGroup:
                 updates[j] = st._apply_adversary(updates[j], ids_all[j], rnd)
         # rows to aggregate: runs whose replies were all accepted go batched
         batched_gm: list[int] = []  # plain GM runs
+        alone: list[int] = []
         block_groups: dict[tuple, list[int]] = {}
         for j, i in enumerate(active):
             st = self.runs[i].strategy
@@ -603,7 +628,20 @@ class FusedGroup:
             p = g * lr_s if lr_s != 1.0 else g.clone()
         s = p.square().sum(dim=1)  # (B, d) column squared norms
         total = s.sum(dim=1, dtype=torch.float64)
+        left: list[int] = []
         if not bool(torch.isfinite(total).all()):
+            rows_ok = torch.isfinite(p).flatten(1).all(dim=1).tolist()
+            left = [j for j, ok in zip(js_list, rows_ok) if not ok]
+            if left:
+                keep = [b for b, ok in enumerate(rows_ok) if ok]
+                if not keep:
+                    return left
+                js_list = [js_list[b] for b in keep]
+                js = torch.tensor(js_list, device=dev)
+                if memory == "per_client":
+                    rows = [rows[b] for b in keep]
+                p = p[torch.tensor(keep, device=dev)]
+            # finite entries whose squares overflow float32: norms in float64 (as bgmd_step)
             s = p.double().square().sum(dim=1)
             total = s.sum(dim=1)
         if selector == "topk" and k < self.dim:
@@ -617,7 +655,7 @@ class FusedGroup:
                         s[b],
                         k,
                         selector,
-                        generator(int(self.runs[active[j]].cfg.seed), rnd, "block", device=dev),
+                        generator(self.runs[active[j]].seed, rnd, "block", device=dev),
                     )
                     for b, j in enumerate(js_list)
                 ]
@@ -660,6 +698,7 @@ class FusedGroup:
         iters[js], conv[js] = it, cv
         rel_res[js] = rel
         mem_norm[js] = norms
+        return left
 
     def _aggregate_alone(
         self,
@@ -685,7 +724,7 @@ class FusedGroup:
         rows = updates[j][keep]
         ids = [ids_all[j][c] for c in keep.tolist()]
         w = self._weights(i, ids) if st.weighted else None
-        if st.adversary is not None:
+        if st.adversary is not None and not bool(accepted[j].all()):  # else applied already
             rows = st._apply_adversary(rows, ids, rnd)
         try:
             if not st.block:
@@ -714,7 +753,7 @@ class FusedGroup:
                 client_ids=ids,
                 step_size=st.server_lr,
                 selector=st.selector,
-                generator=generator(int(self.runs[i].cfg.seed), rnd, "block", device=self.device),
+                generator=generator(self.runs[i].seed, rnd, "block", device=self.device),
                 weights=w,
             )
             state = mem.state_dict()
@@ -723,6 +762,8 @@ class FusedGroup:
                 store[order] = state["rows"].to(self.device)
             elif st.memory_kind == "mean":
                 self.memory[i] = state["m"].to(self.device)
+            if step.overflowed:  # as RobustStrategy: rejected, not aggregated
+                rejections["memory_overflow"] += len(step.overflowed)
             directions[j] = step.vector
             iters[j] = float(step.aggregation.iterations)
             conv[j] = float(step.aggregation.converged)
@@ -762,12 +803,21 @@ class FusedGroup:
         due = [i for i in active if due_all or info.get(i, {}).get("diverged")]
         t0 = time.perf_counter()
         results = self._evaluate(due) if due else {}
+        self.timing["eval"] = self.timing.get("eval", 0.0) + time.perf_counter() - t0
         if due_all and results:
             accs = [a for _, a in results.values()]
+            t = self.timing
+            per = {
+                k: 1000 * t[k] / max(1.0, t["rounds"])
+                for k in ("plan", "round", "client", "agg", "log")
+            }
             print(
                 f"fused: round {rnd}/{self.num_rounds}, {len(active)} jobs, elapsed "
                 f"{time.time() - self.started:.1f} s, test accuracy mean {sum(accs) / len(accs):.4f}"
-                f" min {min(accs):.4f} max {max(accs):.4f}",
+                f" min {min(accs):.4f} max {max(accs):.4f}; ms/round: wait for plan "
+                f"{per['plan']:.1f}, round {per['round']:.1f} (clients {per['client']:.1f}, "
+                f"aggregation {per['agg']:.1f}), rows+eval {per['log']:.1f}; evaluations "
+                f"{t.get('eval', 0.0):.1f} s in all",
                 flush=True,
             )
         eval_s = (time.perf_counter() - t0) / max(1, len(due))
@@ -882,6 +932,8 @@ class _Bookkeeping:
         self.rpe = rpe
         self.diverged_at: int | None = None
         self.finished = False
+        self.progress = bool(cfg.progress)
+        self.pending: list[dict[str, Any]] = []
         opt = optim_config(cfg)
 
         def client_lr(server_round: int) -> float:
@@ -933,9 +985,17 @@ class _Bookkeeping:
             "skipped": info.get("skipped"),
             "lr": info.get("lr"),
         }
-        self.writer.log_round(row)
-        if cfg.progress and (acc is not None):
+        # rows are written in batches: at every evaluation, every FLUSH_EVERY rounds and at the
+        # end (an interrupted fused job is re-run from its start anyway, see fused_launcher)
+        self.pending.append(row)
+        if acc is not None or len(self.pending) >= FLUSH_EVERY:
+            self.flush()
+        if acc is not None and self.progress:
             print(f"{self.run_dir.name}: " + _progress_line(row, cfg.num_rounds), flush=True)
+
+    def flush(self) -> None:
+        self.writer.log_rounds(self.pending)
+        self.pending = []
 
     def finish(self, status: str, error: str | None) -> None:
         from omegaconf import OmegaConf
@@ -946,6 +1006,7 @@ class _Bookkeeping:
         if self.finished:
             return
         self.finished = True
+        self.flush()
         rows = self.writer.rows()
         summary = summarize(rows)
         setting = setting_of(self.cfg)

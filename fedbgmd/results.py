@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -218,18 +218,30 @@ class RunWriter:
 
     def log_round(self, row: Mapping[str, object]) -> None:
         """Append one round. Unknown keys go only to metrics.jsonl."""
-        clean: dict[str, Any] = {str(k): _to_python(v) for k, v in row.items()}
-        if is_missing(clean.get("wall_time_s")):
-            clean["wall_time_s"] = time.monotonic() - self._t0
+        self.log_rounds([row])
+
+    def log_rounds(self, rows: Sequence[Mapping[str, object]]) -> None:
+        """Append several rounds with one open and flush of each file (a fused sweep logs its
+        jobs' rows in batches: one open per row and job cost more than its rounds)."""
+        cleaned = []
+        for row in rows:
+            clean: dict[str, Any] = {str(k): _to_python(v) for k, v in row.items()}
+            if is_missing(clean.get("wall_time_s")):
+                clean["wall_time_s"] = time.monotonic() - self._t0
+            ordered = {c: clean.get(c) for c in METRIC_COLUMNS}
+            ordered.update({k: v for k, v in clean.items() if k not in ordered})
+            cleaned.append(ordered)
+        if not cleaned:
+            return
         with self.metrics_csv.open("a", newline="", encoding="utf-8") as fh:
-            csv.writer(fh).writerow([_csv_cell(clean.get(c)) for c in METRIC_COLUMNS])
+            writer = csv.writer(fh)
+            for ordered in cleaned:
+                writer.writerow([_csv_cell(ordered.get(c)) for c in METRIC_COLUMNS])
             fh.flush()
-        ordered = {c: clean.get(c) for c in METRIC_COLUMNS}
-        ordered.update({k: v for k, v in clean.items() if k not in ordered})
         with self.metrics_jsonl.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(_json_safe(ordered), sort_keys=False) + "\n")
+            fh.write("".join(json.dumps(_json_safe(o), sort_keys=False) + "\n" for o in cleaned))
             fh.flush()
-        self._rows.append(ordered)
+        self._rows.extend(cleaned)
 
     def write_summary(self, summary: Mapping[str, object]) -> None:
         """Atomically write summary.json.

@@ -6,9 +6,10 @@ same smoothed Weiszfeld iterates as ``geometric_median(X_r, solver="gram")``
 (:mod:`fedbgmd.core.geometric_median`: Vardi–Zhang step, the stopping rule on the objective *and*
 the iterate's move, the last iterate returned) with all runs advancing together:
 
-1. centre: the medoid of a strided column sketch of each run (float64 distances), as
-   :func:`fedbgmd.core.gram.robust_centred_gram`; a run whose medoid under the full Gram
-   distances differs and whose first centre lies far from the bulk is re-centred, as there;
+1. centre: the medoid (least weighted median distance) of a strided column sketch of each run,
+   as :func:`fedbgmd.core.gram.robust_centred_gram`; a run whose medoid under the full Gram
+   distances differs and whose first centre lies far from the bulk is re-centred, as there; the
+   iterations start on the centre row, as the single solver's;
 2. :math:`G_r = (X_r - 1c_r^\top)(X_r - 1c_r^\top)^\top` for all runs by batched products over
    column chunks, summed in float64;
 3. the iterations run on ``G`` (R×n×n, float64) on the data's device; a run that met the stopping
@@ -28,7 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedbgmd.core.gram import RECENTRE_RATIO, SKETCH_COLUMNS
+from fedbgmd.core.geometric_median import _TINY_COEF, _combine
+from fedbgmd.core.gram import RECENTRE_RATIO, SKETCH_COLUMNS, median_distance_scores
 
 __all__ = ["BatchedGMResult", "batched_centred_gram", "batched_geometric_median"]
 
@@ -59,10 +61,8 @@ class BatchedGMResult:
 
 
 def _medoid(dist: Tensor, w: Tensor) -> Tensor:
-    """(R,) index minimising Σ_j w_j dist_ij over rows with w > 0 (ties: lowest index)."""
-    score = torch.bmm(dist, w.to(dist.dtype).unsqueeze(2)).squeeze(2)
-    score = torch.where(w > 0, score, torch.full_like(score, float("inf")))
-    return torch.argmin(score, dim=1)
+    """(R,) index of the least weighted median distance (fedbgmd.core.gram.medoid's rule)."""
+    return torch.argmin(median_distance_scores(dist, w), dim=1)
 
 
 def _pairwise(g: Tensor) -> Tensor:
@@ -81,17 +81,18 @@ def batched_centred_gram(x: Tensor, centre: Tensor) -> Tensor:
 
 
 def _robust_gram(x: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-    """Gram matrices centred at a medoid row of each run and those rows' indices (R,)."""
+    """Gram matrices centred at a medoid row of each run and those rows' indices (R,);
+    fedbgmd.core.gram.robust_centred_gram's rules, run by run."""
     rr = torch.arange(x.shape[0], device=x.device)
     step = max(1, x.shape[2] // SKETCH_COLUMNS)
     xs = x[:, :, ::step].to(torch.float64)
     c_idx = _medoid(torch.cdist(xs, xs), w)
     g = batched_centred_gram(x, x[rr, c_idx])
-    dist = _pairwise(g)
-    m_idx = _medoid(dist, w)
-    spread = dist[rr, m_idx].median(dim=1).values.square()
-    far = g.diagonal(dim1=1, dim2=2).median(dim=1).values > RECENTRE_RATIO * spread
-    redo = (m_idx != c_idx) & far
+    finite = torch.isfinite(g).flatten(1).all(dim=1)
+    score = median_distance_scores(_pairwise(torch.where(finite[:, None, None], g, 0.0)), w)
+    m_idx = torch.argmin(score, dim=1)
+    far = score[rr, c_idx].square() > RECENTRE_RATIO * score[rr, m_idx].square()
+    redo = finite & (m_idx != c_idx) & far
     if bool(redo.any()):  # rare: the sketch's medoid was far from the bulk
         idx = redo.nonzero().squeeze(1)
         c_idx = torch.where(redo, m_idx, c_idx)
@@ -135,16 +136,22 @@ def batched_geometric_median(
     g, c_idx = _robust_gram(x, w)
     ok = torch.isfinite(g).flatten(1).all(dim=1)
     g = torch.where(ok[:, None, None], g, torch.zeros_like(g))
-    alpha, f, iters, conv = _weiszfeld(g, w, eps, max_iter, nu, check_every)
-    median = torch.bmm(alpha.to(x.dtype).unsqueeze(1), x).squeeze(1)
     rr = torch.arange(runs, device=dev)
+    # start on the centre row (robust), as the single solver does
+    alpha0 = torch.zeros_like(w)
+    alpha0[rr, c_idx] = 1.0
+    alpha, f, iters, conv = _weiszfeld(g, w, alpha0, eps, max_iter, nu, check_every)
+    median = torch.bmm(alpha.to(x.dtype).unsqueeze(1), x).squeeze(1)
+    tiny = ((alpha > 0) & (alpha < _TINY_COEF)).any(dim=1)
+    for r in tiny.nonzero().squeeze(1).tolist():  # far rows' tiny coefficients: float64 terms
+        median[r] = _combine(alpha[r], x[r])
     at_centre = (f == 0.0).unsqueeze(1)  # every row at one point: the centre row exactly
     median = torch.where(at_centre, x[rr, c_idx], median)
     return BatchedGMResult(median, alpha, iters, conv, f, ok)
 
 
 def _weiszfeld(
-    g: Tensor, w: Tensor, eps: float, max_iter: int, nu: float, check_every: int
+    g: Tensor, w: Tensor, alpha0: Tensor, eps: float, max_iter: int, nu: float, check_every: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Weiszfeld with the Vardi–Zhang step in coefficient space, all runs at once.
 
@@ -155,7 +162,7 @@ def _weiszfeld(
     runs = g.shape[0]
     dev = g.device
     diag = g.diagonal(dim1=1, dim2=2)
-    alpha = w.clone()
+    alpha = alpha0.clone()
     alpha_prev = alpha.clone()
     f_prev = torch.full((runs,), float("inf"), dtype=torch.float64, device=dev)
     done = torch.zeros(runs, dtype=torch.bool, device=dev)

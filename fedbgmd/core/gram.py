@@ -60,13 +60,15 @@ def pairwise_from_gram(g: Tensor) -> Tensor:
 def median_distance_scores(dist: Tensor, w: Tensor) -> Tensor:
     """Each row's weighted median distance to the rows: the least r with
     Σ_{j: dist_ij <= r} w_j >= Σ_j w_j / 2 (the row itself counts, at distance 0); +inf for rows
-    of zero weight, which cannot be a centre."""
+    of zero weight, which cannot be a centre. Leading batch dimensions are allowed
+    (``dist`` (..., n, n), ``w`` (..., n)): the batched GM solver scores many runs at once."""
     wd = w.to(device=dist.device, dtype=dist.dtype)
-    d_sorted, order = torch.sort(dist, dim=1)
-    cum = wd[order].cumsum(dim=1)
-    half = 0.5 * float(wd.sum()) * (1.0 - 1e-12)  # equal weights summing to exactly half count
-    k = (cum < half).sum(dim=1).clamp_max_(dist.shape[1] - 1)
-    score = d_sorted.gather(1, k[:, None]).squeeze(1)
+    d_sorted, order = torch.sort(dist, dim=-1)
+    cum = wd.unsqueeze(-2).expand_as(dist).gather(-1, order).cumsum(dim=-1)
+    # equal weights summing to exactly half count
+    half = 0.5 * wd.sum(dim=-1, keepdim=True).unsqueeze(-1) * (1.0 - 1e-12)
+    k = (cum < half).sum(dim=-1).clamp_max_(dist.shape[-1] - 1)
+    score = d_sorted.gather(-1, k.unsqueeze(-1)).squeeze(-1)
     return torch.where(wd > 0, score, torch.full_like(score, math.inf))
 
 
