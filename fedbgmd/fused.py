@@ -3,7 +3,8 @@
 Why: one run of the seed's setup (32 clients x batch 16, a 1.16M-parameter CNN, H = 1) leaves a
 GPU nearly idle; a corruption sweep is dozens of such runs. Here the runs that can advance
 together (same data, model, clients, rounds and client optimiser; free to differ in strategy,
-aggregator, block step, attack, fraction, seed and learning rate) share every round:
+aggregator, block step, attack, fraction, seed and the client's SGD settings: learning rate and
+its schedule, momentum, weight decay) share every round:
 
 * models, momentum buffers and residual memories are stacked along a leading run axis R;
 * all runs' clients compute their gradient in one nested ``vmap`` (runs x clients) of
@@ -102,10 +103,13 @@ def group_key(cfg: Any) -> str:
     """Jobs with equal keys can advance in lockstep (see the module docstring)."""
     from omegaconf import OmegaConf
 
+    from fedbgmd.config import clients_per_round
+
     c = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(c, dict)
     client = dict(c["client"])
-    client["optimizer"] = {k: v for k, v in client["optimizer"].items() if k != "lr"}
+    # the client optimiser (SGD, see fuse_reason) is per run: lr, schedule, momentum, decay
+    client.pop("optimizer")
     data = dict(c["data"])
     # partitions are per run; the data itself depends on the seed only when it is generated
     data_seed = c["seed"] if data["name"] == "synthetic" else None
@@ -115,6 +119,7 @@ def group_key(cfg: Any) -> str:
         "model": c["model"],
         "client": client,
         "num_clients": c["num_clients"],
+        "clients_per_round": clients_per_round(cfg),
         "num_rounds": c["num_rounds"],
         "device": c["device"],
         "eval": (c["eval_every"], c["eval_batch_size"], c["max_eval_samples"]),
@@ -1204,6 +1209,15 @@ class _seeded:
 
 
 # ----------------------------------------------------------------------------- entry
+def set_aside_partial(run_dir: Path) -> None:
+    """Move an unfinished run's files aside (``<name>.interrupted``) so a new run starts clean."""
+    for name in ("metrics.csv", "metrics.jsonl", "summary.json"):
+        p = run_dir / name
+        if p.exists():
+            p.replace(run_dir / f"{name}.interrupted")
+            log.warning("%s: an unfinished run's %s moved to %s.interrupted", run_dir, name, name)
+
+
 def run_jobs(jobs: Sequence[tuple[Any, Path]], workers: int = 0) -> dict[int, int]:
     """Run ``jobs`` [(cfg, run_dir)]: fusable ones in lockstep groups, the rest alone.
 
@@ -1229,9 +1243,16 @@ def run_jobs(jobs: Sequence[tuple[Any, Path]], workers: int = 0) -> dict[int, in
             for i in group:
                 status[i] = 0
         except Exception as err:
-            log.exception("fused group failed: %s: %s", type(err).__name__, err)
+            # a fault of the fused engine must not cost the sweep its jobs: each runs alone
+            log.exception(
+                "fused group of %d jobs failed (%s: %s); running its jobs alone",
+                len(group),
+                type(err).__name__,
+                err,
+            )
             for i in group:
-                status[i] = 1
+                set_aside_partial(Path(jobs[i][1]))
+                alone[i] = "its fused group failed"
     for i in alone:
         status[i] = run_alone(jobs[i][0], Path(jobs[i][1]))
     return status

@@ -65,7 +65,7 @@ class FusedLauncher(Launcher):
     ) -> Sequence[JobReturn]:
         from fedbgmd.cli import check_config
         from fedbgmd.config import ConfigError
-        from fedbgmd.fused import run_jobs
+        from fedbgmd.fused import run_jobs, set_aside_partial
         from fedbgmd.results import read_summary
 
         setup_globals()
@@ -110,7 +110,7 @@ class FusedLauncher(Launcher):
                 print(f"fedbgmd: {out} already holds a completed run; skipping it", file=sys.stderr)
                 skipped.add(k)
                 continue
-            _set_aside_partial(out)
+            set_aside_partial(out)
             hydra_dir = out / str(sweep_config.hydra.output_subdir)
             hydra_dir.mkdir(parents=True, exist_ok=True)
             _save_config(task_cfg, "config.yaml", hydra_dir)
@@ -136,14 +136,6 @@ class FusedLauncher(Launcher):
         if failed:
             print(f"fedbgmd: {len(failed)} job(s) failed: {', '.join(failed)}", file=sys.stderr)
         return results
-
-
-def _set_aside_partial(out: Path) -> None:
-    for name in ("metrics.csv", "metrics.jsonl", "summary.json"):
-        p = out / name
-        if p.exists():
-            os.replace(p, out / f"{name}.interrupted")
-            log.warning("%s: an unfinished run's %s moved to %s.interrupted", out, name, name)
 
 
 _REGISTERED = False

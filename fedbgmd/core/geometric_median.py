@@ -68,6 +68,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fedbgmd.core.batched_gm import (
+    _vz_lambda,
+    _vz_weights,
+    combine_rows,
+    weiszfeld_coefficients,
+)
 from fedbgmd.core.coordinatewise import coordinate_median
 from fedbgmd.core.gram import robust_centred_gram
 from fedbgmd.core.nonfinite import validate_matrix, validate_weights
@@ -81,9 +87,6 @@ _DIRECT_FLOAT64_NUMEL = 1 << 24  # direct solver works on a float64 copy up to t
 # above it, a float32 working copy only while no entry reaches this: differences, their squares
 # summed over a chunk of columns (row_norms) and the weighted sums then stay finite in float32
 _FLOAT32_SAFE_ABS = 1e15
-# float32 coefficients below this are subnormal or close to it (~1e-38): x_j α_j of a far row
-# (α_j ~ 1 / its distance) would lose its digits; such terms are added in float64
-_TINY_COEF = 1e-30
 
 
 @dataclass(frozen=True)
@@ -196,34 +199,6 @@ def _direct(
     return GMResult(y.to(x.dtype), it, converged, float(f), coef.to(x.dtype), "direct")
 
 
-def _vz_weights(w: Tensor, dist: Tensor, nu: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Vardi–Zhang split of the rows: (coefficients of T(y), ∝ w_i / d_i over the rows farther
-    than ν from y and 0 at the others (all 0 if no row is farther); η = the weight of the rows
-    within ν of y; S = Σ w_i / d_i over the farther rows).
-
-    Plain Weiszfeld gives a row at the iterate the weight w/ν: an iterate that starts on a
-    non-optimal row (the coordinate-wise median of three points is often one of them) then
-    creeps away by ~ν per step, and the stopping rule sees no progress. Vardi & Zhang (PNAS 2000)
-    move y to (1 − λ) T(y) + λ y with T the Weiszfeld map over the other rows and
-    λ = min(1, η / r), r = ||Σ_i w_i (x_i − y) / d_i|| = S ||T(y) − y||: y stays on the row only
-    if it is the median (r <= η) and otherwise leaves it at once. Without such rows η = 0, λ = 0
-    and the step is plain Weiszfeld (bit for bit).
-    """
-    near = dist <= nu
-    inv = torch.where(near, torch.zeros_like(dist), w / dist.clamp_min(nu))
-    eta = torch.where(near, w, torch.zeros_like(w)).sum()
-    s = inv.sum()
-    return inv / torch.where(s > 0, s, torch.ones_like(s)), eta, s
-
-
-def _vz_lambda(eta: Tensor, s: Tensor, move: Tensor) -> Tensor:
-    """λ = min(1, η / (S ||T(y) − y||)); 0 without rows at y; 1 if T(y) = y or every row is at
-    y (y is the median)."""
-    r = s * move
-    inner = torch.where(r > 0, (eta / r).clamp(max=1.0), torch.ones_like(r))
-    return torch.where(eta > 0, inner, torch.zeros_like(inner))
-
-
 def _at_iterate(w: Tensor, dist: Tensor, nu: float) -> Tensor:
     """The rows within ν of y, weighted by w and normalised (zeros if there are none)."""
     near = torch.where(dist <= nu, w, torch.zeros_like(w))
@@ -251,61 +226,17 @@ def _gram(
     # mean is not (12 of 25 rows at FLT_MAX left it unconverged after 1,000 iterations)
     alpha0 = torch.zeros_like(w)
     alpha0[c_idx] = 1.0
-    alpha, f, it, converged = _weiszfeld_gram(g, w, eps, max_iter, nu, alpha0)
+    # the Gram-space iterations: the batched solver's, for one problem (one implementation)
+    a, f_t, it_t, ok_t = weiszfeld_coefficients(
+        g[None], w[None], alpha0[None], eps, max_iter, nu, check_every
+    )
+    alpha, f, it, converged = a[0], float(f_t[0]), int(it_t[0]), bool(ok_t[0])
     if f == 0.0:
         median = x[c_idx].clone()
     else:
-        median = _combine(alpha, x)
+        median = combine_rows(alpha, x)
     return GMResult(median, it, converged, f, alpha.to(device=x.device, dtype=x.dtype), "gram")
-
-
-def _combine(alpha: Tensor, x: Tensor) -> Tensor:
-    """Xᵀα in x's dtype; the terms of coefficients below _TINY_COEF are summed in float64."""
-    tiny = (alpha > 0) & (alpha < _TINY_COEF)
-    if x.dtype == torch.float64 or not bool(tiny.any()):
-        return alpha.to(device=x.device, dtype=x.dtype) @ x
-    idx = tiny.nonzero().squeeze(1)
-    main = torch.where(tiny, torch.zeros_like(alpha), alpha).to(device=x.device, dtype=x.dtype)
-    far = alpha[idx].to(x.device) @ x.index_select(0, idx.to(x.device)).to(torch.float64)
-    return main @ x + far.to(x.dtype)
 
 
 def _float32_safe(x: Tensor) -> bool:
     return float(x.abs().amax()) < _FLOAT32_SAFE_ABS
-
-
-def _weiszfeld_gram(
-    g: Tensor, w: Tensor, eps: float, max_iter: int, nu: float, alpha0: Tensor
-) -> tuple[Tensor, float, int, bool]:
-    """Weiszfeld (Vardi–Zhang step) in coefficient space from the iterate ``Xᵀ alpha0``
-    (``alpha0`` sums to 1): (alpha, objective, iterations, ok).
-
-    Returns the last iterate, as the direct solver does: with far outliers the objective's
-    rounding noise exceeds the inliers' progress, so an argmin over its values picks an early
-    iterate (0.35 off the median for outliers at 1e13, 45 at 1e16 in a 5,000-dimensional test).
-    """
-    diag = g.diagonal()
-    alpha = alpha0.to(dtype=g.dtype).clone()
-    f_prev = math.inf
-    alpha_prev = alpha
-    it = 0
-    while True:
-        ga = g @ alpha
-        dist = (diag - 2.0 * ga + alpha @ ga).clamp_min_(0.0).sqrt_()
-        f = float(w @ dist)
-        if f == 0.0 or (it > 0 and abs(f_prev - f) <= eps * f):
-            step = _g_norm(g, alpha - alpha_prev)
-            if _stop(f, f_prev, step, float(dist.median()), eps, nu):
-                return alpha, f, it, True
-        if it == max_iter:
-            return alpha, f, it, False
-        t, eta, s = _vz_weights(w, dist, nu)
-        lam = _vz_lambda(eta, s, torch.tensor(_g_norm(g, t - alpha), dtype=torch.float64))
-        alpha_prev, alpha = alpha, (1.0 - lam) * t + lam * alpha
-        f_prev = f
-        it += 1
-
-
-def _g_norm(g: Tensor, delta: Tensor) -> float:
-    """||Xᵀ δ|| for coefficients δ summing to 0, from the centred Gram matrix."""
-    return math.sqrt(max(float(delta @ (g @ delta)), 0.0))
