@@ -6,7 +6,7 @@
 #
 # Usage, from the repo root:
 #   bash benchmarks/bench_fused_sweep.sh
-# Knobs (environment): ROUNDS (num_rounds, default 30), REPEATS (timed pairs, default 1),
+# Knobs (environment): ROUNDS (num_rounds, default 30), REPEATS (timed repeats, default 2),
 #   ROOT (where the sweep folders go, default a fresh mktemp -d; each variant and repeat gets its
 #   own fresh folder, since the fused launcher skips folders that already hold completed runs),
 #   EXTRA (more overrides, space-separated, applied to both variants), FEDBGMD (the CLI).
@@ -15,8 +15,11 @@
 #   fedbgmd -m experiment=smoke client.local_steps=1 engine.batched=true \
 #     strategy=fedavg,cm,gm,fedbgmd attack=none,bit_flip,gaussian seed=0,1 num_rounds=$ROUNDS \
 #     plots=false progress=false hydra.sweep.dir=<fresh dir> [hydra/launcher=fused]
-# smoke keeps engine.num_threads=1 (one intra-op thread per process: the tiny MLP is fastest so,
-# and both variants then use the same single thread; the second core is left idle).
+# smoke keeps engine.num_threads=1 (one intra-op thread: the tiny MLP is fastest so). The basic
+# launcher applies it (fedbgmd.cli.run calls torch.set_num_threads); the fused launcher does not
+# (run_jobs bypasses cli.run), so it runs with torch's default, one thread per core. Hence a third
+# variant, fused-1t: the fused launcher under OMP_NUM_THREADS=1, i.e. what the fused launcher
+# would do if it honoured engine.num_threads (FUSED_1T=0 leaves it out).
 #
 # What it prints, per repeat and variant:
 #   wall      the whole command, process start to exit (Python/torch import, Hydra composition of
@@ -34,7 +37,8 @@ cd "$(dirname "$0")/.."
 fedbgmd="${FEDBGMD:-$PWD/.venv/bin/fedbgmd}"
 python="${PYTHON:-$(dirname "$fedbgmd")/python}"
 rounds="${ROUNDS:-30}"
-repeats="${REPEATS:-1}"
+repeats="${REPEATS:-2}"
+fused_1t="${FUSED_1T:-1}"
 root="${ROOT:-$(mktemp -d /tmp/bench_fused_sweep.XXXXXX)}"
 mkdir -p "$root"
 # shellcheck disable=SC2206
@@ -49,14 +53,14 @@ echo "torch $("$python" -c 'import torch; print(torch.__version__)'), commit $(g
 echo "sweep: fedbgmd -m ${sweep[*]} hydra.sweep.dir=<dir> [hydra/launcher=fused]"
 echo "folders under $root"
 
-run_variant() {  # name, dir, extra overrides...
+run_variant() {  # name, dir, extra overrides... (environment for the command: the array envs)
   local name=$1 dir=$2
   shift 2
   [[ -e "$dir" ]] && { echo "$dir exists; need a fresh folder" >&2; exit 1; }
   local t0 t1 load0
   load0=$(cut -d' ' -f1 /proc/loadavg)
   t0=$(date +%s.%N)
-  if ! "$fedbgmd" -m "${sweep[@]}" "hydra.sweep.dir=$dir" "$@" >"$dir.log" 2>&1; then
+  if ! env "${envs[@]}" "$fedbgmd" -m "${sweep[@]}" "hydra.sweep.dir=$dir" "$@" >"$dir.log" 2>&1; then
     echo "$name failed; see $dir.log" >&2
     tail -20 "$dir.log" >&2
     exit 1
@@ -70,8 +74,13 @@ run_variant() {  # name, dir, extra overrides...
 
 for ((rep = 1; rep <= repeats; rep++)); do
   echo "repeat $rep/$repeats"
+  envs=()
   run_variant basic "$root/basic-$rep"
   run_variant fused "$root/fused-$rep" hydra/launcher=fused
+  if [[ "$fused_1t" == 1 ]]; then
+    envs=(OMP_NUM_THREADS=1)
+    run_variant fused-1t "$root/fused-1t-$rep" hydra/launcher=fused
+  fi
 done
 
 "$python" - "$root" "$repeats" <<'EOF'
@@ -110,19 +119,22 @@ def runs_time(jobs, fused: bool) -> tuple[float, int]:
 
 
 print()
-print(f"{'repeat':>6} {'variant':>7} {'wall s':>8} {'runs s':>8} {'overhead s':>10} {'units':>5}")
+print(f"{'repeat':>6} {'variant':>8} {'wall s':>8} {'runs s':>8} {'overhead s':>10} {'units':>5}")
 for rep in range(1, repeats + 1):
     b, bw = load(root / f"basic-{rep}")
-    f, fw = load(root / f"fused-{rep}")
     bt, bn = runs_time(b, False)
-    ft, fn = runs_time(f, True)
-    engines = {s.get("engine") for s, _ in f.values()}
-    print(f"{rep:>6} {'basic':>7} {bw:8.1f} {bt:8.1f} {bw - bt:10.1f} {bn:>5} (jobs)")
-    print(f"{rep:>6} {'fused':>7} {fw:8.1f} {ft:8.1f} {fw - ft:10.1f} {fn:>5} (groups; engine {','.join(sorted(map(str, engines)))})")
-    diffs = {j: abs(b[j][0]["final_accuracy"] - f[j][0]["final_accuracy"]) for j in b}
-    worst = max(diffs, key=diffs.get)
-    print(f"{rep:>6} speedup basic/fused: wall {bw / fw:.2f}x, runs {bt / ft:.2f}x; "
-          f"max |final_accuracy diff| {diffs[worst]:.4g} (job {worst}: "
-          f"{b[worst][0]['strategy']}/{b[worst][0]['attack']}/seed {b[worst][0]['seed']}), "
-          f"{sum(d > 0 for d in diffs.values())}/24 jobs differ")
+    print(f"{rep:>6} {'basic':>8} {bw:8.1f} {bt:8.1f} {bw - bt:10.1f} {bn:>5} (jobs)")
+    for name in ("fused", "fused-1t"):
+        if not (root / f"{name}-{rep}").is_dir():
+            continue
+        f, fw = load(root / f"{name}-{rep}")
+        ft, fn = runs_time(f, True)
+        engines = ",".join(sorted({str(s.get("engine")) for s, _ in f.values()}))
+        print(f"{rep:>6} {name:>8} {fw:8.1f} {ft:8.1f} {fw - ft:10.1f} {fn:>5} (groups; engine {engines})")
+        diffs = {j: abs(b[j][0]["final_accuracy"] - f[j][0]["final_accuracy"]) for j in b}
+        worst = max(diffs, key=diffs.get)
+        w = b[worst][0]
+        print(f"{'':>6} speedup basic/{name}: wall {bw / fw:.2f}x, runs {bt / ft:.2f}x; max "
+              f"|final_accuracy diff| {diffs[worst]:.4g} (job {worst}: {w['strategy']}/"
+              f"{w['attack']}/seed {w['seed']}), {sum(d > 0 for d in diffs.values())}/24 jobs differ")
 EOF

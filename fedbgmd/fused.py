@@ -41,6 +41,7 @@ import logging
 import math
 import multiprocessing as mp
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,56 @@ class _Run:
     seed: int = 0
     sgd: tuple[float, bool, float] = (0.0, False, 0.0)  # client momentum, nesterov, weight decay
     active: bool = True
+
+
+@dataclasses.dataclass
+class _Agg:
+    """One round's aggregation inputs and outputs for the active runs (index j = position)."""
+
+    active: list[int]
+    rnd: int
+    updates: Tensor  # (R, n, d), rows rewritten by omniscient adversaries
+    ids_all: list[list[int]]
+    accepted: list[Tensor]
+    rejections: list[Counter[str]]
+    directions: Tensor  # (R, d)
+    iters: Tensor  # (R,) float64, NaN where not reported
+    conv: Tensor
+    mem_norm: Tensor
+    rel_res: Tensor
+    skipped: dict[int, str]
+
+    @classmethod
+    def empty(
+        cls,
+        active: list[int],
+        rnd: int,
+        updates: Tensor,
+        ids_all: list[list[int]],
+        accepted: list[Tensor],
+        rejections: list[Counter[str]],
+        dim: int,
+    ) -> _Agg:
+        dev, r = updates.device, len(active)
+
+        def nan() -> Tensor:
+            return torch.full((r,), float("nan"), dtype=torch.float64, device=dev)
+
+        directions = torch.zeros(r, dim, dtype=torch.float32, device=dev)
+        return cls(
+            active,
+            rnd,
+            updates,
+            ids_all,
+            accepted,
+            rejections,
+            directions,
+            nan(),
+            nan(),
+            nan(),
+            nan(),
+            {},
+        )
 
 
 def _device_of(cfg: Any) -> torch.device:
@@ -370,9 +421,12 @@ class FusedGroup:
             for k, vals in diag_host.items():
                 if vals[j] is not None and not (isinstance(vals[j], float) and math.isnan(vals[j])):
                     d[k] = vals[j]
-            for k, v in diag.get("skipped", {}).items():
-                if k == j:
-                    d["skipped"] = v
+            if j in diag["skipped"]:
+                d["skipped"] = diag["skipped"][j]
+            if j in diag["skipped"]:  # as a single run: a skipped round reports no train loss
+                d["train_loss"] = None
+                if n_acc == 0 and rejections[j].keys() & {"non_finite", "bad_metrics"}:
+                    d["check_model"] = True  # every reply non-finite: the model is evaluated
             if not finite_h[j]:
                 msg = f"round {rnd}: the global model has NaN/Inf parameters"
                 run.strategy.diverged = run.strategy.diverged or msg
@@ -442,9 +496,11 @@ class FusedGroup:
                 rows[j] = attack.corrupt_update(rows[j].clone(), generator=g, sample_updates=None)
 
     # ------------------------------------------------------------------ validation
-    def _validate(self, active: list[int], updates: Tensor, losses: Tensor) -> tuple[list, list]:
-        from collections import Counter
-
+    def _validate(
+        self, active: list[int], updates: Tensor, losses: Tensor
+    ) -> tuple[list[Tensor], list[Counter[str]]]:
+        """Accepted rows (R bool tensors) and rejection reasons per run, in the single run's
+        order of checks: metrics (a non-finite loss), the update's finiteness, its norm."""
         finite_rows = torch.isfinite(updates).all(dim=2)
         finite_loss = torch.isfinite(losses)
         norms_needed = any(self.runs[i].strategy.max_update_norm is not None for i in active)
@@ -454,7 +510,8 @@ class FusedGroup:
         accepted, rejections = [], []
         for j, i in enumerate(active):
             bound = self.runs[i].strategy.max_update_norm
-            ok, why = [], Counter()
+            ok: list[bool] = []
+            why: Counter[str] = Counter()
             for c in range(updates.shape[1]):
                 if not fl[j][c]:
                     why["bad_metrics"] += 1
@@ -479,62 +536,39 @@ class FusedGroup:
         updates: Tensor,
         ids_all: list[list[int]],
         accepted: list[Tensor],
-        rejections: list[Any],
+        rejections: list[Counter[str]],
     ) -> tuple[Tensor, dict[str, Any]]:
         """Directions u_r (R, d) and per-run diagnostics (tensors of shape (R,)).
 
-        Runs with a rejected reply this round, and block runs whose P = γG + M overflows, take
-        the single-run path (fedbgmd.core on the accepted rows), so every rule a single run
-        applies to such rounds applies here.
+        Runs with a rejected reply this round, and block runs whose P = γG + M has a row that is
+        not finite, take the single-run path (fedbgmd.core on the accepted rows), so every rule
+        a single run applies to such rounds applies here.
         """
-
-        dev = self.device
-        n_runs = len(active)
-        directions = torch.zeros(n_runs, self.dim, dtype=torch.float32, device=dev)
-        nan = float("nan")
-        iters = torch.full((n_runs,), nan, dtype=torch.float64, device=dev)
-        conv = torch.full((n_runs,), nan, dtype=torch.float64, device=dev)
-        mem_norm = torch.full((n_runs,), nan, dtype=torch.float64, device=dev)
-        rel_res = torch.full((n_runs,), nan, dtype=torch.float64, device=dev)
-        skipped: dict[int, str] = {}
-        all_ok = [bool(a.all()) for a in accepted]
-        # omniscient adversaries see the honest rows and rewrite the Byzantine ones (per run)
+        a = _Agg.empty(active, rnd, updates, ids_all, accepted, rejections, self.dim)
+        all_ok = [bool(x.all()) for x in accepted]
+        # omniscient adversaries see the honest rows and rewrite the Byzantine ones (per run;
+        # runs with rejected replies get theirs on the accepted rows, in _aggregate_alone)
         for j, i in enumerate(active):
             st = self.runs[i].strategy
             if st.adversary is not None and all_ok[j]:
                 updates[j] = st._apply_adversary(updates[j], ids_all[j], rnd)
-        # rows to aggregate: runs whose replies were all accepted go batched
         batched_gm: list[int] = []  # plain GM runs
         alone: list[int] = []
-        block_groups: dict[tuple, list[int]] = {}
+        block_groups: dict[tuple[Any, ...], list[int]] = {}
         for j, i in enumerate(active):
             st = self.runs[i].strategy
             n_acc = int(accepted[j].sum())
             if n_acc < st.min_replies:
-                skipped[j] = f"{n_acc} accepted replies < min_replies={st.min_replies}"
+                a.skipped[j] = f"{n_acc} accepted replies < min_replies={st.min_replies}"
                 continue
             if not all_ok[j]:
-                self._aggregate_alone(
-                    j,
-                    i,
-                    rnd,
-                    updates,
-                    ids_all,
-                    accepted,
-                    directions,
-                    iters,
-                    conv,
-                    mem_norm,
-                    rel_res,
-                    skipped,
-                )
-                continue
-            if st.block:
+                alone.append(j)
+            elif st.block:
                 key = (
                     max(1, math.ceil(st.beta * self.dim)),
                     st.selector,
                     st.memory_kind,
-                    _batchable_gm(st.aggregator),
+                    _batchable_gm(st.aggregator) and not st.weighted,
                     float(st.server_lr),
                 )
                 block_groups.setdefault(key, []).append(j)
@@ -543,46 +577,31 @@ class FusedGroup:
             else:
                 w = self._weights(i, ids_all[j]) if st.weighted else None
                 res = st.aggregator(updates[j], w)
-                directions[j] = st.server_lr * res.vector
-                iters[j], conv[j] = float(res.iterations), float(res.converged)
+                a.directions[j] = st.server_lr * res.vector
+                a.iters[j], a.conv[j] = float(res.iterations), float(res.converged)
         if batched_gm:
-            js = torch.tensor(batched_gm, device=dev)
-            agg = self.runs[active[batched_gm[0]]].strategy.aggregator
-            res = _gm_many(updates[js], agg)
+            js = torch.tensor(batched_gm, device=self.device)
+            res_many = _gm_many(updates[js], self.runs[active[batched_gm[0]]].strategy.aggregator)
             lr_s = torch.tensor(
                 [self.runs[active[j]].strategy.server_lr for j in batched_gm],
                 dtype=torch.float32,
-                device=dev,
+                device=self.device,
             ).unsqueeze(1)
-            directions[js] = lr_s * res.median
-            iters[js] = res.iterations.double()
-            conv[js] = res.converged.double()
-        for (k, selector, memory, gm_ok, lr_s), js_list in block_groups.items():
-            self._block_step(
-                active,
-                js_list,
-                k,
-                selector,
-                memory,
-                gm_ok,
-                lr_s,
-                rnd,
-                updates,
-                ids_all,
-                directions,
-                iters,
-                conv,
-                mem_norm,
-                rel_res,
-            )
+            a.directions[js] = lr_s * res_many.median
+            a.iters[js] = res_many.iterations.double()
+            a.conv[js] = res_many.converged.double()
+        for key, js_list in block_groups.items():
+            alone += self._block_step(a, js_list, *key)
+        for j in alone:
+            self._aggregate_alone(a, j)
         diag = {
-            "gm_iterations": iters,
-            "gm_converged": conv,
-            "memory_norm": mem_norm,
-            "relative_residual": rel_res,
-            "skipped": skipped,
+            "gm_iterations": a.iters,
+            "gm_converged": a.conv,
+            "memory_norm": a.mem_norm,
+            "relative_residual": a.rel_res,
+            "skipped": a.skipped,
         }
-        return directions, diag
+        return a.directions, diag
 
     def _weights(self, i: int, ids: list[int]) -> Tensor:
         sizes = [len(self.runs[i].parts[p]) for p in ids]
@@ -596,32 +615,29 @@ class FusedGroup:
 
     def _block_step(
         self,
-        active,
-        js_list,
-        k,
-        selector,
-        memory,
-        gm_ok,
-        lr_s,
-        rnd,
-        updates,
-        ids_all,
-        directions,
-        iters,
-        conv,
-        mem_norm,
-        rel_res,
-    ) -> None:
-        """FL-BGMD's block step (fedbgmd.core.bgmd_step) for runs sharing k/selector/memory."""
+        a: _Agg,
+        js_list: list[int],
+        k: int,
+        selector: str,
+        memory: str,
+        gm_batched: bool,
+        lr_s: float,
+    ) -> list[int]:
+        """FL-BGMD's block step (fedbgmd.core.bgmd_step) for runs sharing k/selector/memory.
+
+        Returns the runs left for the single-run path: those whose P = γG + M has a row that
+        is not finite (bgmd_step drops, counts and forgets such rows; see _aggregate_alone).
+        """
         from fedbgmd.components import generator
         from fedbgmd.core.selection import select_from_norms
 
         dev = self.device
-        js = torch.tensor(js_list, device=dev)
-        g = updates[js]  # (B, n, d)
-        # P = γ_s G + M
+        active = a.active
+        g = a.updates[torch.tensor(js_list, device=dev)]  # (B, n, d)
+        # P = γ_s G + M (a copy: the stored memory changes only at the commit below)
+        rows: list[Tensor] = []
         if memory == "per_client":
-            rows = [torch.tensor(ids_all[j], device=dev) for j in js_list]
+            rows = [torch.tensor(a.ids_all[j], device=dev) for j in js_list]
             m = torch.stack(
                 [self._memory_rows(active[j], memory)[r] for j, r in zip(js_list, rows)]
             )
@@ -637,22 +653,22 @@ class FusedGroup:
         if not bool(torch.isfinite(total).all()):
             rows_ok = torch.isfinite(p).flatten(1).all(dim=1).tolist()
             left = [j for j, ok in zip(js_list, rows_ok) if not ok]
+            keep = [b for b, ok in enumerate(rows_ok) if ok]
+            if not keep:
+                return left
             if left:
-                keep = [b for b, ok in enumerate(rows_ok) if ok]
-                if not keep:
-                    return left
                 js_list = [js_list[b] for b in keep]
-                js = torch.tensor(js_list, device=dev)
-                if memory == "per_client":
-                    rows = [rows[b] for b in keep]
+                rows = [rows[b] for b in keep] if rows else rows
                 p = p[torch.tensor(keep, device=dev)]
             # finite entries whose squares overflow float32: norms in float64 (as bgmd_step)
             s = p.double().square().sum(dim=1)
             total = s.sum(dim=1)
-        if selector == "topk" and k < self.dim:
+        js = torch.tensor(js_list, device=dev)
+        n_b = len(js_list)
+        if k == self.dim:
+            sel = torch.arange(self.dim, device=dev).expand(n_b, -1)
+        elif selector == "topk":
             sel = torch.topk(s, k, dim=1, sorted=False).indices.sort(dim=1).values
-        elif k == self.dim:
-            sel = torch.arange(self.dim, device=dev).expand(len(js_list), -1)
         else:
             sel = torch.stack(
                 [
@@ -660,7 +676,7 @@ class FusedGroup:
                         s[b],
                         k,
                         selector,
-                        generator(self.runs[active[j]].seed, rnd, "block", device=dev),
+                        generator(self.runs[active[j]].seed, a.rnd, "block", device=dev),
                     )
                     for b, j in enumerate(js_list)
                 ]
@@ -670,26 +686,46 @@ class FusedGroup:
         rel = torch.where(total > 0, resid / total, torch.zeros_like(total))
         n = p.shape[1]
         delta = p.gather(2, sel.unsqueeze(1).expand(-1, n, -1))  # (B, n, k)
-        if gm_ok:
-            agg = self.runs[active[js_list[0]]].strategy.aggregator
-            res = _gm_many(delta, agg)
-            vec_k = res.median
-            it, cv = res.iterations.double(), res.converged.double()
+        if gm_batched:
+            res = _gm_many(delta, self.runs[active[js_list[0]]].strategy.aggregator)
+            vec_k, it, cv = res.median, res.iterations.double(), res.converged.double()
         else:
-            outs, it_l, cv_l = [], [], []
+            outs, it_l, cv_l, refused = [], [], [], []
             for b, j in enumerate(js_list):
-                r = self.runs[active[j]].strategy.aggregator(delta[b], None)
+                st = self.runs[active[j]].strategy
+                w = self._weights(active[j], a.ids_all[j]) if st.weighted else None
+                try:
+                    r = st.aggregator(delta[b], w)
+                except ValueError:  # e.g. Krum with too few rows: the single-run path decides
+                    refused.append(b)
+                    outs.append(torch.zeros(k, dtype=delta.dtype, device=dev))
+                    it_l.append(float("nan"))
+                    cv_l.append(float("nan"))
+                    continue
                 outs.append(r.vector)
                 it_l.append(float(r.iterations))
                 cv_l.append(float(r.converged))
+            if refused:  # nothing of this step is stored for them: redo them alone
+                keep = [b for b in range(n_b) if b not in refused]
+                left += [js_list[b] for b in refused]
+                if not keep:
+                    return left
+                kt = torch.tensor(keep, device=dev)
+                js_list = [js_list[b] for b in keep]
+                rows = [rows[b] for b in keep] if rows else rows
+                p, sel, rel = p[kt], sel[kt], rel[kt]
+                outs = [outs[b] for b in keep]
+                it_l = [it_l[b] for b in keep]
+                cv_l = [cv_l[b] for b in keep]
+                js, n_b = torch.tensor(js_list, device=dev), len(js_list)
             vec_k = torch.stack(outs)
             it = torch.tensor(it_l, dtype=torch.float64, device=dev)
             cv = torch.tensor(cv_l, dtype=torch.float64, device=dev)
-        vec = torch.zeros(len(js_list), self.dim, dtype=vec_k.dtype, device=dev)
+        vec = torch.zeros(n_b, self.dim, dtype=vec_k.dtype, device=dev)
         vec.scatter_(1, sel, vec_k)
         # M_{t+1} = P − C_k(P)
         p.scatter_(2, sel.unsqueeze(1).expand(-1, n, -1), 0.0)
-        norms = torch.zeros(len(js_list), dtype=torch.float64, device=dev)
+        norms = torch.zeros(n_b, dtype=torch.float64, device=dev)
         for b, j in enumerate(js_list):
             i = active[j]
             if memory == "per_client":
@@ -699,47 +735,35 @@ class FusedGroup:
             elif memory == "mean":
                 self.memory[i] = p[b].mean(dim=0)
                 norms[b] = torch.linalg.vector_norm(self.memory[i], dtype=torch.float64)
-        directions[js] = vec.float()
-        iters[js], conv[js] = it, cv
-        rel_res[js] = rel
-        mem_norm[js] = norms
+        a.directions[js] = vec.float()
+        a.iters[js], a.conv[js] = it, cv
+        a.rel_res[js] = rel
+        a.mem_norm[js] = norms
         return left
 
-    def _aggregate_alone(
-        self,
-        j,
-        i,
-        rnd,
-        updates,
-        ids_all,
-        accepted,
-        directions,
-        iters,
-        conv,
-        mem_norm,
-        rel_res,
-        skipped,
-    ) -> None:
-        """A run with rejected replies this round: the single-run code on its accepted rows."""
+    def _aggregate_alone(self, a: _Agg, j: int) -> None:
+        """Run ``j`` this round through the single-run code on its accepted rows (rejected
+        replies, or a block step whose P = γG + M overflowed)."""
         from fedbgmd.components import generator
         from fedbgmd.core import bgmd_step
 
+        i = a.active[j]
         st = self.runs[i].strategy
-        keep = accepted[j].nonzero().squeeze(1)
-        rows = updates[j][keep]
-        ids = [ids_all[j][c] for c in keep.tolist()]
+        keep = a.accepted[j].nonzero().squeeze(1)
+        rows = a.updates[j][keep]
+        ids = [a.ids_all[j][c] for c in keep.tolist()]
         w = self._weights(i, ids) if st.weighted else None
-        if st.adversary is not None and not bool(accepted[j].all()):  # else applied already
-            rows = st._apply_adversary(rows, ids, rnd)
+        if st.adversary is not None and not bool(a.accepted[j].all()):  # else applied already
+            rows = st._apply_adversary(rows, ids, a.rnd)
         try:
             if not st.block:
                 res = st.aggregator(rows, w)
-                directions[j] = st.server_lr * res.vector
-                iters[j], conv[j] = float(res.iterations), float(res.converged)
+                a.directions[j] = st.server_lr * res.vector
+                a.iters[j], a.conv[j] = float(res.iterations), float(res.converged)
                 return
             mem = make_memory(st.memory_kind, dim=self.dim, device=self.device)
-            store = self._memory_rows(i, st.memory_kind) if st.memory_kind != "none" else None
             if st.memory_kind == "per_client":
+                store = self._memory_rows(i, st.memory_kind)
                 mem.load_state_dict(
                     {
                         "kind": "per_client",
@@ -749,7 +773,9 @@ class FusedGroup:
                     }
                 )
             elif st.memory_kind == "mean":
-                mem.load_state_dict({"kind": "mean", "dim": self.dim, "m": store})
+                mem.load_state_dict(
+                    {"kind": "mean", "dim": self.dim, "m": self._memory_rows(i, "mean")}
+                )
             step = bgmd_step(
                 rows,
                 aggregator=st.aggregator,
@@ -758,23 +784,31 @@ class FusedGroup:
                 client_ids=ids,
                 step_size=st.server_lr,
                 selector=st.selector,
-                generator=generator(self.runs[i].seed, rnd, "block", device=self.device),
+                generator=generator(self.runs[i].seed, a.rnd, "block", device=self.device),
                 weights=w,
             )
-            state = mem.state_dict()
-            if st.memory_kind == "per_client":
-                order = torch.tensor(state["client_ids"], device=self.device)
-                store[order] = state["rows"].to(self.device)
-            elif st.memory_kind == "mean":
-                self.memory[i] = state["m"].to(self.device)
-            if step.overflowed:  # as RobustStrategy: rejected, not aggregated
-                rejections["memory_overflow"] += len(step.overflowed)
-            directions[j] = step.vector
-            iters[j] = float(step.aggregation.iterations)
-            conv[j] = float(step.aggregation.converged)
-            mem_norm[j], rel_res[j] = float(step.memory_norm), float(step.relative_residual)
-        except ValueError as err:
-            skipped[j] = f"aggregation refused: {err}"
+        except ValueError as err:  # e.g. Krum with too few rows: the round is skipped
+            a.skipped[j] = f"aggregation refused: {err}"
+            self._store_memory(i, st.memory_kind, mem if st.block else None)
+            return
+        self._store_memory(i, st.memory_kind, mem)
+        if step.overflowed:  # as RobustStrategy: rejected, not aggregated
+            a.rejections[j]["memory_overflow"] += len(step.overflowed)
+        a.directions[j] = step.vector
+        a.iters[j] = float(step.aggregation.iterations)
+        a.conv[j] = float(step.aggregation.converged)
+        a.mem_norm[j], a.rel_res[j] = float(step.memory_norm), float(step.relative_residual)
+
+    def _store_memory(self, i: int, kind: str, mem: Any) -> None:
+        """Copy a core Memory's state back into the group's stacked memory of run ``i``."""
+        if mem is None or kind == "none":
+            return
+        state = mem.state_dict()
+        if kind == "per_client":
+            order = torch.tensor(state["client_ids"], device=self.device, dtype=torch.int64)
+            self._memory_rows(i, kind)[order] = state["rows"].to(self.device)
+        else:
+            self.memory[i] = state["m"].to(self.device)
 
     # ------------------------------------------------------------------ server step
     def _server_step(self, active: list[int], directions: Tensor) -> None:
@@ -805,7 +839,11 @@ class FusedGroup:
     def _evaluate_and_log(self, rnd: int, info: dict[int, dict[str, Any]]) -> None:
         active = [i for i, r in enumerate(self.runs) if r.active]
         due_all = rnd in (0, self.num_rounds) or rnd % self.eval_every == 0
-        due = [i for i in active if due_all or info.get(i, {}).get("diverged")]
+        due = [
+            i
+            for i in active
+            if due_all or info.get(i, {}).get("diverged") or info.get(i, {}).get("check_model")
+        ]
         t0 = time.perf_counter()
         results = self._evaluate(due) if due else {}
         self.timing["eval"] = self.timing.get("eval", 0.0) + time.perf_counter() - t0
@@ -877,7 +915,7 @@ def _batchable_gm(agg: Any) -> bool:
 def _gm_many(x: Tensor, agg: GeometricMedian) -> Any:
     """Batched GM of (B, n, k) with ``agg``'s parameters; the direct solver where the Gram
     path cannot serve (auto picks direct when k < 4n; non-finite Gram)."""
-    b, n, k = x.shape
+    _, n, k = x.shape
     if agg.solver == "auto" and k < 4 * n:
         return _gm_direct_each(x, agg)
     res = batched_geometric_median(x, eps=agg.eps, max_iter=agg.max_iter, nu=agg.nu)

@@ -115,13 +115,13 @@ class FusedLauncher(Launcher):
             hydra_dir.mkdir(parents=True, exist_ok=True)
             _save_config(task_cfg, "config.yaml", hydra_dir)
             _save_config(sweep_config, "hydra.yaml", hydra_dir)
-            _save_config(OmegaConf.create(overrides), "overrides.yaml", hydra_dir)
+            _save_config(OmegaConf.create(overrides), "overrides.yaml", hydra_dir)  # type: ignore[arg-type]
             jobs.append((task_cfg, out))
             positions.append(k)
         status = run_jobs(jobs, workers=self.workers) if jobs else {}
         results: list[JobReturn] = []
         by_position = {k: status.get(j, 1) for j, k in enumerate(positions)}
-        for k, (overrides, sweep_config, task_cfg, out) in enumerate(prepared):
+        for k, (overrides, sweep_config, task_cfg, _out) in enumerate(prepared):
             ret = JobReturn(
                 overrides=overrides,
                 cfg=task_cfg,

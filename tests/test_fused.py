@@ -72,6 +72,7 @@ def assert_same_run(fused: Path, alone: Path) -> None:
         assert (ra["rejections"] or {}) == (rb["rejections"] or {}), where
         assert (ra["lr"] is None and rb["lr"] is None) or _close(ra["lr"], rb["lr"], rel=1e-12)
     sa, sb = read_summary(fused), read_summary(alone)
+    assert sa.get("engine") == "fused", "the job ran alone: its fused group failed"
     assert sa["status"] == sb["status"] == "completed"
     assert sa["diverged_at"] == sb["diverged_at"]
     assert sa["byzantine_ids"] == sb["byzantine_ids"]
