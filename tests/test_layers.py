@@ -17,7 +17,12 @@ PURE = [
     ],
     *sorted((ROOT / "attacks").glob("*.py")),
 ]
-HYDRA_OK = {ROOT / "fedbgmd" / "config.py", ROOT / "fedbgmd" / "cli.py"}
+# config and CLI compose with Hydra; fused_launcher *is* a Hydra plugin (hydra/launcher=fused)
+HYDRA_OK = {
+    ROOT / "fedbgmd" / "config.py",
+    ROOT / "fedbgmd" / "cli.py",
+    ROOT / "fedbgmd" / "fused_launcher.py",
+}
 ALL_SOURCES = [
     p
     for folder in ("fedbgmd", "strategies", "clients", "attacks", "benchmarks", "docs")
