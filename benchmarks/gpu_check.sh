@@ -17,13 +17,15 @@ rounds="${ROUNDS:-5850}"
 data_root=()  # the carried idx files if present, else the usual search (Debian's package, ...)
 [[ -d .data/fashion-mnist ]] && data_root=(data.root=.data/fashion-mnist)
 cell="$(mktemp -d)/cell"  # outside $OUT: only a few files come back from the device machine
-export PYTHONUNBUFFERED=1
+# PYTHONSAFEPATH: from the repo root `python3 -c` would import the source folder fedbgmd/ (no
+# conf/ inside: "Primary config module 'fedbgmd.conf' not found"), not the installed package
+export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1
 if [[ -z "${SKIP_INSTALL:-}" ]]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site  # before building: the carried setuptools (>= 77) builds it
   python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
     --target /tmp/site . || exit 1
-  export PYTHONPATH=/tmp/site
 fi
 step() { echo "== $1 ($(date +%T))"; }
 {
