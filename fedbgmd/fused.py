@@ -40,6 +40,7 @@ import dataclasses
 import logging
 import math
 import multiprocessing as mp
+import os
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -214,6 +215,17 @@ def _device_of(cfg: Any) -> torch.device:
     return get_device(cfg.device)
 
 
+class Unfusable(ValueError):
+    """Some jobs of a group turned out not to fuse once the data and model were built.
+
+    ``reasons`` maps their positions in the group to why; the rest of the group can go on.
+    """
+
+    def __init__(self, reasons: dict[int, str]) -> None:
+        self.reasons = reasons
+        super().__init__("; ".join(f"job {k}: {v}" for k, v in sorted(reasons.items())))
+
+
 class FusedGroup:
     """Runs the jobs ``[(cfg, run_dir), ...]`` of one lockstep group to completion.
 
@@ -222,7 +234,7 @@ class FusedGroup:
     generators are CPU work; on a GPU they would otherwise dominate); 0 plans inline.
     """
 
-    def __init__(self, jobs: Sequence[tuple[Any, Path]], workers: int = 0) -> None:
+    def __init__(self, jobs: Sequence[tuple[Any, Path]], workers: int | None = 0) -> None:
         from fedbgmd.components import build_attack, load_data, partitions
         from fedbgmd.config import clients_per_round
         from fedbgmd.models import build_model
@@ -237,6 +249,9 @@ class FusedGroup:
         self.num_clients = int(cfg0.num_clients)
         self.cpr = clients_per_round(cfg0)
         self.batch_size = int(cfg0.client.batch_size)
+        if workers is None:
+            cpus = os.cpu_count() or 1
+            workers = min(16, max(0, cpus - 2)) if self.device.type == "cuda" else 0
         self.workers = int(workers)
         self.dataset = load_data(cfg0)
         self.rpe = rounds_per_epoch(cfg0, len(self.dataset.train))
@@ -258,6 +273,7 @@ class FusedGroup:
         self.shapes = {k: p.shape for k, p in self.model.named_parameters()}
         self.numels = {k: p.numel() for k, p in self.model.named_parameters()}
         self.dim = sum(self.numels.values())
+        self._check_fusable(partitions)
         self.runs: list[_Run] = []
         xs = []
         for cfg, run_dir in self.jobs:
@@ -293,6 +309,21 @@ class FusedGroup:
         self.momentum: Tensor | None = None
         self.memory: dict[int, Tensor] = {}  # per_client: (N, d) rows; mean: (d,)
         self._check_params()
+
+    def _check_fusable(self, partitions: Any) -> None:
+        """Raise Unfusable for jobs the batched round cannot serve (before any folder is made)."""
+        if list(self.model.buffers()):
+            raise Unfusable(dict.fromkeys(range(len(self.jobs)), "a model with buffers"))
+        reasons = {}
+        for k, (cfg, _) in enumerate(self.jobs):
+            small = min(len(p) for p in partitions(cfg, self.dataset.train.y))
+            if small < self.batch_size:
+                reasons[k] = (
+                    f"a client holds {small} samples < batch_size {self.batch_size} (the fused "
+                    "round has no padded batches)"
+                )
+        if reasons:
+            raise Unfusable(reasons)
 
     def _check_params(self) -> None:
         state = self.model.state_dict()
@@ -1256,9 +1287,11 @@ def set_aside_partial(run_dir: Path) -> None:
             log.warning("%s: an unfinished run's %s moved to %s.interrupted", run_dir, name, name)
 
 
-def run_jobs(jobs: Sequence[tuple[Any, Path]], workers: int = 0) -> dict[int, int]:
+def run_jobs(jobs: Sequence[tuple[Any, Path]], workers: int | None = None) -> dict[int, int]:
     """Run ``jobs`` [(cfg, run_dir)]: fusable ones in lockstep groups, the rest alone.
 
+    ``workers``: planning processes per group (None: the CPUs but two when the group runs on a
+    GPU, at most 16; 0 on a CPU device, where they would compete with the computation).
     Returns {job index: exit status} (0 done, 1 failed), as the CLI reports a single run.
     """
     from fedbgmd.cli import run as run_alone
@@ -1277,7 +1310,18 @@ def run_jobs(jobs: Sequence[tuple[Any, Path]], workers: int = 0) -> dict[int, in
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         try:
-            FusedGroup(members, workers=workers).run()
+            fused = None
+            while fused is None and group:
+                try:
+                    fused = FusedGroup(members, workers=workers)
+                except Unfusable as err:
+                    for k, reason in err.reasons.items():
+                        log.warning("job %s runs alone: %s", members[k][1], reason)
+                        alone[group[k]] = reason
+                    group = [i for k, i in enumerate(group) if k not in err.reasons]
+                    members = [m for k, m in enumerate(members) if k not in err.reasons]
+            if fused is not None:
+                fused.run()
             for i in group:
                 status[i] = 0
         except Exception as err:

@@ -41,16 +41,17 @@ PLUGIN_MODULE = "hydra_plugins.fedbgmd_fused"
 @dataclass
 class FusedLauncherConf:
     _target_: str = f"{PLUGIN_MODULE}.FusedLauncher"
-    # processes that plan mini-batches and data-attack batches ahead of the device (0: inline)
-    workers: int = 0
+    # processes that plan mini-batches and data-attack batches ahead of the device (0: inline;
+    # null: the CPUs but two on a GPU, at most 16, and 0 on a CPU device)
+    workers: int | None = None
 
 
 class FusedLauncher(Launcher):
     """Runs all jobs of a sweep through :func:`fedbgmd.fused.run_jobs` (see the module doc)."""
 
-    def __init__(self, workers: int = 0) -> None:
+    def __init__(self, workers: int | None = None) -> None:
         super().__init__()
-        self.workers = int(workers)
+        self.workers = None if workers is None else int(workers)
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None

@@ -265,3 +265,15 @@ def test_launcher_refuses_a_bad_job_before_running_any(tmp_path: Path) -> None:
     assert res.returncode == 2
     assert "attack.fraction" in res.stderr
     assert not any(p.name.isdigit() and (p / "metrics.csv").exists() for p in sweep.iterdir())
+
+
+@pytest.mark.slow
+def test_clients_smaller_than_a_batch_run_alone(tmp_path: Path, caplog) -> None:
+    """12 samples per client < batch 32: the fused round has no padded batches, so the job runs
+    alone (the in-process engine pads them) and the log says why."""
+    cfg = cfg_for("strategy=gm", "data.num_train=100")
+    with caplog.at_level("WARNING", logger="fedbgmd"):
+        assert run_jobs([(cfg, tmp_path / "small")]) == {0: 0}
+    assert "batch_size 32" in caplog.text
+    summary = read_summary(tmp_path / "small")
+    assert summary["status"] == "completed" and "engine" not in summary
