@@ -307,6 +307,13 @@ class FusedGroup:
             )
         self.x = torch.stack(xs)  # (R, d) global models
         self.momentum: Tensor | None = None
+        strategies = [r.strategy for r in self.runs]
+        self._server_mu = torch.tensor(
+            [[float(st.momentum)] for st in strategies], dtype=torch.float32, device=self.device
+        )
+        self._server_nesterov = torch.tensor(
+            [[bool(st.nesterov)] for st in strategies], dtype=torch.bool, device=self.device
+        )
         self.memory: dict[int, Tensor] = {}  # per_client: (N, d) rows; mean: (d,)
         self._check_params()
 
@@ -358,6 +365,9 @@ class FusedGroup:
     def run(self) -> None:
         """All rounds of every job; each job's folder gets its rows and summary."""
         status, error = "completed", None
+        threads = self.jobs[0][0].engine.num_threads
+        if threads is not None:  # as cli.run: small models lose badly to oversubscription
+            torch.set_num_threads(int(threads))
         self.started = time.time()
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # the shapes repeat every round
@@ -420,8 +430,8 @@ class FusedGroup:
             self._update_attacks(i, rnd, ids_all[j], updates[j])
         accepted, rejections = self._validate(active, updates, losses)
         directions, diag = self._aggregate(active, rnd, updates, ids_all, accepted, rejections)
-        self._server_step(active, directions)
-        finite = torch.isfinite(self.x[active]).all(dim=1)
+        self._server_step(active, directions, diag["skipped"])
+        finite = torch.isfinite(self.x).all(dim=1)[torch.tensor(active, device=dev)]
         # one host read for every run's diagnostics
         loss_h, finite_h = losses.double().tolist(), finite.tolist()
         ok_h = [a.tolist() for a in accepted]
@@ -470,7 +480,7 @@ class FusedGroup:
     ) -> tuple[Tensor, Tensor]:
         """(R, n, d) updates x_r − y_i and (R, n) losses for one SGD step per client."""
         runs = [self.runs[i] for i in idx]
-        x = self.x[idx]
+        x = self.x if idx == list(range(len(self.runs))) else self.x[idx]
         params: dict[str, Tensor] = {}
         off = 0
         for k in self.keys:
@@ -842,29 +852,38 @@ class FusedGroup:
             self.memory[i] = state["m"].to(self.device)
 
     # ------------------------------------------------------------------ server step
-    def _server_step(self, active: list[int], directions: Tensor) -> None:
-        idx = torch.tensor(active, device=self.device)
-        mus = [float(self.runs[i].strategy.momentum) for i in active]
-        if all(m == 0.0 for m in mus):
-            self.x[idx] = self.x[idx] - directions
+    def _server_step(self, active: list[int], directions: Tensor, skipped: dict[int, str]) -> None:
+        """x ← x − u, heavy-ball or Nesterov on u (RobustStrategy._server_step), for every run
+        that aggregated this round; a skipped run keeps its model and momentum (as alone)."""
+        js = [j for j in range(len(active)) if j not in skipped]
+        if not js:
             return
-        if self.momentum is None:
+        rows = [active[j] for j in js]
+        every = rows == list(range(len(self.runs)))  # then in place, no (R, d) copies
+        u = directions if len(js) == len(active) else directions[js]
+        mu = self._server_mu[rows]
+        if self.momentum is None and bool((self._server_mu > 0).any()):
             self.momentum = torch.zeros_like(self.x)
-            self._momentum_started = torch.zeros(len(self.runs), dtype=torch.bool)
-        for j, i in enumerate(active):
-            st = self.runs[i].strategy
-            u = directions[j]
-            if st.momentum == 0.0:
-                self.x[i] -= u
-                continue
-            if not bool(self._momentum_started[i]):
-                self.momentum[i] = u
-                self._momentum_started[i] = True
+            self._momentum_started = torch.zeros(
+                len(self.runs), 1, dtype=torch.bool, device=self.device
+            )
+        if self.momentum is None:
+            step = u
+        else:
+            old = self.momentum if every else self.momentum[rows]
+            started = self._momentum_started[rows]
+            buf = torch.where(started, mu * old + u, u)
+            nesterov = self._server_nesterov[rows]
+            step = torch.where(mu == 0, u, torch.where(nesterov, u + mu * buf, buf))
+            if every:
+                self.momentum.copy_(buf)
             else:
-                self.momentum[i].mul_(st.momentum).add_(u)
-            buf = self.momentum[i]
-            step = u + st.momentum * buf if st.nesterov else buf
-            self.x[i] -= step
+                self.momentum[rows] = buf
+            self._momentum_started[rows] = True
+        if every:
+            self.x.sub_(step)
+        else:
+            self.x[rows] = self.x[rows] - step
 
     # ------------------------------------------------------------------ evaluation and rows
     def _evaluate_and_log(self, rnd: int, info: dict[int, dict[str, Any]]) -> None:

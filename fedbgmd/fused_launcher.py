@@ -60,6 +60,7 @@ class FusedLauncher(Launcher):
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+        _memoize_sweep_configs(hydra_context)
 
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
@@ -137,6 +138,29 @@ class FusedLauncher(Launcher):
         if failed:
             print(f"fedbgmd: {len(failed)} job(s) failed: {', '.join(failed)}", file=sys.stderr)
         return results
+
+
+def _memoize_sweep_configs(hydra_context: HydraContext) -> None:
+    """Compose each job once, not twice: Hydra's basic sweeper composes every job of a batch to
+    check it (validate_batch_is_legal) and drops the result, then the launcher composes it again
+    (~0.15 s a job here; half of a 132-job sweep's ~40 s start). The loader is shared by sweeper
+    and launcher, so its answers are kept for the launcher, each handed out once."""
+    loader: Any = hydra_context.config_loader
+    if getattr(loader, "_fedbgmd_memo", None) is not None:
+        return
+    memo: dict[tuple[str, ...], DictConfig] = {}
+    compose = loader.load_sweep_config
+
+    def load_sweep_config(master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+        key = tuple(sweep_overrides)
+        if key in memo:
+            return memo.pop(key)
+        cfg = compose(master_config, sweep_overrides)
+        memo[key] = copy.deepcopy(cfg)
+        return cfg
+
+    loader.load_sweep_config = load_sweep_config
+    loader._fedbgmd_memo = memo
 
 
 _REGISTERED = False

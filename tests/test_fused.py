@@ -116,6 +116,15 @@ VARIANTS = {
     "gm_nan_rejected": ["strategy=gm", "attack=nonfinite", "attack.fraction=0.25"],
     "bgmd_nan_rejected": ["strategy=fedbgmd", "attack=nonfinite", "attack.fraction=0.25"],
     "ctm_client_momentum": ["strategy=ctm", "client.optimizer.momentum=0.9"],
+    "gm_momentum_skipped_rounds": [
+        "strategy=gm",
+        "strategy.server_momentum=0.9",
+        "strategy.clients_per_round=5",
+        "strategy.min_replies=5",
+        "attack=nonfinite",
+        "attack.fraction=0.25",
+        "num_rounds=8",
+    ],
 }
 
 
@@ -127,16 +136,19 @@ def test_fused_jobs_equal_the_same_jobs_run_alone(tmp_path: Path) -> None:
     names = list(VARIANTS)
     cfgs = [cfg_for(*VARIANTS[n]) for n in names]
     groups, alone = plan_groups(cfgs)
-    # everything fuses: one group, and one for the job sampling 5 of 8 clients a round
-    assert alone == {} and len(groups) == 2
+    # everything fuses: one group, one for the jobs sampling 5 of 8 clients a round (4 rounds),
+    # one for the job of 8 rounds
+    assert alone == {} and len(groups) == 3
     status = run_jobs([(c, tmp_path / f"fused-{n}") for n, c in zip(names, cfgs)])
     assert set(status.values()) == {0}
     for n, c in zip(names, cfgs):
         assert run_alone(c, tmp_path / f"alone-{n}") == 0
         assert_same_run(tmp_path / f"fused-{n}", tmp_path / f"alone-{n}")
-    # the rejected replies really were exercised
+    # the rejected replies and skipped rounds really were exercised
     rows = read_metrics(tmp_path / "fused-gm_nan_rejected")
     assert sum(r["replies_rejected"] or 0 for r in rows) > 0
+    rows = read_metrics_jsonl(tmp_path / "fused-gm_momentum_skipped_rounds")
+    assert any(r.get("skipped") for r in rows) and not all(r.get("skipped") for r in rows[1:])
 
 
 @pytest.mark.slow
