@@ -3,7 +3,8 @@
 #   1. the CUDA-only tests, 2. the pure-torch round (per-client loop and batched),
 #   3. a full 50-epoch Fashion-MNIST cell through the framework (in-process engine, batched,
 #      FL-BGMD, 32 clients x batch 16, test evaluation every epoch) -> the "<= 2 minutes" target.
-# On the device machine, from the repo root, with `carry: [".whl", ".data"]`:
+# Prepare .whl/ and .data/ first (bash benchmarks/gpu_prepare.sh); on the device machine, from
+# the repo root, with `carry: [".whl", ".data"]`:
 #   .whl  = flwr, hydra-core, omegaconf, antlr4 and their missing needs as wheels (see
 #           /work/.library/device/README.md); .data/fashion-mnist = the four idx files.
 # Results go to $OUT (or ./gpu-check): the log, two JSON files and the run's metrics, summary, config.

@@ -4,7 +4,8 @@
 # The rows go in SWEEPS, fused sweeps separated by ';' and run one after the other within
 # BUDGET seconds in all (a sweep still running then is stopped with SIGINT: its jobs record the
 # rounds they reached, all alike since they advance in lockstep, with status "failed").
-# On the device machine, from the repo root, with `carry: [".whl", ".data"]` (see gpu_check.sh):
+# Prepare .whl/ and .data/ here first: bash benchmarks/gpu_prepare.sh. Then on the device machine,
+# from the repo root, with `carry: [".whl", ".data"]`:
 #   BUDGET=520 bash benchmarks/gpu_fused_table2.sh
 # Rehearsal on a CPU (a few rounds, a subset):
 #   SKIP_INSTALL=1 DEVICE=cpu ROUNDS=2 SEEDS=0 SWEEPS='as_run_clean;as_run_bitflip20' \
