@@ -42,6 +42,10 @@ IFS=';' read -r -a groups <<<"$sweeps"
   echo "== $(date +%T) versions (install took $(( $(date +%s) - start )) s)"
   python3 -c "import torch, flwr, hydra; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '-'); print('flwr', flwr.__version__, 'hydra', hydra.__version__)"
   [[ "$device" == cuda* ]] && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
+  if [[ "$device" == cuda* && -z "${SKIP_CHECK:-}" ]]; then
+    echo "== $(date +%T) fused on CUDA vs the same jobs alone (tests/test_fused.py -k cuda)"
+    timeout 150 python3 -m pytest -q -m "" -p no:cacheprovider -k cuda tests/test_fused.py 2>&1 | tail -4
+  fi
   for k in "${!groups[@]}"; do
     left=$(( budget - ($(date +%s) - start) ))
     if (( left < 30 )); then echo "== no time left for sweep $k (${groups[$k]})"; continue; fi

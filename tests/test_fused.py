@@ -289,3 +289,35 @@ def test_clients_smaller_than_a_batch_run_alone(tmp_path: Path, caplog) -> None:
     assert "batch_size 32" in caplog.text
     summary = read_summary(tmp_path / "small")
     assert summary["status"] == "completed" and "engine" not in summary
+
+
+cuda = pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+def test_fused_on_cuda_equals_the_jobs_run_alone_on_cuda(tmp_path: Path) -> None:
+    """The device path (planner copies, CUDA generators, batched GM in float64 on the GPU)."""
+    names = ["cm_bitflip", "gm_gaussian", "bgmd_topk_impulse", "bgmd_nan_rejected"]
+    cfgs = [cfg_for(*VARIANTS[n], "device=cuda") for n in names]
+    assert set(run_jobs([(c, tmp_path / f"f-{n}") for n, c in zip(names, cfgs)]).values()) == {0}
+    for n, c in zip(names, cfgs):
+        assert run_alone(c, tmp_path / f"a-{n}") == 0
+        assert_same_run(tmp_path / f"f-{n}", tmp_path / f"a-{n}")
+
+
+@cuda
+def test_fused_cnn_with_dropout_runs_on_cuda_with_planner_workers(tmp_path: Path) -> None:
+    """The Table 2 model (dropout) through nested vmap on the GPU, planned by forked workers."""
+    common = ["model=cnn", "data.image_shape=[1,28,28]", "device=cuda", "client.batch_size=16"]
+    cfgs = [
+        cfg_for(*common, "strategy=fedbgmd", "attack=backdoor", "attack.fraction=0.25"),
+        cfg_for(*common, "strategy=gm", "attack=feature_noise", "attack.fraction=0.25"),
+    ]
+    assert run_jobs([(c, tmp_path / f"j{i}") for i, c in enumerate(cfgs)], workers=2) == {
+        0: 0,
+        1: 0,
+    }
+    for i in range(2):
+        s = read_summary(tmp_path / f"j{i}")
+        assert s["engine"] == "fused" and s["status"] == "completed"
+        assert s["final_accuracy"] is not None
