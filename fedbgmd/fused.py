@@ -238,6 +238,7 @@ class FusedGroup:
         from fedbgmd.components import build_attack, load_data, partitions
         from fedbgmd.config import clients_per_round
         from fedbgmd.models import build_model
+        from fedbgmd.results import environment_versions
         from fedbgmd.server import rounds_per_epoch
 
         if not jobs:
@@ -276,8 +277,10 @@ class FusedGroup:
         self._check_fusable(partitions)
         self.runs: list[_Run] = []
         xs = []
+        # taken once, now: the code that runs is the code imported at the start
+        versions = environment_versions(str(self.device))
         for cfg, run_dir in self.jobs:
-            server = _Bookkeeping(cfg, Path(run_dir), self.dataset, self.device, self.rpe)
+            server = _Bookkeeping(cfg, Path(run_dir), self.dataset, self.device, self.rpe, versions)
             spec = build_attack(cfg)
             model = build_model(
                 cfg.model.name,
@@ -1010,16 +1013,24 @@ def _gm_direct_each(x: Tensor, agg: GeometricMedian, solver: str | None = None) 
 class _Bookkeeping:
     """A job's run folder and strategy object: rows, summary and plots as a single run writes."""
 
-    def __init__(self, cfg: Any, run_dir: Path, dataset: Any, device: torch.device, rpe: float):
+    def __init__(
+        self,
+        cfg: Any,
+        run_dir: Path,
+        dataset: Any,
+        device: torch.device,
+        rpe: float,
+        versions: dict[str, str | None],
+    ) -> None:
         from fedbgmd.components import build_attack, optim_config, partitions
-        from fedbgmd.results import RunWriter, environment_versions
+        from fedbgmd.results import RunWriter
         from fedbgmd.server import ServerRun
         from fedbgmd.training import lr_at
 
         self.cfg = cfg
         self.run_dir = run_dir
         self.started = time.time()
-        self.versions = environment_versions(str(device))
+        self.versions = versions
         self.writer = RunWriter(run_dir)
         self.attack = build_attack(cfg)
         self.rpe = rpe
