@@ -66,6 +66,7 @@ log = logging.getLogger("fedbgmd")
 
 DEFAULT_STRATEGY = "fedbgmd.strategies.RobustStrategy"
 FLUSH_EVERY = 200  # rounds between writes of a job's buffered metrics rows
+EVAL_RUNS = 16  # runs evaluated per vmapped pass
 # non-omniscient attacks that ask the client for extra honest updates (sample_updates)
 _NEEDS_SAMPLES = frozenset({"alie", "ipm"})
 
@@ -929,12 +930,8 @@ class FusedGroup:
 
     @torch.no_grad()
     def _evaluate(self, which: list[int]) -> dict[int, tuple[float, float]]:
-        x = self.x[which]
-        params: dict[str, Tensor] = {}
-        off = 0
-        for k in self.keys:
-            params[k] = x[:, off : off + self.numels[k]].view(len(which), *self.shapes[k])
-            off += self.numels[k]
+        """Test loss and accuracy of the runs ``which`` (as fedbgmd.training.evaluate), by chunks
+        of EVAL_RUNS runs: the CNN's activations for 132 runs x 1,024 images would be ~40 GB."""
         model = self.model
         modes = [(m, m.training) for m in model.modules()]
         model.eval()
@@ -945,18 +942,26 @@ class FusedGroup:
         f = vmap(logits, in_dims=(0, None))
         loss = torch.zeros(len(which), dtype=torch.float64, device=self.device)
         correct = torch.zeros(len(which), dtype=torch.int64, device=self.device)
+        n = len(self.test)
         try:
-            n = len(self.test)
-            for s in range(0, n, self.eval_batch):
-                xb, yb = self.test.x[s : s + self.eval_batch], self.test.y[s : s + self.eval_batch]
-                out = f(params, xb)  # (R, b, C)
-                ce = F.cross_entropy(out.flatten(0, 1), yb.repeat(len(which)), reduction="none")
-                loss += ce.view(len(which), -1).sum(dim=1)
-                correct += (out.argmax(2) == yb).sum(dim=1)
+            for lo in range(0, len(which), EVAL_RUNS):
+                chunk = which[lo : lo + EVAL_RUNS]
+                x = self.x[chunk]
+                params: dict[str, Tensor] = {}
+                off = 0
+                for k in self.keys:
+                    params[k] = x[:, off : off + self.numels[k]].view(len(chunk), *self.shapes[k])
+                    off += self.numels[k]
+                for s in range(0, n, self.eval_batch):
+                    xb = self.test.x[s : s + self.eval_batch]
+                    yb = self.test.y[s : s + self.eval_batch]
+                    out = f(params, xb)  # (runs, b, C)
+                    ce = F.cross_entropy(out.flatten(0, 1), yb.repeat(len(chunk)), reduction="none")
+                    loss[lo : lo + len(chunk)] += ce.view(len(chunk), -1).sum(dim=1)
+                    correct[lo : lo + len(chunk)] += (out.argmax(2) == yb).sum(dim=1)
         finally:
             for m, mode in modes:
                 m.training = mode
-        n = len(self.test)
         lh, ch = loss.tolist(), correct.tolist()
         return {i: (lh[j] / n, ch[j] / n) for j, i in enumerate(which)}
 
