@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 
+from fedbgmd import fused
 from fedbgmd.cli import check_config
 from fedbgmd.cli import run as run_alone
 from fedbgmd.config import register_configs
@@ -129,10 +130,12 @@ VARIANTS = {
 
 
 @pytest.mark.slow
-def test_fused_jobs_equal_the_same_jobs_run_alone(tmp_path: Path) -> None:
+def test_fused_jobs_equal_the_same_jobs_run_alone(tmp_path: Path, monkeypatch) -> None:
     """One fused sweep over strategies, block selectors and memories, update/data/omniscient
     attacks, rejected replies, partial participation, server and client momentum (all seed 0:
-    the synthetic data depend on the seed)."""
+    the synthetic data depend on the seed); gradients and evaluation by chunks of runs."""
+    monkeypatch.setattr(fused, "GRAD_RUNS", 5)
+    monkeypatch.setattr(fused, "EVAL_RUNS", 3)
     names = list(VARIANTS)
     cfgs = [cfg_for(*VARIANTS[n]) for n in names]
     groups, alone = plan_groups(cfgs)
