@@ -49,18 +49,42 @@ log = logging.getLogger("fedbgmd")
 CHECKPOINT = "checkpoint.pt"
 
 
+# A fresh flwr-clientapp process imports torch before it answers (~10 s on a small machine): a
+# discovery query given less time than that misses nodes that are up.
+CLIENTAPP_START_S = 60.0
+
+
 def discover_nodes(grid: Grid, num_clients: int, timeout: float) -> dict[int, int]:
     """Ask every node which partition it serves (Flower's node ids are random per run).
 
-    Waits up to ``timeout`` seconds for nodes to register; never blocks forever.
+    Nodes that register late are asked as they appear, until every partition is served or
+    ``timeout`` seconds passed; each query waits at least CLIENTAPP_START_S for its answers.
+    Never blocks forever. Returns {node id: partition id} for the nodes that answered.
     """
     deadline = time.monotonic() + timeout
-    node_ids = list(grid.get_node_ids())
-    while len(node_ids) < num_clients and time.monotonic() < deadline:
-        time.sleep(0.2)
-        node_ids = list(grid.get_node_ids())
-    msgs = [Message(RecordDict(), n, "query", group_id="discover") for n in node_ids]
-    replies = grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic()))
+    asked: set[int] = set()
+    replies: list[Message] = []
+    mapping: dict[int, int] = {}
+    while len(mapping) < num_clients:
+        new = [n for n in grid.get_node_ids() if n not in asked]
+        if new:
+            asked.update(new)
+            msgs = [Message(RecordDict(), n, "query", group_id="discover") for n in new]
+            wait = max(CLIENTAPP_START_S, deadline - time.monotonic())
+            replies.extend(grid.send_and_receive(msgs, timeout=wait))
+            mapping = _partition_claims(replies, num_clients)
+        elif time.monotonic() >= deadline:
+            break
+        else:
+            time.sleep(0.2)
+    return mapping
+
+
+def missing_partitions(mapping: dict[int, int], num_clients: int) -> list[int]:
+    return sorted(set(range(num_clients)) - set(mapping.values()))
+
+
+def _partition_claims(replies: list[Message], num_clients: int) -> dict[int, int]:
     claims: dict[int, list[int]] = {}
     for reply in replies:
         node = reply.metadata.src_node_id
@@ -317,10 +341,20 @@ class ServerRun:
         status, error = "completed", None
         try:
             mapping = discover_nodes(grid, cfg.num_clients, cfg.engine.round_timeout_s)
+            missing = missing_partitions(mapping, cfg.num_clients)
             if len(mapping) < cfg.strategy.min_replies:
                 raise RuntimeError(
-                    f"only {len(mapping)} of {cfg.num_clients} nodes reported a partition "
-                    f"(min_replies={cfg.strategy.min_replies})"
+                    f"only {len(mapping)} of {cfg.num_clients} nodes reported a partition within "
+                    f"engine.round_timeout_s={cfg.engine.round_timeout_s}s "
+                    f"(min_replies={cfg.strategy.min_replies}); no node serves partitions {missing}"
+                )
+            if missing:
+                log.warning(
+                    "no node serves partitions %s after %ss: going on with the %d that answered "
+                    "(their clients count as not replying)",
+                    missing,
+                    cfg.engine.round_timeout_s,
+                    len(mapping),
                 )
             self.strategy.set_node_map(mapping)
             initial, first_round = self._resume()
