@@ -155,6 +155,9 @@ def resumed_config(args: list[str]) -> tuple[Any, Path]:
             refused.append(arg)
     if run_dir is None:
         raise ConfigError(["resume=DIR: no run folder given"])
+    saved_path = run_dir / "config.yaml"
+    if not (run_dir / "checkpoint.pt").is_file() or not saved_path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no checkpoint.pt and config.yaml to resume from")
     if refused:
         raise ConfigError(
             [
@@ -163,9 +166,6 @@ def resumed_config(args: list[str]) -> tuple[Any, Path]:
                 f"{', '.join(CONTINUATION_KEYS)}; num_rounds no fewer than saved)"
             ]
         )
-    saved_path = run_dir / "config.yaml"
-    if not (run_dir / "checkpoint.pt").is_file() or not saved_path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no checkpoint.pt and config.yaml to resume from")
     saved = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved_path))
     try:
         cfg = OmegaConf.merge(saved, OmegaConf.from_dotlist(given))
