@@ -275,3 +275,34 @@ def test_a_lost_superlink_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(deploy, "_run_streaming", lambda *a: (output, 1, False))
     with pytest.raises(ConnectionError, match=f"SuperLink at 127.0.0.1:{port} is unreachable"):
         deploy.run_deployment(cfg, tmp_path / "run")
+
+
+# ----------------------------------------------------------------------------- fused sweeps
+def test_a_fused_group_stopped_by_a_signal_records_interrupted(tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_module
+
+    import fedbgmd.fused as fused
+    from fedbgmd.config import register_configs
+    from fedbgmd.integrity import RunInterrupted
+
+    # what fuses (tests/test_fused.py): batched clients, one local step, unweighted
+    FUSABLE = [*SMOKE, "num_rounds=4", "progress=false", "client.local_steps=1"]
+    FUSABLE += ["num_clients=8", "engine.batched=true", "strategy.weighted=false"]
+    register_configs()
+    with initialize_config_module("fedbgmd.conf", version_base="1.3"):
+        cfgs = [compose("config", [*FUSABLE, f"client.optimizer.lr={lr}"]) for lr in (0.1, 0.05)]
+    real_round = fused.FusedGroup._round
+
+    def round_then_sigterm(self, rnd, plan, t0):
+        if rnd == 3:
+            raise RunInterrupted(signal.SIGTERM)
+        return real_round(self, rnd, plan, t0)
+
+    monkeypatch.setattr(fused.FusedGroup, "_round", round_then_sigterm)
+    jobs = [(cfg, tmp_path / f"job{k}") for k, cfg in enumerate(cfgs)]
+    with pytest.raises(RunInterrupted):
+        fused.run_jobs(jobs)
+    for _, run_dir in jobs:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["status"] == "interrupted" and "SIGTERM" in summary["error"]
+        assert [r["round"] for r in read_metrics(run_dir)] == [0, 1, 2]
