@@ -176,7 +176,11 @@ def run_deployment(cfg: Any, run_dir: Path) -> dict[str, Any]:
         env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
         flwr = _flwr_executable()
         cmd = [flwr, "run", str(app), CONNECTION, "--run-config", str(overrides), "--stream"]
-        output, code, timed_out = _run_streaming(cmd, env, float(cfg.engine.timeout_s))
+        interrupt: KeyboardInterrupt | None = None
+        try:
+            output, code, timed_out = _run_streaming(cmd, env, float(cfg.engine.timeout_s))
+        except _Stopped as stopped:  # SIGINT/SIGTERM here: stop the run there too
+            output, code, timed_out, interrupt = stopped.output, -1, True, stopped.cause
         run_id = _run_id(output)
         if timed_out and run_id is not None:  # do not leave the run going on the federation
             subprocess.run(
@@ -188,17 +192,24 @@ def run_deployment(cfg: Any, run_dir: Path) -> dict[str, Any]:
                 check=False,
             )
     tail = "\n".join(output.strip().splitlines()[-15:])
+    if interrupt is not None:
+        raise interrupt
     if timed_out:
         raise TimeoutError(
             f"the run did not finish within engine.timeout_s={cfg.engine.timeout_s}s "
             f"(run id {run_id}; stopped)"
         )
+    lost = superlink_unreachable(str(cfg.engine.superlink))
     if run_id is None:
         raise RuntimeError(
-            f"flwr run could not submit the run to {cfg.engine.superlink} (exit {code}):\n{tail}"
+            f"flwr run could not submit the run to {cfg.engine.superlink}"
+            + (f" ({lost})" if lost else "")
+            + f" (exit {code}):\n{tail}"
         )
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file() or summary_path.stat().st_mtime < started - 1:
+        if lost:  # the SuperLink went away during the run: that, not the folder, is the cause
+            raise ConnectionError(f"run {run_id}: {lost}; flwr run exited {code}:\n{tail}")
         raise RuntimeError(
             f"run {run_id} wrote no summary.json into {run_dir} (the ServerApp writes it on "
             f"the SuperLink's machine: run fedbgmd there or on a shared file system); "
@@ -210,9 +221,28 @@ def run_deployment(cfg: Any, run_dir: Path) -> dict[str, Any]:
     return summary
 
 
+def superlink_unreachable(address: str, timeout: float = 5.0) -> str | None:
+    """None when something accepts connections at the SuperLink's ``host:port``, else why not
+    (a connection lost mid-run then reads as such, not as a missing summary.json)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout):
+            return None
+    except (OSError, ValueError) as err:
+        return f"the SuperLink at {address} is unreachable ({err})"
+
+
 def _run_id(output: str) -> str | None:
     match = re.search(r"Successfully started run (\d+)", output)
     return match.group(1) if match else None
+
+
+class _Stopped(Exception):
+    def __init__(self, output: str, cause: KeyboardInterrupt) -> None:
+        super().__init__(str(cause))
+        self.output, self.cause = output, cause
 
 
 def _run_streaming(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[str, int, bool]:
@@ -239,8 +269,13 @@ def _run_streaming(cmd: list[str], env: dict[str, str], timeout: float) -> tuple
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     timed_out = False
+    stopped: KeyboardInterrupt | None = None
     try:
-        proc.wait(timeout=timeout)
+        try:
+            proc.wait(timeout=timeout)
+        except KeyboardInterrupt as err:
+            stopped = err
+            raise subprocess.TimeoutExpired(cmd, timeout) from err
     except subprocess.TimeoutExpired:
         timed_out = True
         proc.terminate()
@@ -250,6 +285,8 @@ def _run_streaming(cmd: list[str], env: dict[str, str], timeout: float) -> tuple
             proc.kill()
             proc.wait()
     reader.join(timeout=5)
+    if stopped is not None:
+        raise _Stopped("".join(lines), stopped)
     return "".join(lines), proc.returncode, timed_out
 
 

@@ -394,7 +394,9 @@ class FusedGroup:
                 self._evaluate_and_log(rnd, info)
                 self.timing["log"] += time.perf_counter() - t2
         except BaseException as err:
-            status, error = "failed", f"{type(err).__name__}: {err}"
+            from fedbgmd.integrity import stop_error, stop_status
+
+            status, error = stop_status(err), stop_error(err)  # as a single run records it
             raise
         finally:
             planner.close()

@@ -67,8 +67,8 @@ class FusedLauncher(Launcher):
     ) -> Sequence[JobReturn]:
         from fedbgmd.cli import check_config
         from fedbgmd.config import ConfigError
-        from fedbgmd.fused import run_jobs, set_aside_partial
-        from fedbgmd.results import read_summary
+        from fedbgmd.fused import run_jobs
+        from fedbgmd.integrity import RunDirLocked, RunLock, lock_run_dir
 
         setup_globals()
         assert self.config is not None and self.hydra_context is not None
@@ -103,24 +103,23 @@ class FusedLauncher(Launcher):
         jobs: list[tuple[Any, Path]] = []
         positions: list[int] = []
         skipped: set[int] = set()
-        for k, (overrides, sweep_config, task_cfg, out) in enumerate(prepared):
-            try:
-                done = read_summary(out).get("status") == "completed"
-            except (OSError, ValueError):
-                done = False
-            if done:
-                print(f"fedbgmd: {out} already holds a completed run; skipping it", file=sys.stderr)
-                skipped.add(k)
-                continue
-            set_aside_partial(out)
-            hydra_dir = out / str(sweep_config.hydra.output_subdir)
-            hydra_dir.mkdir(parents=True, exist_ok=True)
-            _save_config(task_cfg, "config.yaml", hydra_dir)
-            _save_config(sweep_config, "hydra.yaml", hydra_dir)
-            _save_config(OmegaConf.create(overrides), "overrides.yaml", hydra_dir)  # type: ignore[arg-type]
-            jobs.append((task_cfg, out))
-            positions.append(k)
-        status = run_jobs(jobs, workers=self.workers) if jobs else {}
+        locks: list[RunLock] = []
+        try:
+            for k, (overrides, sweep_config, task_cfg, out) in enumerate(prepared):
+                # locked before anything is written there; a folder in use is left alone
+                try:
+                    locks.append(lock_run_dir(out))
+                except (RunDirLocked, OSError) as err:
+                    print(f"fedbgmd: {err}; skipping this job", file=sys.stderr)
+                    skipped.add(k)
+                    continue
+                if self._prepare(k, overrides, sweep_config, task_cfg, out, skipped):
+                    jobs.append((task_cfg, out))
+                    positions.append(k)
+            status = run_jobs(jobs, workers=self.workers) if jobs else {}
+        finally:
+            for lock in locks:
+                lock.release()
         results: list[JobReturn] = []
         by_position = {k: status.get(j, 1) for j, k in enumerate(positions)}
         for k, (overrides, sweep_config, task_cfg, _out) in enumerate(prepared):
@@ -138,6 +137,36 @@ class FusedLauncher(Launcher):
         if failed:
             print(f"fedbgmd: {len(failed)} job(s) failed: {', '.join(failed)}", file=sys.stderr)
         return results
+
+    @staticmethod
+    def _prepare(
+        k: int,
+        overrides: list[str],
+        sweep_config: DictConfig,
+        task_cfg: DictConfig,
+        out: Path,
+        skipped: set[int],
+    ) -> bool:
+        """Write a job's .hydra/ files as Hydra's launcher does; False (and ``k`` in
+        ``skipped``) when its folder already holds a completed run."""
+        from fedbgmd.fused import set_aside_partial
+        from fedbgmd.results import read_summary
+
+        try:
+            done = read_summary(out).get("status") == "completed"
+        except (OSError, ValueError):
+            done = False
+        if done:
+            print(f"fedbgmd: {out} already holds a completed run; skipping it", file=sys.stderr)
+            skipped.add(k)
+            return False
+        set_aside_partial(out)
+        hydra_dir = out / str(sweep_config.hydra.output_subdir)
+        hydra_dir.mkdir(parents=True, exist_ok=True)
+        _save_config(task_cfg, "config.yaml", hydra_dir)
+        _save_config(sweep_config, "hydra.yaml", hydra_dir)
+        _save_config(OmegaConf.create(overrides), "overrides.yaml", hydra_dir)  # type: ignore[arg-type]
+        return True
 
 
 def _memoize_sweep_configs(hydra_context: HydraContext) -> None:

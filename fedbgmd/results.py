@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import io
 import json
+import logging
 import math
 import os
 import platform
@@ -29,6 +31,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger("fedbgmd")
+
 __all__ = [
     "INT_COLUMNS",
     "METRICS_CSV",
@@ -36,6 +40,7 @@ __all__ = [
     "METRIC_COLUMNS",
     "SUMMARY_JSON",
     "RunWriter",
+    "atomic_write_text",
     "environment_versions",
     "is_missing",
     "read_metrics",
@@ -43,6 +48,7 @@ __all__ = [
     "read_summary",
     "summarize",
     "utc_now_iso",
+    "with_segments",
 ]
 
 METRICS_CSV = "metrics.csv"
@@ -165,20 +171,84 @@ def _parse_cell(column: str, text: str) -> int | float | str | None:
         return text  # unknown, non-numeric extra column
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def fs_error(err: OSError, operation: str, path: Path) -> OSError:
+    """``err`` re-raised with the operation and the path (a write error on an open file names
+    neither, e.g. ENOSPC); the errno and the type are kept."""
+    return type(err)(err.errno, f"{err.strerror or err} ({operation} {path})")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise fs_error(err, "creating a temporary file for", path) from err
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(err, OSError):
+            raise fs_error(err, "writing", path) from err
         raise
+
+
+def _append_lines(path: Path, text: str) -> None:
+    """Append whole lines with one write(2) on an O_APPEND descriptor: a signal lands before or
+    after it, never inside; a short or failed write (a full disk) is cut back to the last whole
+    line, so the file never ends in a torn line that a later append would glue onto."""
+    data = text.encode("utf-8")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise fs_error(err, "opening for append", path) from err
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                raise OSError(28, os.strerror(28))  # a short write: the disk filled up
+        except OSError as err:
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+            raise fs_error(err, "appending to", path) from err
+    finally:
+        os.close(fd)
+
+
+def _drop_torn_line(path: Path) -> None:
+    """Cut a last line without its newline (a crash mid-write) from ``path``."""
+    with path.open("rb") as fh:
+        data = fh.read()
+    if not data or data.endswith(b"\n"):
+        return
+    keep = data.rfind(b"\n") + 1
+    with path.open("r+b") as fh:
+        fh.truncate(keep)
+    log.warning(
+        "%s: dropped a torn last line (%d bytes) left by an interrupted write",
+        path,
+        len(data) - keep,
+    )
+
+
+def _csv_lines(rows: Sequence[Mapping[str, object]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    for row in rows:
+        writer.writerow([_csv_cell(row.get(c)) for c in METRIC_COLUMNS])
+    return buf.getvalue()
+
+
+def _jsonl_lines(rows: Sequence[Mapping[str, object]]) -> str:
+    return "".join(json.dumps(_json_safe(r), sort_keys=False) + "\n" for r in rows)
 
 
 class RunWriter:
@@ -201,6 +271,9 @@ class RunWriter:
         self._t0 = time.monotonic()
         self._rows: list[dict[str, Any]] = []
         if self.metrics_csv.exists() and self.metrics_csv.stat().st_size > 0:
+            for path in (self.metrics_csv, self.metrics_jsonl):
+                if path.exists():
+                    _drop_torn_line(path)
             with self.metrics_csv.open(newline="", encoding="utf-8") as fh:
                 header = next(csv.reader(fh), [])
             if tuple(header) != METRIC_COLUMNS:
@@ -213,16 +286,18 @@ class RunWriter:
                 else read_metrics(self.run_dir)
             )
         else:
-            with self.metrics_csv.open("w", newline="", encoding="utf-8") as fh:
-                csv.writer(fh).writerow(METRIC_COLUMNS)
+            atomic_write_text(
+                self.metrics_csv, _csv_lines([dict(zip(METRIC_COLUMNS, METRIC_COLUMNS))])
+            )
 
     def log_round(self, row: Mapping[str, object]) -> None:
         """Append one round. Unknown keys go only to metrics.jsonl."""
         self.log_rounds([row])
 
     def log_rounds(self, rows: Sequence[Mapping[str, object]]) -> None:
-        """Append several rounds with one open and flush of each file (a fused sweep logs its
-        jobs' rows in batches: one open per row and job cost more than its rounds)."""
+        """Append several rounds with one write to each file (a fused sweep logs its jobs' rows
+        in batches: one open per row and job cost more than its rounds). Each file gets whole
+        lines or nothing (see _append_lines)."""
         cleaned = []
         for row in rows:
             clean: dict[str, Any] = {str(k): _to_python(v) for k, v in row.items()}
@@ -233,14 +308,8 @@ class RunWriter:
             cleaned.append(ordered)
         if not cleaned:
             return
-        with self.metrics_csv.open("a", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            for ordered in cleaned:
-                writer.writerow([_csv_cell(ordered.get(c)) for c in METRIC_COLUMNS])
-            fh.flush()
-        with self.metrics_jsonl.open("a", encoding="utf-8") as fh:
-            fh.write("".join(json.dumps(_json_safe(o), sort_keys=False) + "\n" for o in cleaned))
-            fh.flush()
+        _append_lines(self.metrics_csv, _csv_lines(cleaned))
+        _append_lines(self.metrics_jsonl, _jsonl_lines(cleaned))
         self._rows.extend(cleaned)
 
     def write_summary(self, summary: Mapping[str, object]) -> None:
@@ -258,19 +327,16 @@ class RunWriter:
         }
         merged.update({str(k): v for k, v in summary.items()})
         text = json.dumps(_json_safe(merged), indent=2, sort_keys=True) + "\n"
-        _atomic_write_text(self.summary_json, text)
+        atomic_write_text(self.summary_json, text)
 
     def truncate_after(self, last_round: int) -> None:
-        """Drop rows after ``last_round`` (a resumed run redoes the rounds after its checkpoint)."""
-        kept = [r for r in self._rows if int(r.get("round") or 0) <= last_round]
-        if len(kept) == len(self._rows):
-            return
-        self._rows = []
-        with self.metrics_csv.open("w", newline="", encoding="utf-8") as fh:
-            csv.writer(fh).writerow(METRIC_COLUMNS)
-        self.metrics_jsonl.write_text("", encoding="utf-8")
-        for row in kept:
-            self.log_round(row)
+        """Keep the rows up to ``last_round`` (a resumed run redoes the rounds after its
+        checkpoint). Both files are rewritten every time (atomically), so they hold exactly those
+        rows whatever an interrupted run left behind."""
+        self._rows = [r for r in self._rows if int(r.get("round") or 0) <= last_round]
+        header = dict(zip(METRIC_COLUMNS, METRIC_COLUMNS))
+        atomic_write_text(self.metrics_csv, _csv_lines([header, *self._rows]))
+        atomic_write_text(self.metrics_jsonl, _jsonl_lines(self._rows))
 
     def rows(self) -> list[dict[str, Any]]:
         """The rows logged so far (copies; all METRIC_COLUMNS keys plus extras)."""
@@ -320,6 +386,38 @@ def summarize(rows: list[dict[str, Any]] | list[Mapping[str, Any]]) -> dict[str,
         "rounds": max(rounds_seen) if rounds_seen else len(rows),
         "wall_time_s": None if wall is None else float(wall),  # type: ignore[arg-type]
     }
+
+
+def with_segments(
+    summary: dict[str, Any], previous: Mapping[str, Any] | None, current: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Add the run's segments to ``summary`` (a run resumed n times has n + 1 segments).
+
+    ``current`` is this process's segment: started_at, finished_at, status, resumed_after_round
+    (None for the first), last_round, wall_time_s. ``previous`` is the summary.json the run
+    folder held when this segment began (None for a fresh run); a segment that wrote none
+    (killed by SIGKILL) is absent. ``started_at`` becomes the first segment's and
+    ``wall_time_s`` the sum over segments.
+    """
+    prior: list[dict[str, Any]] = []
+    if previous:
+        prior = [dict(s) for s in previous.get("segments") or []]
+        if not prior:  # written before summaries recorded segments
+            prior = [
+                {
+                    "started_at": previous.get("started_at"),
+                    "finished_at": previous.get("finished_at"),
+                    "status": previous.get("status"),
+                    "resumed_after_round": None,
+                    "last_round": previous.get("rounds"),
+                    "wall_time_s": previous.get("wall_time_s"),
+                }
+            ]
+    segments = [*prior, dict(current)]
+    summary["segments"] = segments
+    summary["started_at"] = segments[0].get("started_at") or current.get("started_at")
+    summary["wall_time_s"] = sum(float(s.get("wall_time_s") or 0.0) for s in segments)
+    return summary
 
 
 def _metrics_path(run_dir: str | Path, name: str) -> Path:

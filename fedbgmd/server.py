@@ -31,26 +31,60 @@ from fedbgmd.components import (
 )
 from fedbgmd.config import clients_per_round
 from fedbgmd.core import all_finite_each
+from fedbgmd.integrity import stop_error, stop_status
 from fedbgmd.models import build_model, count_parameters
-from fedbgmd.results import RunWriter, environment_versions, setting_from_config, summarize
+from fedbgmd.results import (
+    RunWriter,
+    environment_versions,
+    fs_error,
+    read_summary,
+    setting_from_config,
+    summarize,
+    utc_now_iso,
+    with_segments,
+)
 from fedbgmd.training import evaluate, get_device, lr_at
 
 log = logging.getLogger("fedbgmd")
 CHECKPOINT = "checkpoint.pt"
 
 
+# A fresh flwr-clientapp process imports torch before it answers (~10 s on a small machine): a
+# discovery query given less time than that misses nodes that are up.
+CLIENTAPP_START_S = 60.0
+
+
 def discover_nodes(grid: Grid, num_clients: int, timeout: float) -> dict[int, int]:
     """Ask every node which partition it serves (Flower's node ids are random per run).
 
-    Waits up to ``timeout`` seconds for nodes to register; never blocks forever.
+    Nodes that register late are asked as they appear, until every partition is served or
+    ``timeout`` seconds passed; each query waits at least CLIENTAPP_START_S for its answers.
+    Never blocks forever. Returns {node id: partition id} for the nodes that answered.
     """
     deadline = time.monotonic() + timeout
-    node_ids = list(grid.get_node_ids())
-    while len(node_ids) < num_clients and time.monotonic() < deadline:
-        time.sleep(0.2)
-        node_ids = list(grid.get_node_ids())
-    msgs = [Message(RecordDict(), n, "query", group_id="discover") for n in node_ids]
-    replies = grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic()))
+    asked: set[int] = set()
+    replies: list[Message] = []
+    mapping: dict[int, int] = {}
+    while len(mapping) < num_clients:
+        new = [n for n in grid.get_node_ids() if n not in asked]
+        if new:
+            asked.update(new)
+            msgs = [Message(RecordDict(), n, "query", group_id="discover") for n in new]
+            wait = max(CLIENTAPP_START_S, deadline - time.monotonic())
+            replies.extend(grid.send_and_receive(msgs, timeout=wait))
+            mapping = _partition_claims(replies, num_clients)
+        elif time.monotonic() >= deadline:
+            break
+        else:
+            time.sleep(0.2)
+    return mapping
+
+
+def missing_partitions(mapping: dict[int, int], num_clients: int) -> list[int]:
+    return sorted(set(range(num_clients)) - set(mapping.values()))
+
+
+def _partition_claims(replies: list[Message], num_clients: int) -> dict[int, int]:
     claims: dict[int, list[int]] = {}
     for reply in replies:
         node = reply.metadata.src_node_id
@@ -97,8 +131,14 @@ class ServerRun:
         self.parallelism = parallelism  # clients computing at once (for comm_time_s)
         self.run_dir = Path(run_dir)
         self.device = get_device(cfg.device)
+        # a resumed run's earlier segments, read before this one writes anything
+        self.previous = _previous_summary(self.run_dir) if cfg.resume else None
         self.writer = RunWriter(self.run_dir)
         self.started = time.time()
+        self.started_at = utc_now_iso()
+        self.wall_offset = 0.0  # a resumed run's rows go on from the checkpoint row's time
+        self.resumed_after: int | None = None
+        self.checkpoint_round: int | None = None
         # taken now: the code that runs is the code imported at the start (a commit made while a
         # long run goes must not be credited with its results)
         self.versions = environment_versions(str(self.device))
@@ -222,7 +262,7 @@ class ServerRun:
             "comm_time_s": comm,
             "agg_time_s": info.get("agg_time_s"),
             "eval_time_s": eval_s,
-            "wall_time_s": time.time() - self.started,
+            "wall_time_s": self.wall_offset + time.time() - self.started,
             "bytes_up": info.get("bytes_up"),
             "bytes_down": info.get("bytes_down"),
             "replies_accepted": info.get("replies_accepted"),
@@ -267,8 +307,16 @@ class ServerRun:
             "node_map": dict(self.strategy.node_to_partition),
         }
         tmp = self.run_dir / "checkpoint.pt.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.run_dir / CHECKPOINT)
+        try:
+            with open(tmp, "wb") as fh:  # a file object: write errors stay OSErrors (errno kept)
+                torch.save(state, fh)
+            os.replace(tmp, self.run_dir / CHECKPOINT)
+        except BaseException as err:
+            tmp.unlink(missing_ok=True)  # never leave a partial checkpoint behind
+            if isinstance(err, OSError):
+                raise fs_error(err, "saving the checkpoint", tmp) from err
+            raise
+        self.checkpoint_round = server_round
 
     def _resume(self) -> tuple[ArrayRecord, int]:
         """Initial arrays and first round: fresh, or from ``run_dir/checkpoint.pt`` on resume."""
@@ -282,6 +330,9 @@ class ServerRun:
         self.strategy.load_state_dict(state["strategy"])
         done = int(state["round"])
         self.writer.truncate_after(done)
+        self.resumed_after = self.checkpoint_round = done
+        kept = [r.get("wall_time_s") for r in self.writer.rows() if r.get("round") == done]
+        self.wall_offset = float(kept[-1]) if kept and kept[-1] is not None else 0.0
         log.warning("resuming %s after round %d", self.run_dir, done)
         return ArrayRecord(self.model.state_dict()), done + 1
 
@@ -290,10 +341,20 @@ class ServerRun:
         status, error = "completed", None
         try:
             mapping = discover_nodes(grid, cfg.num_clients, cfg.engine.round_timeout_s)
+            missing = missing_partitions(mapping, cfg.num_clients)
             if len(mapping) < cfg.strategy.min_replies:
                 raise RuntimeError(
-                    f"only {len(mapping)} of {cfg.num_clients} nodes reported a partition "
-                    f"(min_replies={cfg.strategy.min_replies})"
+                    f"only {len(mapping)} of {cfg.num_clients} nodes reported a partition within "
+                    f"engine.round_timeout_s={cfg.engine.round_timeout_s}s "
+                    f"(min_replies={cfg.strategy.min_replies}); no node serves partitions {missing}"
+                )
+            if missing:
+                log.warning(
+                    "no node serves partitions %s after %ss: going on with the %d that answered "
+                    "(their clients count as not replying)",
+                    missing,
+                    cfg.engine.round_timeout_s,
+                    len(mapping),
                 )
             self.strategy.set_node_map(mapping)
             initial, first_round = self._resume()
@@ -306,12 +367,24 @@ class ServerRun:
                 start_round=first_round,
             )
         except BaseException as err:
-            status, error = "failed", f"{type(err).__name__}: {err}"
+            status, error = stop_status(err), stop_error(err)
             raise
         finally:
             self.finish(status, error)
 
     def finish(self, status: str, error: str | None) -> None:
+        """Write summary.json; when the run already failed, a failure to write it is logged and
+        does not hide the run's own error."""
+        try:
+            self._write_summary(status, error)
+        except OSError as err:
+            if status == "completed":
+                raise
+            log.error("could not write summary.json: %s", err)
+            return
+        self._plots()
+
+    def _write_summary(self, status: str, error: str | None) -> None:
         from omegaconf import OmegaConf
 
         rows = self.writer.rows()
@@ -333,11 +406,24 @@ class ServerRun:
                 if self.strategy.diverged is not None and self.cfg.stop_on_divergence
                 else None
             ),
-            wall_time_s=time.time() - self.started,
             versions=self.versions,
             config=OmegaConf.to_container(self.cfg, resolve=True),
+            checkpoint_round=self.checkpoint_round,
+            resume_command=(
+                f"fedbgmd resume={self.run_dir}" if self.checkpoint_round is not None else None
+            ),
         )
-        self.writer.write_summary(summary)
+        segment = {
+            "started_at": self.started_at,
+            "finished_at": utc_now_iso(),
+            "status": status,
+            "resumed_after_round": self.resumed_after,
+            "last_round": summary["rounds"] if rows else None,
+            "wall_time_s": time.time() - self.started,
+        }
+        self.writer.write_summary(with_segments(summary, self.previous, segment))
+
+    def _plots(self) -> None:
         if not self.cfg.plots:
             return
         try:
@@ -346,6 +432,13 @@ class ServerRun:
             plots.plot_run(self.run_dir)
         except Exception as err:  # plots must never turn a finished run into a failed one
             log.warning("could not draw plots: %s", err)
+
+
+def _previous_summary(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return read_summary(run_dir)
+    except (OSError, ValueError):  # none (the last segment was killed) or unreadable
+        return None
 
 
 def setting_of(cfg: Any) -> dict[str, Any]:
