@@ -71,16 +71,30 @@ def ref_multikrum(x: Rows, f: int = 0) -> list[float]:
     return _mean_rows([x[i] for i in order])
 
 
-def ref_bulyan(x: Rows, f: int = 1) -> list[float]:
-    n = len(x)
-    s = _krum_scores(x, f)
-    sel = [x[i] for i in sorted(range(n), key=lambda i: s[i])[: n - 2 * f]]
-    beta = n - 4 * f
+def _bulyan_trim(sel: Rows, f: int) -> list[float]:
+    beta = len(sel) - 2 * f
     out = []
     for c in _cols(sel):
         m = _median(c)
         out.append(sum(sorted(c, key=lambda v: abs(v - m))[:beta]) / beta)
     return out
+
+
+def ref_bulyan(x: Rows, f: int = 1) -> list[float]:
+    """El Mhamdi et al. 2018, Algorithm 1: θ = n − 2f times, Krum on the rows not chosen yet
+    (recomputing the scores on them), then the trimmed aggregate around the median."""
+    remaining, sel = list(x), []
+    while len(sel) < len(x) - 2 * f:
+        pick = ref_krum(remaining, f)
+        sel.append(pick)
+        remaining.remove(pick)
+    return _bulyan_trim(sel, f)
+
+
+def ref_bulyan_multikrum(x: Rows, f: int = 1) -> list[float]:
+    n = len(x)
+    s = _krum_scores(x, f)
+    return _bulyan_trim([x[i] for i in sorted(range(n), key=lambda i: s[i])[: n - 2 * f]], f)
 
 
 def _clip(z: list[float], tau: float) -> list[float]:
@@ -109,6 +123,7 @@ CASES = {
     "krum": ({"f": 2}, lambda x: ref_krum(x, 2)),
     "multikrum": ({"f": 2}, lambda x: ref_multikrum(x, 2)),
     "bulyan": ({"f": 2}, lambda x: ref_bulyan(x, 2)),
+    "bulyan_multikrum": ({"f": 2}, lambda x: ref_bulyan_multikrum(x, 2)),
     "nc": ({}, ref_nc),
     "cclip": ({"tau": 1.0, "iterations": 3}, ref_cclip),
 }
@@ -116,6 +131,7 @@ CASES = {
 
 def test_every_builtin_has_a_reference() -> None:
     builtin = {"mean", "cm", "ctm", "gm", "krum", "multikrum", "bulyan", "nc", "cclip"}
+    builtin |= {"bulyan_multikrum"}
     assert builtin <= set(available_aggregators())
     assert builtin == set(CASES)
 
@@ -131,6 +147,30 @@ def test_against_reference(name: str, n: int) -> None:
     want = torch.tensor(ref(x.tolist()), dtype=torch.float64)
     tol = 1e-6 if name == "gm" else 1e-12
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_bulyan_is_recursive_krum_not_one_shot_multikrum() -> None:
+    """A case where the two selections differ: a tight honest cluster and two near-identical
+    far rows. One-shot scores favour the pair (each is the other's near neighbour); once Krum
+    has taken one of them, the other has no close neighbour left and recursion skips it."""
+    f = 1
+    x = [[0.0, 0.0], [0.1, 0.0], [0.0, 0.1], [0.1, 0.1], [0.05, 0.05]]
+    x += [[3.0, 3.0], [3.0, 3.01]]  # n = 7 = 4f + 3
+    got = get_aggregator("bulyan", f=f)(torch.tensor(x, dtype=torch.float64)).vector
+    want = ref_bulyan(x, f)
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64))
+    assert want != ref_bulyan_multikrum(x, f)  # the case discriminates the two rules
+
+
+@pytest.mark.parametrize("f", [1, 2, 3])
+@pytest.mark.parametrize("extra", [0, 3])
+def test_bulyan_against_the_recursive_reference(f: int, extra: int) -> None:
+    n = 4 * f + 3 + extra
+    g = torch.Generator().manual_seed(10 * f + extra)
+    x = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    x[:f] += 4.0 * torch.randn(f, 5, generator=g, dtype=torch.float64)
+    got = get_aggregator("bulyan", f=f)(x).vector
+    torch.testing.assert_close(got, torch.tensor(ref_bulyan(x.tolist(), f), dtype=torch.float64))
 
 
 def test_weighted_mean_and_gm_equal_duplication() -> None:
