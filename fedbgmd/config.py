@@ -19,6 +19,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from fedbgmd.core.counts import fraction_floor
 from fedbgmd.results import attack_label
 
 
@@ -218,9 +219,9 @@ def _get(cfg: Any, dotted: str) -> Any:
 
 
 def byzantine_count(fraction: float, num_clients: int) -> int:
-    """⌊fraction·num_clients⌋ of the decimal fraction: rounded before the floor, as 0.29 * 100
-    is 28.999999999999996 in floating point, not 29."""
-    return math.floor(round(fraction * num_clients, 9))
+    """⌊fraction·num_clients⌋ of the decimal fraction (fedbgmd.core.fraction_floor: 0.29 * 100
+    is 28.999999999999996 in floating point, not 29)."""
+    return fraction_floor(fraction, num_clients)
 
 
 def _positive(value: Any) -> bool:

@@ -27,7 +27,6 @@ memory, momentum, logging) is inherited.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -47,6 +46,7 @@ from fedbgmd.core import (
     all_finite,
     all_finite_each,
     bgmd_step,
+    block_size,
     flatten_state,
     make_memory,
     stack_rows,
@@ -297,7 +297,7 @@ class RobustStrategy(Strategy):
             return self.server_lr * res.vector, _agg_diag(res)
         dim = updates.shape[1]
         self._ensure_memory(dim)
-        k = max(1, math.ceil(self.beta * dim))
+        k = block_size(self.beta, dim)
         step = bgmd_step(
             updates,
             aggregator=self.aggregator,

@@ -118,8 +118,34 @@ def test_block_step_records_diagnostics_and_keeps_memory_per_partition():
     assert 0 < info["relative_residual"] < 1
     assert info["memory_norm"] > 0
     assert info["gm_iterations"] >= 1
+    # the stored residual of every partition is its update with the applied block zeroed:
+    # a zero column of the direction is outside the block (GM of random rows is nonzero)
     state = s.state_dict()["memory"]
-    assert state is not None
+    assert state["kind"] == "per_client" and state["client_ids"] == [0, 1, 2, 3, 4]
+    x0, x1 = flat(initial_arrays()), flat(_model_of(s))
+    outside = (x1 - x0) == 0
+    assert int((~outside).sum()) == 3  # k = ⌈0.25 · 12⌉
+    want = updates().clone()
+    want[:, ~outside] = 0
+    torch.testing.assert_close(state["rows"], want)
+    assert info["memory_norm"] == pytest.approx(float(want.double().norm()), rel=1e-6)
+
+
+def _model_of(s: RobustStrategy) -> ArrayRecord:
+    assert s._x is not None
+    return s._to_arrays(s._x)
+
+
+@pytest.mark.parametrize("beta, dim, k", [(0.07, 100, 7), (0.29, 100, 29), (0.1, 12, 2)])
+def test_block_size_is_the_decimal_ceiling(beta: float, dim: int, k: int) -> None:
+    # ⌈0.07 · 100⌉ gave 8 (0.07 * 100 = 7.000000000000001); references are exact fractions
+    from fractions import Fraction
+
+    assert k == -(-Fraction(str(beta)) * dim // 1)
+    s = make_strategy("mean", block=True, beta=beta, memory="none")
+    x = torch.randn(5, dim, generator=torch.Generator().manual_seed(0))
+    direction, _ = s.aggregate_updates(x, [0, 1, 2, 3, 4], 1)
+    assert int((direction != 0).sum()) == k
 
 
 @pytest.mark.parametrize(
