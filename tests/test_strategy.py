@@ -547,3 +547,50 @@ def test_weighted_block_step_equals_the_weighted_plain_step(agg):
     torch.testing.assert_close(got[1], got[0], rtol=0, atol=1e-6)
     unweighted = get_aggregator(agg)(ups).vector
     assert float((want - unweighted).norm()) > 1e-2  # the weights matter in this test
+
+
+def test_cclip_history_is_saved_and_restored_with_the_strategy_checkpoint() -> None:
+    params = {"tau": 0.5, "iterations": 2, "center": "previous"}
+    x0 = initial_arrays()
+    a = make_strategy("cclip", agg_params=params)
+    run_round(a, x0, updates(seed=1), rnd=1)
+    state = a.state_dict()
+    assert state["aggregator"]["previous"] is not None
+    new2, _ = run_round(a, _model_of(a), updates(seed=2), rnd=2)
+    # a fresh strategy resumed from the round-1 checkpoint takes the same second step
+    b = make_strategy("cclip", agg_params=params)
+    b.load_state_dict(state)
+    resumed, _ = run_round(b, _arrays(state["x"]), updates(seed=2), rnd=2)
+    torch.testing.assert_close(flat(resumed), flat(new2))
+    # without the aggregator's state the centre restarts at zero: a different step
+    c = make_strategy("cclip", agg_params=params)
+    c.load_state_dict({k: v for k, v in state.items() if k != "aggregator"})
+    other, _ = run_round(c, _arrays(state["x"]), updates(seed=2), rnd=2)
+    assert not torch.allclose(flat(other), flat(new2))
+
+
+def _arrays(x: torch.Tensor) -> ArrayRecord:
+    return ArrayRecord({"w": x.reshape(3, 4).clone()})
+
+
+def test_a_stateful_aggregator_is_refused_in_the_block_step() -> None:
+    with pytest.raises(ValueError, match="keeps state"):
+        make_strategy("cclip", agg_params={"center": "previous"}, block=True)
+
+
+def test_omniscient_trial_aggregations_do_not_advance_a_stateful_aggregator() -> None:
+    class Prober:
+        def __call__(self, honest, n_byz, generator=None, aggregator=None):
+            for _ in range(5):
+                aggregator(honest * 3.0)
+            return honest[:n_byz] * -1.0
+
+    s = make_strategy(
+        "cclip",
+        agg_params={"tau": 0.5, "center": "previous"},
+        adversary=Prober(),
+        byzantine_ids=[0],
+    )
+    ups = updates()
+    s._apply_adversary(ups, [0, 1, 2, 3, 4], 1)
+    assert s.aggregator.state_dict() == {"previous": None}

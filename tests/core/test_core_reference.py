@@ -107,6 +107,26 @@ def ref_nc(x: Rows) -> list[float]:
     return _mean_rows([_clip(r, tau) for r in x])
 
 
+def ref_norm_filter(x: Rows, beta: float = 0.2) -> list[float]:
+    """NC_β (the seed's Table 1): drop the ⌊β·n⌋ rows of largest norm, average the rest."""
+    from fractions import Fraction
+
+    b = math.floor(Fraction(str(beta)) * len(x))
+    by_norm = sorted(x, key=lambda r: sum(v * v for v in r))
+    return _mean_rows(by_norm[: len(x) - b])
+
+
+def ref_cclip_history(calls: list[Rows], tau: float, iterations: int) -> list[list[float]]:
+    """Karimireddy et al. 2021: each round starts from the previous round's output (0 first)."""
+    v, out = [0.0] * len(calls[0][0]), []
+    for x in calls:
+        for _ in range(iterations):
+            c = _mean_rows([_clip([a - b for a, b in zip(r, v)], tau) for r in x])
+            v = [a + b for a, b in zip(v, c)]
+        out.append(v)
+    return out
+
+
 def ref_cclip(x: Rows, tau: float = 1.0, iterations: int = 3) -> list[float]:
     v = ref_cm(x)
     for _ in range(iterations):
@@ -125,13 +145,14 @@ CASES = {
     "bulyan": ({"f": 2}, lambda x: ref_bulyan(x, 2)),
     "bulyan_multikrum": ({"f": 2}, lambda x: ref_bulyan_multikrum(x, 2)),
     "nc": ({}, ref_nc),
+    "norm_filter": ({"beta": 0.2}, ref_norm_filter),
     "cclip": ({"tau": 1.0, "iterations": 3}, ref_cclip),
 }
 
 
 def test_every_builtin_has_a_reference() -> None:
     builtin = {"mean", "cm", "ctm", "gm", "krum", "multikrum", "bulyan", "nc", "cclip"}
-    builtin |= {"bulyan_multikrum"}
+    builtin |= {"bulyan_multikrum", "norm_filter"}
     assert builtin <= set(available_aggregators())
     assert builtin == set(CASES)
 
@@ -171,6 +192,38 @@ def test_bulyan_against_the_recursive_reference(f: int, extra: int) -> None:
     x[:f] += 4.0 * torch.randn(f, 5, generator=g, dtype=torch.float64)
     got = get_aggregator("bulyan", f=f)(x).vector
     torch.testing.assert_close(got, torch.tensor(ref_bulyan(x.tolist(), f), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("beta, n, dropped", [(0.29, 100, 29), (0.2, 10, 2), (0.0, 5, 0)])
+def test_norm_filter_drops_the_decimal_floor_of_largest_norms(beta, n, dropped) -> None:
+    # row i has norm i + 1: the `dropped` last rows go, whatever the row order
+    x = torch.arange(1, n + 1, dtype=torch.float64).unsqueeze(1) * torch.tensor([[0.6, 0.8]])
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(n))
+    res = get_aggregator("norm_filter", beta=beta)(x[perm])
+    torch.testing.assert_close(res.vector, x[: n - dropped].mean(0))
+    assert res.extra["dropped"] == dropped
+
+
+def test_cclip_previous_is_centred_on_the_last_output() -> None:
+    g = torch.Generator().manual_seed(7)
+    calls = [torch.randn(9, 4, generator=g, dtype=torch.float64) + 0.5 * t for t in range(4)]
+    for x in calls:
+        x[:2] += 20.0  # outliers every round
+    agg = get_aggregator("cclip", tau=0.5, iterations=2, center="previous")
+    assert agg.stateful
+    got = [agg(x).vector for x in calls]
+    want = ref_cclip_history([x.tolist() for x in calls], 0.5, 2)
+    torch.testing.assert_close(torch.stack(got), torch.tensor(want, dtype=torch.float64))
+    # state round trip: a fresh aggregator loaded with the state continues identically
+    fresh = get_aggregator("cclip", tau=0.5, iterations=2, center="previous")
+    first = get_aggregator("cclip", tau=0.5, iterations=2, center="previous")
+    first(calls[0])
+    fresh.load_state_dict(first.state_dict())
+    torch.testing.assert_close(fresh(calls[1]).vector, got[1])
+    # probe() evaluates without moving the state
+    probe = agg.probe()
+    probe(calls[0])
+    torch.testing.assert_close(agg.state_dict()["previous"], got[-1])
 
 
 def test_weighted_mean_and_gm_equal_duplication() -> None:
