@@ -7,7 +7,7 @@ collects every problem and raises one :class:`ConfigError`.
 
 Plug-in parameters (an aggregator's ``f``, an attack's ``scale``) live in free-form ``params``
 maps because each plug-in has its own; they are checked when the plug-in is constructed at
-startup (:func:`fedbgmd.components.build_components`), which names the unknown parameter.
+startup (:func:`fedbgmd.components.check_components`), which names the unknown parameter.
 """
 
 from __future__ import annotations
@@ -119,7 +119,8 @@ class StrategyConfig:
     server_lr: float = 1.0
     server_momentum: float = 0.0
     server_nesterov: bool = False
-    weighted: bool = False  # weight rows by num_examples (FedAvg); robust aggregators ignore
+    # weight rows by partition size (FedAvg); a rule without a weighted form refuses it
+    weighted: bool = False
     clients_per_round: int | None = None  # None: fraction_train of the clients
     fraction_train: float = 1.0
     min_replies: int = 1  # fewer accepted replies than this: the round is skipped (logged)
@@ -305,7 +306,11 @@ def validate(cfg: Any) -> None:
             "⌊fraction·num_clients⌋ = 0 Byzantine clients; raise one of them or use attack=none"
         )
     f = s.aggregator.params.get("f")
-    if s.aggregator.name == "bulyan" and f is not None and per_round < 4 * int(f) + 3:
+    if (
+        s.aggregator.name in ("bulyan", "bulyan_multikrum")
+        and f is not None
+        and per_round < 4 * int(f) + 3
+    ):
         p.append(
             f"strategy.aggregator.params.f={f}: Bulyan needs clients per round >= 4f+3 "
             f"(= {4 * int(f) + 3}), got {per_round}"
