@@ -76,6 +76,7 @@ class OptimizerConfig:
 class QuantizationConfig:
     method: str = "none"  # none | qsgd | sign
     bits: int = 8  # 1..16 (qsgd)
+    bucket_size: int | None = 512  # qsgd: coordinates per norm (Alistarh et al.); null: one norm
 
 
 @dataclass
@@ -265,6 +266,8 @@ def validate(cfg: Any) -> None:
             f"client.quantization.bits={c.quantization.bits}: sign quantization sends 1 bit per "
             "coordinate; set client.quantization.bits=1"
         )
+    if c.quantization.bucket_size is not None and c.quantization.bucket_size < 1:
+        p.append(f"client.quantization.bucket_size={c.quantization.bucket_size} must be >= 1")
     if cfg.eval_batch_size < 1:
         p.append(f"eval_batch_size={cfg.eval_batch_size} must be >= 1")
     if cfg.max_eval_samples is not None and cfg.max_eval_samples < 1:

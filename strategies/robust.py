@@ -134,8 +134,8 @@ class RobustStrategy(Strategy):
         # the weights are these sizes, not the counts clients claim (a hostile claim of 1e30
         # would otherwise own a weighted aggregate)
         self.partition_sizes: list[int] | None = None
-        # (method, bits) every honest client uses; a reply with other settings is rejected
-        self.expected_quantization: tuple[str, int] | None = None
+        # (method, bits[, qsgd bucket size]) every honest client uses; other settings: rejected
+        self.expected_quantization: tuple[Any, ...] | None = None
 
     # ----------------------------------------------------------------------------- state
     def set_node_map(self, node_to_partition: dict[int, int]) -> None:
