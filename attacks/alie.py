@@ -1,4 +1,4 @@
-"""ALIE — "A Little Is Enough" (Baruah, Baruch, Goldberg, NeurIPS 2019).
+"""ALIE — "A Little Is Enough" (Baruch, Baruch & Goldberg, NeurIPS 2019).
 
 Every Byzantine client sends, coordinate-wise,
 
@@ -47,7 +47,7 @@ __all__ = ["AlieAttack", "OmniscientAlie", "alie_z"]
 
 
 def alie_z(num_clients: int, num_byzantine: int) -> float:
-    """The ALIE deviation ``z_max = Φ⁻¹((n − s)/n)`` with ``s = ⌊n/2 + 1⌋ − f`` (Baruah et al. 2019).
+    """The ALIE deviation ``z_max = Φ⁻¹((n − s)/n)`` with ``s = ⌊n/2 + 1⌋ − f`` (Baruch et al. 2019).
 
     Requires n >= 2 and 1 <= f with s >= 1 (i.e. f <= ⌊n/2⌋).
 

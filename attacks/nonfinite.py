@@ -28,6 +28,7 @@ from fedbgmd.attacks.base import (
     rand_like,
     randperm,
 )
+from fedbgmd.core.counts import fraction_ceil
 
 __all__ = ["NonFiniteAttack"]
 
@@ -53,7 +54,7 @@ class NonFiniteAttack(UpdateAttack):
         self, update: Tensor, generator: torch.Generator, sample_updates: SampleUpdates | None
     ) -> Tensor:
         d = update.numel()
-        k = min(d, math.ceil(self.fraction * d))
+        k = min(d, fraction_ceil(self.fraction, d))
         idx = randperm(d, generator, update.device)[:k]
         u = rand_like(update, generator, shape=(k,))
         nan = torch.full_like(u, math.nan)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -28,7 +27,14 @@ except ImportError:
 import torch
 
 from fedbgmd.batched import BatchedTrainer
-from fedbgmd.core import bgmd_step, flatten_state, get_aggregator, make_memory, unflatten_state
+from fedbgmd.core import (
+    bgmd_step,
+    block_size,
+    flatten_state,
+    get_aggregator,
+    make_memory,
+    unflatten_state,
+)
 from fedbgmd.data import TensorData
 from fedbgmd.models import build_model
 from fedbgmd.training import OptimConfig, local_train
@@ -61,7 +67,7 @@ def main() -> None:
     x, spec = flatten_state(model.state_dict())
     x = x.to(dev)
     d = x.numel()
-    k = math.ceil(args.beta * d)
+    k = block_size(args.beta, d)
     gm = get_aggregator("gm", eps=1e-6)
     memory = make_memory("per_client", dim=d, device=dev, dtype=torch.float32)
     opt = OptimConfig(lr=0.01, momentum=0.0, weight_decay=1e-5)

@@ -77,6 +77,8 @@ class ClientRuntime:
         self.seed = int(cfg.seed)
         self.steps, self.epochs, self.batch_size = c.local_steps, c.local_epochs, c.batch_size
         self.quant_method, self.quant_bits = str(c.quantization.method), int(c.quantization.bits)
+        bucket = c.quantization.get("bucket_size")
+        self.quant_bucket = None if bucket is None else int(bucket)
         self.optim = optim_config(cfg)
         self._x0_cache: tuple[ArrayRecord, torch.Tensor] | None = None
 
@@ -216,6 +218,7 @@ class ClientRuntime:
             update,
             method=self.quant_method,
             bits=self.quant_bits,
+            bucket_size=self.quant_bucket,
             generator=generator(seed, rnd, pid, "quant", device=update.device),
             device_ref=device_ref and self.quant_method == "none" and not message_attack,
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 
 from fedbgmd.attacks import get_attack, get_omniscient_attack
 from fedbgmd.attacks.base import ClientAttack, OmniscientAttack
-from fedbgmd.config import ConfigError, byzantine_count
+from fedbgmd.config import ConfigError, byzantine_count, clients_per_round
 from fedbgmd.core import (
     AggregationResult,
     available_selectors,
@@ -169,6 +170,39 @@ def check_components(cfg: Any) -> None:
         problems.append(f"strategy.target: {err}")
     if problems:
         raise ConfigError(problems)
+    for warning in assumption_warnings(cfg):
+        logging.getLogger("fedbgmd").warning(warning)
+
+
+_F_RULES = ("krum", "multikrum", "bulyan", "bulyan_multikrum")
+_BETA_RULES = ("ctm", "norm_filter")
+
+
+def assumption_warnings(cfg: Any) -> list[str]:
+    """An aggregator's assumed Byzantine count set apart from the attack's (legal, but usually a
+    mistake): Krum/Bulyan's f against ⌊fraction · clients per round⌋, CTM's and NC_β's β below
+    the attack's fraction."""
+    agg, a = cfg.strategy.aggregator, cfg.attack
+    if agg.target is not None:
+        return []
+    fraction = a.fraction if attack_label(a.name, a.target) != "none" else 0.0
+    params = dict(agg.params)
+    if agg.name in _F_RULES:
+        f, per_round = int(params.get("f", 0)), clients_per_round(cfg)
+        byz = byzantine_count(fraction, per_round)
+        if f != byz:
+            return [
+                f"strategy.aggregator.params.f={f}, but attack.fraction={fraction} makes "
+                f"{byz} Byzantine clients in a round of {per_round}: {agg.name} assumes f"
+            ]
+    if agg.name in _BETA_RULES:
+        beta = float(params.get("beta", 0.1))
+        if beta < fraction:
+            return [
+                f"strategy.aggregator.params.beta={beta} < attack.fraction={fraction}: "
+                f"{agg.name} trims fewer rows than there are Byzantine clients"
+            ]
+    return []
 
 
 def strategy_class(cfg: Any) -> type:

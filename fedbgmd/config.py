@@ -7,7 +7,7 @@ collects every problem and raises one :class:`ConfigError`.
 
 Plug-in parameters (an aggregator's ``f``, an attack's ``scale``) live in free-form ``params``
 maps because each plug-in has its own; they are checked when the plug-in is constructed at
-startup (:func:`fedbgmd.components.build_components`), which names the unknown parameter.
+startup (:func:`fedbgmd.components.check_components`), which names the unknown parameter.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from fedbgmd.core.counts import fraction_floor
 from fedbgmd.results import attack_label
 
 
@@ -75,6 +76,7 @@ class OptimizerConfig:
 class QuantizationConfig:
     method: str = "none"  # none | qsgd | sign
     bits: int = 8  # 1..16 (qsgd)
+    bucket_size: int | None = 512  # qsgd: coordinates per norm (Alistarh et al.); null: one norm
 
 
 @dataclass
@@ -118,7 +120,8 @@ class StrategyConfig:
     server_lr: float = 1.0
     server_momentum: float = 0.0
     server_nesterov: bool = False
-    weighted: bool = False  # weight rows by num_examples (FedAvg); robust aggregators ignore
+    # weight rows by partition size (FedAvg); a rule without a weighted form refuses it
+    weighted: bool = False
     clients_per_round: int | None = None  # None: fraction_train of the clients
     fraction_train: float = 1.0
     min_replies: int = 1  # fewer accepted replies than this: the round is skipped (logged)
@@ -218,9 +221,9 @@ def _get(cfg: Any, dotted: str) -> Any:
 
 
 def byzantine_count(fraction: float, num_clients: int) -> int:
-    """⌊fraction·num_clients⌋ of the decimal fraction: rounded before the floor, as 0.29 * 100
-    is 28.999999999999996 in floating point, not 29."""
-    return math.floor(round(fraction * num_clients, 9))
+    """⌊fraction·num_clients⌋ of the decimal fraction (fedbgmd.core.fraction_floor: 0.29 * 100
+    is 28.999999999999996 in floating point, not 29)."""
+    return fraction_floor(fraction, num_clients)
 
 
 def _positive(value: Any) -> bool:
@@ -263,6 +266,8 @@ def validate(cfg: Any) -> None:
             f"client.quantization.bits={c.quantization.bits}: sign quantization sends 1 bit per "
             "coordinate; set client.quantization.bits=1"
         )
+    if c.quantization.bucket_size is not None and c.quantization.bucket_size < 1:
+        p.append(f"client.quantization.bucket_size={c.quantization.bucket_size} must be >= 1")
     if cfg.eval_batch_size < 1:
         p.append(f"eval_batch_size={cfg.eval_batch_size} must be >= 1")
     if cfg.max_eval_samples is not None and cfg.max_eval_samples < 1:
@@ -304,7 +309,11 @@ def validate(cfg: Any) -> None:
             "⌊fraction·num_clients⌋ = 0 Byzantine clients; raise one of them or use attack=none"
         )
     f = s.aggregator.params.get("f")
-    if s.aggregator.name == "bulyan" and f is not None and per_round < 4 * int(f) + 3:
+    if (
+        s.aggregator.name in ("bulyan", "bulyan_multikrum")
+        and f is not None
+        and per_round < 4 * int(f) + 3
+    ):
         p.append(
             f"strategy.aggregator.params.f={f}: Bulyan needs clients per round >= 4f+3 "
             f"(= {4 * int(f) + 3}), got {per_round}"

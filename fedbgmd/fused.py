@@ -54,6 +54,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from fedbgmd.components import derive_seed
 from fedbgmd.core import (
+    block_size,
     flatten_state,
     geometric_median,
     make_memory,
@@ -621,7 +622,7 @@ class FusedGroup:
                 alone.append(j)
             elif st.block:
                 key = (
-                    max(1, math.ceil(st.beta * self.dim)),
+                    block_size(st.beta, self.dim),
                     st.selector,
                     st.memory_kind,
                     _batchable_gm(st.aggregator) and not st.weighted,
@@ -835,7 +836,7 @@ class FusedGroup:
             step = bgmd_step(
                 rows,
                 aggregator=st.aggregator,
-                k=max(1, math.ceil(st.beta * self.dim)),
+                k=block_size(st.beta, self.dim),
                 memory=mem,
                 client_ids=ids,
                 step_size=st.server_lr,

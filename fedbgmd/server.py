@@ -165,7 +165,12 @@ class ServerRun:
             len(part) for part in partitions(cfg, self.dataset.train.y)
         ]
         q = cfg.client.quantization
-        self.strategy.expected_quantization = (str(q.method), int(q.bits))
+        bucket = q.get("bucket_size")
+        self.strategy.expected_quantization = (
+            str(q.method),
+            int(q.bits),
+            None if bucket is None else int(bucket),
+        )
         b = cfg.strategy.block
         if b.enabled and b.memory == "mean" and self.attack.byzantine_ids:
             log.warning(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.app.typing import ConfigRecordValues
 
 from fedbgmd.core import QuantizedTensor, dequantize, quantize
+from fedbgmd.core.quantization import num_buckets
 
 UPDATE_KEY = "update"
 QUANT_KEY = "quant"
@@ -98,6 +100,7 @@ def encode_update(
     bits: int = 8,
     generator: torch.Generator | None = None,
     device_ref: bool = False,
+    bucket_size: int | None = None,
 ) -> tuple[dict[str, np.ndarray], ConfigRecord]:
     """Turn a flat update into named arrays (quantized and packed when ``method`` != none).
 
@@ -119,9 +122,13 @@ def encode_update(
     if method == "none":
         arrays = {"update": flat.to(torch.float32).cpu().numpy()}
     else:
-        q = quantize(flat, bits=bits, method=method, generator=generator)
+        bucket = bucket_size if method == "qsgd" else None  # sign has one scale
+        q = quantize(flat, bits=bits, method=method, generator=generator, bucket_size=bucket)
         arrays = {"packed": q.data.cpu().numpy(), "scale": q.scale.reshape(-1).cpu().numpy()}
-    return arrays, ConfigRecord({"method": method, "bits": int(bits), "numel": int(flat.numel())})
+    record = {"method": method, "bits": int(bits), "numel": int(flat.numel())}
+    if method == "qsgd" and bucket_size is not None:
+        record["bucket_size"] = int(bucket_size)  # absent: one norm for the whole update
+    return arrays, ConfigRecord(record)
 
 
 def build_reply_content(
@@ -253,10 +260,15 @@ MAX_COUNT = 2**31 - 1
 MAX_CLIENT_TIME_S = 1e6  # 11.6 days of local training; beyond it a claim, not a measurement
 
 
-def _as_configured(method: object, bits: object, quantization: tuple[str, int]) -> bool:
-    want, want_bits = quantization
+def _as_configured(
+    method: object, bits: object, bucket: object, quantization: tuple[Any, ...]
+) -> bool:
+    """``quantization`` = (method, bits) or (method, bits, qsgd bucket size or None)."""
+    want, want_bits = quantization[0], quantization[1]
     if want == "none":
         return method in ("none", "device")
+    if len(quantization) > 2 and want == "qsgd" and bucket != quantization[2]:
+        return False
     return method == want and bits == want_bits  # the config holds sign quantization to 1 bit
 
 
@@ -264,14 +276,14 @@ def decode_update(
     content: RecordDict,
     dim: int,
     max_bytes: int,
-    quantization: tuple[str, int] | None = None,
+    quantization: tuple[Any, ...] | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Validate a reply and return (flat float32 update of length ``dim``, its metrics).
 
     Raises :class:`BadReply` for a reply larger than ``max_bytes`` as a whole (:func:`reply_size`,
     checked before anything is parsed), missing records or keys, extra keys, wrong dtype (an
     allow-list) or shape, unknown quantizer settings, quantizer settings other than
-    ``quantization`` (the run's ``(method, bits)``; an unquantized update may come as a device
+    ``quantization`` (the run's ``(method, bits[, bucket_size])``; an unquantized update may come as a device
     reference), or bad metrics (non-finite; a sample count or partition id that is not an integer
     in [0, 2^31); a client time outside [0, 1e6] s). Finiteness is
     not checked here: the server checks every decoded update of a round at once
@@ -303,13 +315,19 @@ def decode_update(
     record = array_records[UPDATE_KEY]
     quant = dict(configs[QUANT_KEY])
     method, bits, numel = quant.get("method"), quant.get("bits"), quant.get("numel")
+    bucket = quant.get("bucket_size")
     if numel != dim:
         raise BadReply("wrong_shape", f"numel {numel!r}, expected {dim}")
-    if quantization is not None and not _as_configured(method, bits, quantization):
+    if quantization is not None and not _as_configured(method, bits, bucket, quantization):
         raise BadReply(
             "bad_quantization",
-            f"method={method!r} bits={bits!r}, the run uses {quantization[0]!r} {quantization[1]}",
+            f"method={method!r} bits={bits!r} bucket_size={bucket!r}, the run uses "
+            f"{' '.join(repr(q) for q in quantization)}",
         )
+    if bucket is not None and not (
+        method == "qsgd" and isinstance(bucket, int) and 1 <= bucket <= dim
+    ):
+        raise BadReply("bad_quantization", f"bucket_size={bucket!r} with method={method!r}")
     if method == "device":
         if len(record.keys()):
             raise BadReply("unexpected_keys", f"keys {sorted(record.keys())}")
@@ -324,14 +342,16 @@ def decode_update(
         if set(record.keys()) != {"packed", "scale"}:
             raise BadReply("unexpected_keys", f"keys {sorted(record.keys())}")
         packed = _expect_array(record, "packed", np.dtype(np.uint8), math.ceil(dim * bits / 8))
-        scale = _expect_array(record, "scale", np.dtype(np.float32), 1)
+        n_scales = num_buckets(dim, bucket) if bucket is not None else 1
+        scale = _expect_array(record, "scale", np.dtype(np.float32), n_scales)
         try:
             q = QuantizedTensor(
                 data=torch.from_numpy(packed.copy()),
-                scale=torch.from_numpy(scale.copy()).reshape(()),
+                scale=torch.from_numpy(scale.copy()).reshape(() if bucket is None else (-1,)),
                 shape=(dim,),
                 bits=bits,
                 method=method,
+                bucket_size=bucket,
             )
             vec = dequantize(q).reshape(-1).to(torch.float32)
         except (ValueError, RuntimeError) as err:

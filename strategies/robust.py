@@ -27,7 +27,6 @@ memory, momentum, logging) is inherited.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -47,6 +46,7 @@ from fedbgmd.core import (
     all_finite,
     all_finite_each,
     bgmd_step,
+    block_size,
     flatten_state,
     make_memory,
     stack_rows,
@@ -93,6 +93,13 @@ class RobustStrategy(Strategy):
         max_reply_bytes: int | None = None,
         stop_on_divergence: bool = True,
     ) -> None:
+        if block and getattr(aggregator, "stateful", False):
+            # its state (e.g. cclip's previous output) lives on the coordinates of the last
+            # call; the block step draws other coordinates every round
+            raise ValueError(
+                f"aggregator {aggregator!r} keeps state between rounds: not usable in the block "
+                "step (use a stateless form, e.g. cclip with center=median)"
+            )
         self.aggregator = aggregator
         self.num_clients = num_clients
         self.clients_per_round = clients_per_round
@@ -127,8 +134,8 @@ class RobustStrategy(Strategy):
         # the weights are these sizes, not the counts clients claim (a hostile claim of 1e30
         # would otherwise own a weighted aggregate)
         self.partition_sizes: list[int] | None = None
-        # (method, bits) every honest client uses; a reply with other settings is rejected
-        self.expected_quantization: tuple[str, int] | None = None
+        # (method, bits[, qsgd bucket size]) every honest client uses; other settings: rejected
+        self.expected_quantization: tuple[Any, ...] | None = None
 
     # ----------------------------------------------------------------------------- state
     def set_node_map(self, node_to_partition: dict[int, int]) -> None:
@@ -139,6 +146,8 @@ class RobustStrategy(Strategy):
             "x": None if self._x is None else self._x.cpu(),
             "momentum": None if self._momentum_buf is None else self._momentum_buf.cpu(),
             "memory": None if self._memory is None else self._memory.state_dict(),
+            # a stateful aggregator's state (cclip with center="previous"); {} otherwise
+            "aggregator": _aggregator_state(self.aggregator),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -149,6 +158,8 @@ class RobustStrategy(Strategy):
         if state.get("memory") is not None:
             self._ensure_memory(int(self._x.numel()) if self._x is not None else 0)
             self._memory.load_state_dict(state["memory"])
+        if state.get("aggregator") and hasattr(self.aggregator, "load_state_dict"):
+            self.aggregator.load_state_dict(state["aggregator"])
 
     def _ensure_memory(self, dim: int) -> None:
         if self._memory is None and self.block:
@@ -297,7 +308,7 @@ class RobustStrategy(Strategy):
             return self.server_lr * res.vector, _agg_diag(res)
         dim = updates.shape[1]
         self._ensure_memory(dim)
-        k = max(1, math.ceil(self.beta * dim))
+        k = block_size(self.beta, dim)
         step = bgmd_step(
             updates,
             aggregator=self.aggregator,
@@ -443,8 +454,10 @@ class RobustStrategy(Strategy):
         if not byz or not honest:
             return updates
         g = generator(self.seed, server_round, "omniscient", device=updates.device)
+        # the adversary's trial aggregations must not advance a stateful aggregator
+        probe = self.aggregator.probe() if hasattr(self.aggregator, "probe") else self.aggregator
         fake = self.adversary(
-            updates[honest], len(byz), generator=g, aggregator=lambda x: self.aggregator(x).vector
+            updates[honest], len(byz), generator=g, aggregator=lambda x: probe(x).vector
         )
         out = updates.clone()
         out[byz] = fake.to(out.dtype)
@@ -491,6 +504,11 @@ def _median(values: list[float]) -> float:
     v = sorted(values)
     k = len(v) // 2
     return v[k] if len(v) % 2 else v[k - 1] / 2 + v[k] / 2
+
+
+def _aggregator_state(agg: Any) -> dict[str, Any]:
+    state = getattr(agg, "state_dict", None)
+    return dict(state()) if callable(state) else {}
 
 
 def _agg_diag(res: AggregationResult) -> dict[str, float]:

@@ -118,8 +118,34 @@ def test_block_step_records_diagnostics_and_keeps_memory_per_partition():
     assert 0 < info["relative_residual"] < 1
     assert info["memory_norm"] > 0
     assert info["gm_iterations"] >= 1
+    # the stored residual of every partition is its update with the applied block zeroed:
+    # a zero column of the direction is outside the block (GM of random rows is nonzero)
     state = s.state_dict()["memory"]
-    assert state is not None
+    assert state["kind"] == "per_client" and state["client_ids"] == [0, 1, 2, 3, 4]
+    x0, x1 = flat(initial_arrays()), flat(_model_of(s))
+    outside = (x1 - x0) == 0
+    assert int((~outside).sum()) == 3  # k = ⌈0.25 · 12⌉
+    want = updates().clone()
+    want[:, ~outside] = 0
+    torch.testing.assert_close(state["rows"], want)
+    assert info["memory_norm"] == pytest.approx(float(want.double().norm()), rel=1e-6)
+
+
+def _model_of(s: RobustStrategy) -> ArrayRecord:
+    assert s._x is not None
+    return s._to_arrays(s._x)
+
+
+@pytest.mark.parametrize("beta, dim, k", [(0.07, 100, 7), (0.29, 100, 29), (0.1, 12, 2)])
+def test_block_size_is_the_decimal_ceiling(beta: float, dim: int, k: int) -> None:
+    # ⌈0.07 · 100⌉ gave 8 (0.07 * 100 = 7.000000000000001); references are exact fractions
+    from fractions import Fraction
+
+    assert k == -(-Fraction(str(beta)) * dim // 1)
+    s = make_strategy("mean", block=True, beta=beta, memory="none")
+    x = torch.randn(5, dim, generator=torch.Generator().manual_seed(0))
+    direction, _ = s.aggregate_updates(x, [0, 1, 2, 3, 4], 1)
+    assert int((direction != 0).sum()) == k
 
 
 @pytest.mark.parametrize(
@@ -521,3 +547,50 @@ def test_weighted_block_step_equals_the_weighted_plain_step(agg):
     torch.testing.assert_close(got[1], got[0], rtol=0, atol=1e-6)
     unweighted = get_aggregator(agg)(ups).vector
     assert float((want - unweighted).norm()) > 1e-2  # the weights matter in this test
+
+
+def test_cclip_history_is_saved_and_restored_with_the_strategy_checkpoint() -> None:
+    params = {"tau": 0.5, "iterations": 2, "center": "previous"}
+    x0 = initial_arrays()
+    a = make_strategy("cclip", agg_params=params)
+    run_round(a, x0, updates(seed=1), rnd=1)
+    state = a.state_dict()
+    assert state["aggregator"]["previous"] is not None
+    new2, _ = run_round(a, _model_of(a), updates(seed=2), rnd=2)
+    # a fresh strategy resumed from the round-1 checkpoint takes the same second step
+    b = make_strategy("cclip", agg_params=params)
+    b.load_state_dict(state)
+    resumed, _ = run_round(b, _arrays(state["x"]), updates(seed=2), rnd=2)
+    torch.testing.assert_close(flat(resumed), flat(new2))
+    # without the aggregator's state the centre restarts at zero: a different step
+    c = make_strategy("cclip", agg_params=params)
+    c.load_state_dict({k: v for k, v in state.items() if k != "aggregator"})
+    other, _ = run_round(c, _arrays(state["x"]), updates(seed=2), rnd=2)
+    assert not torch.allclose(flat(other), flat(new2))
+
+
+def _arrays(x: torch.Tensor) -> ArrayRecord:
+    return ArrayRecord({"w": x.reshape(3, 4).clone()})
+
+
+def test_a_stateful_aggregator_is_refused_in_the_block_step() -> None:
+    with pytest.raises(ValueError, match="keeps state"):
+        make_strategy("cclip", agg_params={"center": "previous"}, block=True)
+
+
+def test_omniscient_trial_aggregations_do_not_advance_a_stateful_aggregator() -> None:
+    class Prober:
+        def __call__(self, honest, n_byz, generator=None, aggregator=None):
+            for _ in range(5):
+                aggregator(honest * 3.0)
+            return honest[:n_byz] * -1.0
+
+    s = make_strategy(
+        "cclip",
+        agg_params={"tau": 0.5, "center": "previous"},
+        adversary=Prober(),
+        byzantine_ids=[0],
+    )
+    ups = updates()
+    s._apply_adversary(ups, [0, 1, 2, 3, 4], 1)
+    assert s.aggregator.state_dict() == {"previous": None}

@@ -12,6 +12,7 @@ from fedbgmd.core.aggregation import (
     register_aggregator,
 )
 from fedbgmd.core.bgmd import BlockStepResult, bgmd_step
+from fedbgmd.core.counts import block_size, fraction_ceil, fraction_floor
 from fedbgmd.core.flatten import FlatSpec, flatten_state, stack_rows, unflatten_state
 from fedbgmd.core.geometric_median import GMResult, geometric_median
 from fedbgmd.core.memory import MeanMemory, Memory, NoMemory, PerClientMemory, make_memory
@@ -40,10 +41,13 @@ __all__ = [
     "available_aggregators",
     "available_selectors",
     "bgmd_step",
+    "block_size",
     "column_sq_norms",
     "dequantize",
     "drop_nonfinite_rows",
     "flatten_state",
+    "fraction_ceil",
+    "fraction_floor",
     "geometric_median",
     "get_aggregator",
     "make_memory",

@@ -20,13 +20,13 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 from torch import Tensor
 
 from fedbgmd.core.aggregation import AggregationResult, Aggregator
 from fedbgmd.core.coordinatewise import coordinate_median, trimmed_mean
+from fedbgmd.core.counts import fraction_floor
 from fedbgmd.core.norms import weighted_row_mean
 
 __all__ = ["CoordinateMedian", "Mean", "TrimmedMean"]
@@ -70,7 +70,7 @@ class TrimmedMean(Aggregator):
         self.beta = float(beta)
 
     def _aggregate(self, x: Tensor, weights: Tensor | None) -> AggregationResult:
-        b = math.floor(self.beta * x.shape[0])
+        b = fraction_floor(self.beta, x.shape[0])
         return AggregationResult(trimmed_mean(x, b), extra={"trimmed_per_side": float(b)})
 
 

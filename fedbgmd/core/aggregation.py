@@ -2,8 +2,11 @@
 
 An aggregator maps the stacked client messages ``x`` (n, d) — one row per client, any device,
 float32/float64 — and optional non-negative per-row ``weights`` (n,) to one vector (d,) of the same
-dtype and device. Aggregators are stateless: everything they need is in their constructor
-parameters; state such as a previous aggregate is passed in explicitly (e.g. ``cclip(center=...)``).
+dtype and device. Aggregators are stateless (everything they need is in their constructor
+parameters) except the few with ``stateful = True`` (``cclip(center="previous")`` keeps its last
+output as the next centre): their state goes through ``state_dict()`` / ``load_state_dict()``
+(saved with the strategy's checkpoint), and :meth:`Aggregator.probe` gives a copy to evaluate
+without changing it (an omniscient adversary's trial aggregations).
 
 Contract (tested for every registered aggregator by ``tests/core/test_contract.py``): shape,
 dtype, device kept; input not mutated; output not aliased to the input; invariant to permuting
@@ -15,7 +18,7 @@ weight) is dropped by :func:`fedbgmd.core.drop_nonfinite_rows` and counted in
 propagated into the result.
 
 Weights: aggregators whose rule has a weighted form (``mean``, ``gm``, ``nc``, ``cclip``,
-``multikrum``) use them; the others raise ``ValueError`` when weights are passed (a robust rule that
+``multikrum``, ``norm_filter``) use them; the others raise ``ValueError`` when weights are passed (a robust rule that
 trusts client-reported sample counts would not be robust), so nothing is silently ignored.
 
 Write your own by subclassing :class:`Aggregator` (implement ``_aggregate``) and calling
@@ -24,6 +27,7 @@ Write your own by subclassing :class:`Aggregator` (implement ``_aggregate``) and
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -79,6 +83,7 @@ class Aggregator(ABC):
 
     name: str = "aggregator"
     supports_weights: bool = False
+    stateful: bool = False  # True: the result depends on earlier calls (see state_dict)
 
     def min_rows(self) -> int:
         """Smallest number of (finite) rows the rule accepts."""
@@ -103,6 +108,18 @@ class Aggregator(ABC):
     @abstractmethod
     def _aggregate(self, x: Tensor, weights: Tensor | None) -> AggregationResult:
         """Aggregate finite rows ``x`` (n, d) with validated ``weights``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State carried from call to call (empty for a stateless rule)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (a stateless rule has nothing to restore)."""
+        return None
+
+    def probe(self) -> Aggregator:
+        """An aggregator to call without side effects: a copy when the rule is stateful."""
+        return copy.deepcopy(self) if self.stateful else self
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))

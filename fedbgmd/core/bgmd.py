@@ -9,8 +9,13 @@ Given the round's stacked messages :math:`G_t \in \mathbb{R}^{n\times d}` (one r
 4. :math:`\tilde g = \mathrm{Agg}(\Delta_t) \in \mathbb{R}^k` (with the client weights if
    given), scattered into :math:`0 \in \mathbb{R}^d`;
 5. :math:`M_{t+1} = P_t - C_k(P_t)` is stored (per client / as the row mean / discarded). If the
-   aggregator refuses the block (it raises, e.g. Krum with too few rows), no block is applied and
-   :math:`M_{t+1} = P_t`: the round's mass stays in the memory instead of being lost.
+   aggregator refuses the block (it raises ``ValueError``, e.g. Krum with too few rows), no block
+   is applied and :math:`M_{t+1} = P_t`: the round's mass stays in the memory instead of being
+   lost.
+
+All-or-nothing: the memory is written only by that final commit (or the refusal's). Any other
+exception (a selector returning a wrong shape, an aggregator failing otherwise, every row
+overflowing) leaves the memory and its norm bitwise unchanged, whatever the order of the ids.
 
 The server then applies :math:`x_{t+1} = x_t - \tilde g` (sign conventions are the caller's).
 Diagnostics: relative residual :math:`\lVert P - C_k(P)\rVert^2 / \lVert P\rVert^2` (computed from
@@ -20,8 +25,8 @@ Non-finite policy: rows of :math:`G_t` with NaN/Inf are dropped *before* touchin
 (those clients' residuals are left unchanged) and counted in ``aggregation.n_dropped``. A finite
 row can still overflow when combined, :math:`\gamma_s G_t + M_t` (a client sending FLT_MAX
 twice): such rows of :math:`P_t` are dropped too, their clients' residuals are cleared
-(:meth:`~fedbgmd.core.memory.Memory.forget`: the in-place sum already overwrote them) and they are
-listed in ``overflowed``, so the memory never stores Inf/NaN and its norm stays finite.
+(:meth:`~fedbgmd.core.memory.Memory.forget`: a residual that overflows with a finite message is
+no residual worth keeping) and they are listed in ``overflowed``, so the memory never stores Inf/NaN and its norm stays finite.
 With k = d, memory ``none`` and step size 1 the result equals ``aggregator(G_t).vector`` exactly.
 """
 
@@ -104,8 +109,9 @@ def bgmd_step(
             selection and the memory do not use them).
 
     Raises:
-        ValueError: on bad shapes, ids or k; whatever the aggregator raises (e.g. Krum with too
-            few rows) after all of P_t went into the memory (nothing of the round is lost).
+        ValueError: on bad shapes, ids or k (memory unchanged); the aggregator's ValueError
+            (e.g. Krum with too few rows) after all of P_t went into the memory (nothing of the
+            round is lost). Any other exception leaves the memory unchanged.
     """
     ids = [int(c) for c in client_ids]
     if x.ndim != 2 or len(ids) != x.shape[0]:
@@ -129,7 +135,7 @@ def bgmd_step(
         delta = delta.clone()
     try:
         agg = aggregator(delta, weights)
-    except Exception:
+    except ValueError:
         # refused: no block is applied this round, so all of P_t stays in the memory
         memory.commit(ids, p, sel[:0], residual_sq=total)
         raise
@@ -162,11 +168,11 @@ def _drop_overflowed(
     """Drop the rows of P that are not finite and clear their clients' residuals."""
     ok = torch.isfinite(p).all(dim=1).tolist()
     bad = [c for c, keep in zip(ids, ok) if not keep]
-    memory.forget(bad)
-    if len(bad) == len(ids):
+    if len(bad) == len(ids):  # raised before forget: a step that raises stores nothing
         raise ValueError(
             f"every row of P = γG + M overflowed (clients {bad}); nothing to aggregate"
         )
+    memory.forget(bad)
     keep = torch.tensor([i for i, k in enumerate(ok) if k], device=p.device)
     kept_w = None if weights is None else weights.index_select(0, keep.to(weights.device))
     return p.index_select(0, keep), [c for c, k in zip(ids, ok) if k], kept_w, bad

@@ -11,9 +11,10 @@ stores the residual :math:`M_{t+1} = P_t - C_k(P_t)` (the columns outside the bl
 * ``none``: no memory, :math:`P_t = \gamma_s G_t`.
 
 Protocol used by :func:`fedbgmd.core.bgmd_step`: ``combine(x, step_size, client_ids) -> P``
-returns a tensor owned by the memory (never the caller's ``x`` unless the memory keeps nothing) and
-``commit(client_ids, P, selected)`` stores the residual of P outside ``selected``; ``P`` may be
-modified in place. All memories have ``norm()``, ``state_dict()``, ``load_state_dict()``.
+only reads the memory and returns a new tensor (never the caller's ``x`` unless the memory keeps
+nothing); ``commit(client_ids, P, selected)`` stores the residual of P outside ``selected`` (``P``
+may be modified in place). Nothing is stored before ``commit``: a step that raises in between
+leaves the memory and its norm bitwise unchanged (all-or-nothing). All memories have ``norm()``, ``state_dict()``, ``load_state_dict()``.
 """
 
 from __future__ import annotations
@@ -180,6 +181,7 @@ class PerClientMemory(Memory):
         return sorted(self._rows, key=self._rows.__getitem__)
 
     def _row_index(self, client_ids: Sequence[int]) -> list[int]:
+        """Rows of ``client_ids``, registering the new ones (called by :meth:`commit` only)."""
         new = [int(c) for c in client_ids if int(c) not in self._rows]
         if new:
             start = len(self._rows)
@@ -196,18 +198,18 @@ class PerClientMemory(Memory):
                 self._rows[c] = start + i
         return [self._rows[int(c)] for c in client_ids]
 
-    def _contiguous(self, rows: list[int]) -> bool:
-        return rows == list(range(rows[0], rows[0] + len(rows)))
-
     def combine(self, x: Tensor, step_size: float, client_ids: Sequence[int]) -> Tensor:
+        # Reads only: P is a new tensor and new ids are registered at commit, so a step that
+        # raises between combine and commit leaves the memory (and its cached norm) unchanged.
         self._check(x, client_ids)
-        rows = self._row_index(client_ids)
-        if self._contiguous(rows) and x.dtype == self.dtype and x.device == self.device:
-            p = self._store[rows[0] : rows[0] + len(rows)]  # view: updated in place
-            return p.add_(x, alpha=step_size)
-        idx = torch.tensor(rows, device=self.device)
-        m = self._store.index_select(0, idx).to(device=x.device, dtype=x.dtype)
-        return m.add_(x, alpha=step_size)
+        known = [(i, self._rows[int(c)]) for i, c in enumerate(client_ids) if int(c) in self._rows]
+        p = torch.zeros(x.shape, device=x.device, dtype=x.dtype)
+        if known:
+            pos = torch.tensor([i for i, _ in known], device=x.device)
+            idx = torch.tensor([r for _, r in known], device=self.device)
+            m = self._store.index_select(0, idx).to(device=x.device, dtype=x.dtype)
+            p.index_copy_(0, pos, m)
+        return p.add_(x, alpha=step_size)
 
     def commit(
         self,
@@ -218,9 +220,8 @@ class PerClientMemory(Memory):
     ) -> None:
         rows = self._row_index(client_ids)
         p.index_fill_(1, selected, 0.0)
-        if not (self._contiguous(rows) and p.data_ptr() == self._store[rows[0]].data_ptr()):
-            idx = torch.tensor(rows, device=self.device)
-            self._store.index_copy_(0, idx, p.to(device=self.device, dtype=self.dtype))
+        idx = torch.tensor(rows, device=self.device)
+        self._store.index_copy_(0, idx, p.to(device=self.device, dtype=self.dtype))
         self._flush_group(keep=rows)
         if residual_sq is None:
             self._row_sq[torch.tensor(rows)] = self._rows_sq(rows)

@@ -4,7 +4,11 @@ r"""Message quantization Q_s for QBGMD (SPEC §3.4; Alistarh et al., QSGD, NeurI
 :math:`\ell_j \in \{0, .., s\}`, :math:`s = 2^{b-1} - 1`. With :math:`r_j = s |v_j| / \lVert v\rVert_2`,
 :math:`\ell_j = \lfloor r_j \rfloor + \mathrm{Bernoulli}(r_j - \lfloor r_j \rfloor)` (unbiased
 stochastic rounding), and the decoded value is :math:`\lVert v\rVert_2\, \mathrm{sign}(v_j)\, \ell_j / s`,
-so :math:`\mathbb{E}[Q(v)] = v`. For b = 1 there is no magnitude bit (s = 0) and qsgd falls back to
+so :math:`\mathbb{E}[Q(v)] = v`. With ``bucket_size`` = B (Alistarh et al.'s buckets) the flat
+vector is cut into ⌈d/B⌉ buckets of B consecutive coordinates (the last may be shorter), each
+scaled by its own norm: :math:`\mathbb{E}\lVert Q(v) - v\rVert^2 \le \min(B/s^2, \sqrt{B}/s)
+\lVert v\rVert^2` (their Lemma 3.1, per bucket), where one norm for a 10⁶-coordinate update
+gives a relative error of hundreds at 2-4 bits. ``bucket_size=None`` is one bucket. For b = 1 there is no magnitude bit (s = 0) and qsgd falls back to
 the scaled sign quantizer below (biased), documented rather than silently different.
 
 ``method="sign"`` (1 bit; Bernstein et al., signSGD, 2018, scaled as in Karimireddy et al., EF-SGD,
@@ -13,7 +17,8 @@ deterministic; ``bits`` must be 1.
 
 Packing: every coordinate becomes a b-bit code ``sign << (b-1) | level``; codes are bit-packed
 big-endian into a uint8 tensor (8 bits: one byte per value; 4 bits: two per byte; any b: ⌈n b / 8⌉
-bytes), so ``QuantizedTensor.nbytes`` = packed bytes + 4 bytes of float32 scale.
+bytes), so ``QuantizedTensor.nbytes`` = packed bytes + 4 bytes per float32 scale (one per
+bucket; sign quantization has one scale and ignores ``bucket_size``).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from torch import Tensor
 
 from fedbgmd.core.nonfinite import all_finite
 
-__all__ = ["QuantizedTensor", "dequantize", "quantize"]
+__all__ = ["QuantizedTensor", "dequantize", "num_buckets", "quantize"]
 
 _METHODS = ("qsgd", "sign")
 
@@ -37,10 +42,12 @@ class QuantizedTensor:
 
     Attributes:
         data: uint8 tensor of bit-packed b-bit codes (⌈numel·bits/8⌉ bytes).
-        scale: float32 0-d tensor (||v||₂ for qsgd, ||v||₁/d for sign).
+        scale: float32: qsgd, (⌈numel/bucket_size⌉,) bucket norms (0-d ||v||₂ without
+            buckets); sign, 0-d ||v||₁/d.
         shape: original shape.
         bits: bits per coordinate.
         method: "qsgd" or "sign".
+        bucket_size: coordinates per bucket (qsgd), None for one bucket.
     """
 
     data: Tensor
@@ -48,6 +55,7 @@ class QuantizedTensor:
     shape: tuple[int, ...]
     bits: int
     method: str
+    bucket_size: int | None = None
 
     @property
     def numel(self) -> int:
@@ -56,8 +64,8 @@ class QuantizedTensor:
 
     @property
     def nbytes(self) -> int:
-        """Bytes on the wire: packed codes plus the float32 scale."""
-        return self.data.numel() * self.data.element_size() + 4
+        """Bytes on the wire: packed codes plus the float32 scales (one per bucket)."""
+        return self.data.numel() * self.data.element_size() + 4 * max(self.scale.numel(), 1)
 
 
 def _pack(codes: Tensor, bits: int) -> Tensor:
@@ -98,8 +106,24 @@ def _unpack(data: Tensor, bits: int, numel: int) -> Tensor:
     return out
 
 
+def num_buckets(numel: int, bucket_size: int | None) -> int:
+    """Scales a qsgd message carries: ⌈numel / bucket_size⌉ (1 without buckets)."""
+    return 1 if bucket_size is None else max(1, -(-numel // bucket_size))
+
+
+def _per_coordinate(scale: Tensor, numel: int, bucket_size: int | None) -> Tensor:
+    """Each coordinate's bucket scale (a 0-d scale broadcasts as is)."""
+    if bucket_size is None or scale.ndim == 0:
+        return scale
+    return scale.repeat_interleave(bucket_size)[:numel]
+
+
 def quantize(
-    v: Tensor, bits: int = 8, method: str = "qsgd", generator: torch.Generator | None = None
+    v: Tensor,
+    bits: int = 8,
+    method: str = "qsgd",
+    generator: torch.Generator | None = None,
+    bucket_size: int | None = None,
 ) -> QuantizedTensor:
     """Quantize and pack ``v`` (any shape, finite floating); see the module docstring.
 
@@ -108,10 +132,14 @@ def quantize(
         bits: bits per coordinate, 1..16 (``sign`` needs 1).
         method: "qsgd" or "sign".
         generator: torch.Generator on ``v.device`` for the stochastic rounding.
+        bucket_size: qsgd coordinates per norm (>= 1); None: one norm for all.
 
     Raises:
-        ValueError: bits outside 1..16, unknown method, sign with bits != 1, non-finite input.
+        ValueError: bits outside 1..16, unknown method, sign with bits != 1, non-finite input,
+            bucket_size < 1.
     """
+    if bucket_size is not None and (not isinstance(bucket_size, int) or bucket_size < 1):
+        raise ValueError(f"bucket_size must be an int >= 1 or None, got {bucket_size!r}")
     if method not in _METHODS:
         raise ValueError(f"unknown quantization method {method!r}; valid: {list(_METHODS)}")
     if not isinstance(bits, int) or not 1 <= bits <= 16:
@@ -127,13 +155,20 @@ def quantize(
         codes = (~neg).to(torch.int32)
         return QuantizedTensor(_pack(codes, 1), scale.float().cpu(), tuple(v.shape), 1, method)
     s = 2 ** (bits - 1) - 1
-    norm = torch.linalg.vector_norm(flat, dtype=torch.float64)
-    safe = norm if float(norm) > 0 else torch.ones_like(norm)
-    r = flat.abs().to(torch.float64) * (s / safe)
+    if bucket_size is None:
+        norm = torch.linalg.vector_norm(flat, dtype=torch.float64)
+    else:
+        pad = (-flat.numel()) % bucket_size
+        padded = torch.nn.functional.pad(flat.to(torch.float64), (0, pad))
+        norm = torch.linalg.vector_norm(padded.reshape(-1, bucket_size), dim=1)
+    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+    r = flat.abs().to(torch.float64) * (s / _per_coordinate(safe, flat.numel(), bucket_size))
     u = torch.rand(r.shape, dtype=torch.float64, device=r.device, generator=generator)
     level = torch.floor(r + u).clamp_(0, s).to(torch.int32)
     codes = (neg.to(torch.int32) << (bits - 1)) | level
-    return QuantizedTensor(_pack(codes, bits), norm.float().cpu(), tuple(v.shape), bits, method)
+    return QuantizedTensor(
+        _pack(codes, bits), norm.float().cpu(), tuple(v.shape), bits, method, bucket_size
+    )
 
 
 def dequantize(q: QuantizedTensor) -> Tensor:
@@ -146,5 +181,5 @@ def dequantize(q: QuantizedTensor) -> Tensor:
     s = 2 ** (q.bits - 1) - 1
     sign: Tensor = 1.0 - 2.0 * (codes >> (q.bits - 1)).to(torch.float64)
     level = (codes & s).to(torch.float64)
-    out: Tensor = sign * level * (scale / s)
+    out: Tensor = sign * level * (_per_coordinate(scale, q.numel, q.bucket_size) / s)
     return out.float().reshape(q.shape)

@@ -99,9 +99,13 @@ def test_per_client_memory_partial_participation() -> None:
     gm = get_aggregator("gm")
     g = torch.Generator().manual_seed(0)
     x1 = _x(3, 8, 1)
-    bgmd_step(x1, gm, 3, mem, client_ids=[10, 11, 12], step_size=0.5, generator=g)
+    res1 = bgmd_step(x1, gm, 3, mem, client_ids=[10, 11, 12], step_size=0.5, generator=g)
     r10, r11, r12 = (mem.residual(c) for c in (10, 11, 12))
-    torch.testing.assert_close(r10 + r11 + r12 != 0, r10 + r11 + r12 != 0)
+    # new clients: M = 0, so each residual is 0.5 x with the block's columns zeroed
+    # (the line here compared an expression with itself)
+    first = 0.5 * x1
+    first[:, res1.selected] = 0
+    torch.testing.assert_close(torch.stack([r10, r11, r12]), first)
     x2 = _x(2, 8, 2)
     res = bgmd_step(x2, gm, 3, mem, client_ids=[12, 13], step_size=0.5, generator=g)
     assert torch.equal(mem.residual(10), r10) and torch.equal(mem.residual(11), r11)
@@ -251,3 +255,59 @@ def test_float32_overflowing_rows_keep_selection_and_diagnostics_meaningful() ->
         assert float(r.vector.abs().max()) < 0.1
         sels.append(r.selected)
     assert not torch.equal(sels[0], sels[1])
+
+
+def _snapshot(mem) -> tuple[dict, float]:
+    return {k: (v.clone() if torch.is_tensor(v) else v) for k, v in mem.state_dict().items()}, (
+        mem.norm()
+    )
+
+
+def _same(a: tuple[dict, float], b: tuple[dict, float]) -> bool:
+    (sa, na), (sb, nb) = a, b
+    if sa.keys() != sb.keys() or na != nb:
+        return False
+    return all(torch.equal(sa[k], sb[k]) if torch.is_tensor(sa[k]) else sa[k] == sb[k] for k in sa)
+
+
+class _Broken(Exception):
+    pass
+
+
+def _raising_aggregator(x, weights=None):
+    raise _Broken("not a refusal: a failing aggregator")
+
+
+@pytest.mark.parametrize("kind", ["per_client", "mean", "none"])
+@pytest.mark.parametrize("order", [[0, 1, 2, 3], [3, 1, 0, 2], [1, 2, 3, 4]])
+@pytest.mark.parametrize("failure", ["selector", "aggregator", "all_overflow"])
+def test_a_step_that_raises_leaves_the_memory_bitwise_unchanged(
+    kind: str, order: list[int], failure: str
+) -> None:
+    # issue 18: combine wrote P = γG + M into the stored rows when the present clients' rows
+    # were contiguous (ids [0,1,2,3]), so a step raising before commit left P in the memory and
+    # the cached norm stale; [3,1,0,2] (a copy) changed nothing. Id 4 is new to the memory.
+    from fedbgmd.core.selection import _REGISTRY as SELECTORS
+
+    if "wrong_shape" not in SELECTORS.names():
+        SELECTORS.register("wrong_shape", lambda s, k, g: torch.arange(k + 1))
+    mem = make_memory(kind, dim=12)
+    gm = get_aggregator("gm")
+    bgmd_step(_x(4, 12, 0), gm, 3, mem, [0, 1, 2, 3], generator=torch.Generator().manual_seed(0))
+    before = _snapshot(mem)
+    x = _x(4, 12, 1)
+    selector, agg = "sample", gm
+    if failure == "selector":
+        selector = "wrong_shape"
+    elif failure == "aggregator":
+        agg = _raising_aggregator
+    else:
+        x = torch.full((4, 12), 3e38)  # finite messages; γG overflows every row
+    with pytest.raises((ValueError, _Broken)):
+        bgmd_step(x, agg, 3, mem, order, step_size=2.0, selector=selector)
+    assert _same(_snapshot(mem), before)
+    # the memory still works and its cached norm is the norm of what it stores
+    bgmd_step(_x(4, 12, 2), gm, 3, mem, order, generator=torch.Generator().manual_seed(1))
+    state = mem.state_dict()
+    stored = state.get("rows", state.get("m", torch.zeros(1)))
+    assert mem.norm() == pytest.approx(float(stored.double().norm()), rel=1e-6)

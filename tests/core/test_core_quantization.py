@@ -81,3 +81,70 @@ def test_unpack_is_the_inverse_of_pack_across_chunks(bits: int) -> None:
     for numel in (1, 9, _UNPACK_CHUNK, 2 * _UNPACK_CHUNK + 5):
         codes = torch.randint(0, 2**bits, (numel,), generator=g, dtype=torch.int32)
         assert torch.equal(_unpack(_pack(codes, bits), bits, numel), codes)
+
+
+# ----------------------------------------------------------------------------- buckets (QSGD)
+def _exact_error(v: torch.Tensor, bits: int, b: int | None) -> float:
+    return sum(_exact_variances(v, bits, b))
+
+
+def _exact_variances(v: torch.Tensor, bits: int, b: int | None) -> list[float]:
+    """E||Q(v) − v||² from the definition (Alistarh et al. 2017): coordinate j of a bucket of
+    norm N is N/s · (⌊r⌋ or ⌊r⌋+1) with r = s|v_j|/N, so its variance is (N/s)² p(1 − p),
+    p = r − ⌊r⌋. Written as a loop over buckets, independent of the implementation."""
+    s = 2 ** (bits - 1) - 1
+    vals = v.double().tolist()
+    size = len(vals) if b is None else b
+    out = []
+    for start in range(0, len(vals), size):
+        bucket = vals[start : start + size]
+        norm = math.sqrt(sum(x * x for x in bucket))
+        for x in bucket:
+            r = s * abs(x) / norm if norm > 0 else 0.0
+            p = r - math.floor(r)
+            out.append((norm / s) ** 2 * p * (1 - p))
+    return out
+
+
+@pytest.mark.parametrize("bits, b", [(2, 16), (4, 64), (8, 100), (4, None)])
+def test_bucketed_qsgd_is_unbiased_with_the_papers_variance(bits: int, b: int | None) -> None:
+    g = torch.Generator().manual_seed(bits)
+    v = torch.randn(1000, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3.0, 1000)
+    s = 2 ** (bits - 1) - 1
+    trials = 2000
+    qs = torch.stack(
+        [dequantize(quantize(v, bits, "qsgd", g, bucket_size=b)).double() for _ in range(trials)]
+    )
+    exact = _exact_error(v, bits, b)
+    bound = min((b or 1000) / s**2, math.sqrt(b or 1000) / s) * float(v.square().sum())
+    assert exact <= bound
+    measured = float((qs - v).square().sum(dim=1).mean())
+    assert measured == pytest.approx(exact, rel=0.1)
+    # unbiased: each coordinate's mean within 6 standard errors (float32 scales: + 1e-6 |v|)
+    var = torch.tensor(_exact_variances(v, bits, b), dtype=torch.float64)
+    assert bool(((qs.mean(dim=0) - v).abs() <= 6 * (var / trials).sqrt() + 1e-6 * v.abs()).all())
+
+
+def test_buckets_cut_the_error_of_a_large_update() -> None:
+    # one norm for 10^5 coordinates: E||Q(v) − v||²/||v||² ≈ √d/s-sized; 512-buckets: far less
+    v = torch.randn(100_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    one, bucketed = _exact_error(v, 4, None), _exact_error(v, 4, 512)
+    norm2 = float(v.square().sum())
+    assert one / norm2 > 10 and bucketed / norm2 < 3
+    q = quantize(v, 4, "qsgd", torch.Generator().manual_seed(1), bucket_size=512)
+    assert float((dequantize(q).double() - v).square().sum()) / norm2 < 3
+
+
+@pytest.mark.parametrize("d, bits, b", [(1000, 4, 128), (1001, 3, 512), (7, 8, 100), (10, 2, 1)])
+def test_bucketed_packed_size(d: int, bits: int, b: int) -> None:
+    v = torch.randn(d, generator=torch.Generator().manual_seed(d))
+    q = quantize(v, bits, "qsgd", torch.Generator().manual_seed(0), bucket_size=b)
+    n_buckets = -(-d // b)
+    assert q.scale.shape == (n_buckets,) and q.scale.dtype == torch.float32
+    assert q.nbytes == -(-d * bits // 8) + 4 * n_buckets
+    # each scale is its bucket's norm
+    for i in range(n_buckets):
+        want = float(v[i * b : (i + 1) * b].double().norm())
+        assert float(q.scale[i]) == pytest.approx(want, rel=1e-6)
+    with pytest.raises(ValueError, match="bucket_size"):
+        quantize(v, bits, "qsgd", bucket_size=0)

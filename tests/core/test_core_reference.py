@@ -71,16 +71,30 @@ def ref_multikrum(x: Rows, f: int = 0) -> list[float]:
     return _mean_rows([x[i] for i in order])
 
 
-def ref_bulyan(x: Rows, f: int = 1) -> list[float]:
-    n = len(x)
-    s = _krum_scores(x, f)
-    sel = [x[i] for i in sorted(range(n), key=lambda i: s[i])[: n - 2 * f]]
-    beta = n - 4 * f
+def _bulyan_trim(sel: Rows, f: int) -> list[float]:
+    beta = len(sel) - 2 * f
     out = []
     for c in _cols(sel):
         m = _median(c)
         out.append(sum(sorted(c, key=lambda v: abs(v - m))[:beta]) / beta)
     return out
+
+
+def ref_bulyan(x: Rows, f: int = 1) -> list[float]:
+    """El Mhamdi et al. 2018, Algorithm 1: θ = n − 2f times, Krum on the rows not chosen yet
+    (recomputing the scores on them), then the trimmed aggregate around the median."""
+    remaining, sel = list(x), []
+    while len(sel) < len(x) - 2 * f:
+        pick = ref_krum(remaining, f)
+        sel.append(pick)
+        remaining.remove(pick)
+    return _bulyan_trim(sel, f)
+
+
+def ref_bulyan_multikrum(x: Rows, f: int = 1) -> list[float]:
+    n = len(x)
+    s = _krum_scores(x, f)
+    return _bulyan_trim([x[i] for i in sorted(range(n), key=lambda i: s[i])[: n - 2 * f]], f)
 
 
 def _clip(z: list[float], tau: float) -> list[float]:
@@ -91,6 +105,26 @@ def _clip(z: list[float], tau: float) -> list[float]:
 def ref_nc(x: Rows) -> list[float]:
     tau = _median([math.sqrt(sum(v * v for v in r)) for r in x])
     return _mean_rows([_clip(r, tau) for r in x])
+
+
+def ref_norm_filter(x: Rows, beta: float = 0.2) -> list[float]:
+    """NC_β (the seed's Table 1): drop the ⌊β·n⌋ rows of largest norm, average the rest."""
+    from fractions import Fraction
+
+    b = math.floor(Fraction(str(beta)) * len(x))
+    by_norm = sorted(x, key=lambda r: sum(v * v for v in r))
+    return _mean_rows(by_norm[: len(x) - b])
+
+
+def ref_cclip_history(calls: list[Rows], tau: float, iterations: int) -> list[list[float]]:
+    """Karimireddy et al. 2021: each round starts from the previous round's output (0 first)."""
+    v, out = [0.0] * len(calls[0][0]), []
+    for x in calls:
+        for _ in range(iterations):
+            c = _mean_rows([_clip([a - b for a, b in zip(r, v)], tau) for r in x])
+            v = [a + b for a, b in zip(v, c)]
+        out.append(v)
+    return out
 
 
 def ref_cclip(x: Rows, tau: float = 1.0, iterations: int = 3) -> list[float]:
@@ -109,13 +143,16 @@ CASES = {
     "krum": ({"f": 2}, lambda x: ref_krum(x, 2)),
     "multikrum": ({"f": 2}, lambda x: ref_multikrum(x, 2)),
     "bulyan": ({"f": 2}, lambda x: ref_bulyan(x, 2)),
+    "bulyan_multikrum": ({"f": 2}, lambda x: ref_bulyan_multikrum(x, 2)),
     "nc": ({}, ref_nc),
+    "norm_filter": ({"beta": 0.2}, ref_norm_filter),
     "cclip": ({"tau": 1.0, "iterations": 3}, ref_cclip),
 }
 
 
 def test_every_builtin_has_a_reference() -> None:
     builtin = {"mean", "cm", "ctm", "gm", "krum", "multikrum", "bulyan", "nc", "cclip"}
+    builtin |= {"bulyan_multikrum", "norm_filter"}
     assert builtin <= set(available_aggregators())
     assert builtin == set(CASES)
 
@@ -131,6 +168,62 @@ def test_against_reference(name: str, n: int) -> None:
     want = torch.tensor(ref(x.tolist()), dtype=torch.float64)
     tol = 1e-6 if name == "gm" else 1e-12
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_bulyan_is_recursive_krum_not_one_shot_multikrum() -> None:
+    """A case where the two selections differ: a tight honest cluster and two near-identical
+    far rows. One-shot scores favour the pair (each is the other's near neighbour); once Krum
+    has taken one of them, the other has no close neighbour left and recursion skips it."""
+    f = 1
+    x = [[0.0, 0.0], [0.1, 0.0], [0.0, 0.1], [0.1, 0.1], [0.05, 0.05]]
+    x += [[3.0, 3.0], [3.0, 3.01]]  # n = 7 = 4f + 3
+    got = get_aggregator("bulyan", f=f)(torch.tensor(x, dtype=torch.float64)).vector
+    want = ref_bulyan(x, f)
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64))
+    assert want != ref_bulyan_multikrum(x, f)  # the case discriminates the two rules
+
+
+@pytest.mark.parametrize("f", [1, 2, 3])
+@pytest.mark.parametrize("extra", [0, 3])
+def test_bulyan_against_the_recursive_reference(f: int, extra: int) -> None:
+    n = 4 * f + 3 + extra
+    g = torch.Generator().manual_seed(10 * f + extra)
+    x = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    x[:f] += 4.0 * torch.randn(f, 5, generator=g, dtype=torch.float64)
+    got = get_aggregator("bulyan", f=f)(x).vector
+    torch.testing.assert_close(got, torch.tensor(ref_bulyan(x.tolist(), f), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("beta, n, dropped", [(0.29, 100, 29), (0.2, 10, 2), (0.0, 5, 0)])
+def test_norm_filter_drops_the_decimal_floor_of_largest_norms(beta, n, dropped) -> None:
+    # row i has norm i + 1: the `dropped` last rows go, whatever the row order
+    x = torch.arange(1, n + 1, dtype=torch.float64).unsqueeze(1) * torch.tensor([[0.6, 0.8]])
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(n))
+    res = get_aggregator("norm_filter", beta=beta)(x[perm])
+    torch.testing.assert_close(res.vector, x[: n - dropped].mean(0))
+    assert res.extra["dropped"] == dropped
+
+
+def test_cclip_previous_is_centred_on_the_last_output() -> None:
+    g = torch.Generator().manual_seed(7)
+    calls = [torch.randn(9, 4, generator=g, dtype=torch.float64) + 0.5 * t for t in range(4)]
+    for x in calls:
+        x[:2] += 20.0  # outliers every round
+    agg = get_aggregator("cclip", tau=0.5, iterations=2, center="previous")
+    assert agg.stateful
+    got = [agg(x).vector for x in calls]
+    want = ref_cclip_history([x.tolist() for x in calls], 0.5, 2)
+    torch.testing.assert_close(torch.stack(got), torch.tensor(want, dtype=torch.float64))
+    # state round trip: a fresh aggregator loaded with the state continues identically
+    fresh = get_aggregator("cclip", tau=0.5, iterations=2, center="previous")
+    first = get_aggregator("cclip", tau=0.5, iterations=2, center="previous")
+    first(calls[0])
+    fresh.load_state_dict(first.state_dict())
+    torch.testing.assert_close(fresh(calls[1]).vector, got[1])
+    # probe() evaluates without moving the state
+    probe = agg.probe()
+    probe(calls[0])
+    torch.testing.assert_close(agg.state_dict()["previous"], got[-1])
 
 
 def test_weighted_mean_and_gm_equal_duplication() -> None:
