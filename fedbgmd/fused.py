@@ -41,6 +41,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import signal
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -378,8 +379,9 @@ class FusedGroup:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # the shapes repeat every round
         self.timing = dict.fromkeys(("plan", "round", "client", "agg", "log", "rounds"), 0.0)
-        planner = _Planner(self._plan_state(), self.num_rounds, self.workers, self.device)
+        planner: _Planner | None = None
         try:
+            planner = _Planner(self._plan_state(), self.num_rounds, self.workers, self.device)
             self._evaluate_and_log(0, {})
             for rnd in range(1, self.num_rounds + 1):
                 if not any(r.active for r in self.runs):
@@ -400,13 +402,15 @@ class FusedGroup:
             status, error = stop_status(err), stop_error(err)  # as a single run records it
             raise
         finally:
-            planner.close()
-            if self.device.type == "cuda":
-                peak = torch.cuda.max_memory_allocated(self.device) / 2**30
-                print(f"fused: peak GPU memory {peak:.1f} GiB", flush=True)
+            # the jobs' rows and summaries first: they are what an interrupted sweep keeps
             for r in self.runs:
                 if r.active or status != "completed":
                     r.server.finish(status, error)
+            if planner is not None:
+                planner.close()
+            if self.device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+                print(f"fused: peak GPU memory {peak:.1f} GiB", flush=True)
 
     # ------------------------------------------------------------------ one round
     def _round(self, rnd: int, plan: Any, t0: float) -> dict[int, dict[str, Any]]:
@@ -1206,14 +1210,11 @@ def _plan_round(state: dict[str, Any], rnd: int) -> tuple[Tensor, Any, list[list
     return torch.stack(out_idx), packed, sampled
 
 
-_WORKER_STATE: dict[str, Any] = {}
-
-
-def _worker_plan(rnd: int, slot: int) -> tuple[list[list[int]], int]:
-    """In a forked planner: plan ``rnd`` into the shared slot; return the small parts."""
-    torch.set_num_threads(1)
-    idx, attacked, sampled = _plan_round(_WORKER_STATE["state"], rnd)
-    bufs = _WORKER_STATE["bufs"]
+def _plan_into_slot(
+    state: dict[str, Any], bufs: dict[str, Tensor], rnd: int, slot: int
+) -> tuple[list[list[int]], int]:
+    """Plan ``rnd`` into the shared slot; return the small parts (sampled ids, attacked count)."""
+    idx, attacked, sampled = _plan_round(state, rnd)
     bufs["idx"][slot].copy_(idx)
     count = 0
     if attacked is not None:
@@ -1223,55 +1224,94 @@ def _worker_plan(rnd: int, slot: int) -> tuple[list[list[int]], int]:
     return sampled, count
 
 
+def _planner_worker(conn: Any, state: dict[str, Any], bufs: dict[str, Tensor]) -> None:
+    """A forked planner: (round, slot) in, (round, sampled, count) or an error out, one pipe.
+
+    It ignores SIGINT: a Ctrl-C reaches the whole process group, and the main process, which
+    handles it and writes every job's summary, then kills its planners itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:
+            return
+        if task is None:
+            return
+        rnd, slot = task
+        try:
+            conn.send((rnd, *_plan_into_slot(state, bufs, rnd, slot)))
+        except Exception as err:
+            conn.send((rnd, err, None))
+
+
 class _Planner:
     """Rounds' plans on ``device``, computed inline or by forked workers working ahead.
 
     Workers write into shared-memory slots (mini-batch indices and the data-attacked batches:
     tens of MB a round for a full Table 2 sweep, too much to pickle) and return only the sampled
-    client ids; at most ``slots`` rounds are in flight, so a slot is rewritten only after the
-    device copy of the round it held.
+    client ids. Round r goes to worker (r − 1) mod W through that worker's own pipe (no lock is
+    shared, so killing a worker can never leave one held: multiprocessing.Pool's shared task
+    queue could, and its shutdown then hung); at most DEPTH rounds per worker are in flight, so
+    a slot is rewritten only after the device copy of the round it held.
     """
+
+    DEPTH = 2
 
     def __init__(
         self, state: dict[str, Any], num_rounds: int, workers: int, device: torch.device
     ) -> None:
         self.state, self.num_rounds, self.device = state, num_rounds, device
-        self.pool: Any = None
-        self.pending: dict[int, Any] = {}
+        self.procs: list[Any] = []
+        self.conns: list[Any] = []
         if workers <= 0 or "fork" not in mp.get_all_start_methods():
             return
         runs = state["runs"]
-        n_runs = len(runs)
         n = max(1, len(runs[0][4].sample_partitions(1)))
         b = state["batch_size"]
         shape = tuple(state["train"].x.shape[1:])
         attacked_max = sum(len(byz) for _, _, byz, attack, _ in runs if attack is not None)
-        self.slots = 2 * workers + 2
+        self.slots = workers * self.DEPTH
         k, a = self.slots, max(1, attacked_max)
         self.bufs = {
-            "idx": torch.zeros(k, n_runs, n, b, dtype=torch.int64).share_memory_(),
+            "idx": torch.zeros(k, len(runs), n, b, dtype=torch.int64).share_memory_(),
             "run": torch.zeros(k, a, dtype=torch.int64).share_memory_(),
             "client": torch.zeros(k, a, dtype=torch.int64).share_memory_(),
             "x": torch.zeros(k, a, b, *shape, dtype=state["train"].x.dtype).share_memory_(),
             "y": torch.zeros(k, a, b, dtype=state["train"].y.dtype).share_memory_(),
         }
-        _WORKER_STATE.update(state=state, bufs=self.bufs)
-        self.pool = mp.get_context("fork").Pool(workers)
+        ctx = mp.get_context("fork")
+        for _ in range(workers):
+            here, there = ctx.Pipe()
+            proc = ctx.Process(target=_planner_worker, args=(there, state, self.bufs), daemon=True)
+            proc.start()
+            there.close()
+            self.procs.append(proc)
+            self.conns.append(here)
         for rnd in range(1, min(num_rounds, self.slots) + 1):
             self._submit(rnd)
 
+    def _conn(self, rnd: int) -> Any:
+        return self.conns[(rnd - 1) % len(self.conns)]
+
     def _submit(self, rnd: int) -> None:
-        self.pending[rnd] = self.pool.apply_async(_worker_plan, (rnd, rnd % self.slots))
+        self._conn(rnd).send((rnd, (rnd - 1) % self.slots))
 
     def get(self, rnd: int) -> tuple[Tensor, Any, list[list[int]]]:
         dev = self.device
-        if self.pool is None:
+        if not self.procs:
             idx, attacked, sampled = _plan_round(self.state, rnd)
             if attacked is not None:
                 attacked = tuple(t.to(dev) for t in attacked)
             return idx.to(dev), attacked, sampled
-        sampled, count = self.pending.pop(rnd).get()
-        slot = rnd % self.slots
+        try:
+            got, sampled, count = self._conn(rnd).recv()  # a worker's rounds come in order
+        except EOFError as err:
+            raise RuntimeError(f"the planner process for round {rnd} died") from err
+        if isinstance(sampled, Exception):
+            raise sampled
+        assert got == rnd, (got, rnd)
+        slot = (rnd - 1) % self.slots
         idx = self.bufs["idx"][slot].to(dev)
         attacked = None
         if count:
@@ -1285,10 +1325,14 @@ class _Planner:
         return idx, attacked, sampled
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
-            self.pool = None
+        """Stop the workers at once (SIGKILL: they hold nothing the main process needs)."""
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.kill()
+        for proc, conn in zip(self.procs, self.conns):
+            proc.join(timeout=10)
+            conn.close()
+        self.procs, self.conns = [], []
 
 
 # ----------------------------------------------------------------------------- helpers
