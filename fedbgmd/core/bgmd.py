@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from fedbgmd.core.aggregation import AggregationResult, Aggregator
+from fedbgmd.core.errors import AggregationRefused
 from fedbgmd.core.memory import Memory
 from fedbgmd.core.nonfinite import drop_nonfinite_rows
 from fedbgmd.core.selection import column_sq_norms, select_from_norms
@@ -164,7 +165,7 @@ def _drop_overflowed(
     bad = [c for c, keep in zip(ids, ok) if not keep]
     memory.forget(bad)
     if len(bad) == len(ids):
-        raise ValueError(
+        raise AggregationRefused(
             f"every row of P = γG + M overflowed (clients {bad}); nothing to aggregate"
         )
     keep = torch.tensor([i for i, k in enumerate(ok) if k], device=p.device)
