@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,13 @@ from fedbgmd.components import (
 from fedbgmd.config import clients_per_round
 from fedbgmd.core import all_finite_each
 from fedbgmd.models import build_model, count_parameters
-from fedbgmd.results import RunWriter, environment_versions, setting_from_config, summarize
+from fedbgmd.results import (
+    RunWriter,
+    environment_versions,
+    run_labels,
+    setting_from_config,
+    summarize,
+)
 from fedbgmd.training import evaluate, get_device, lr_at
 
 log = logging.getLogger("fedbgmd")
@@ -133,6 +140,10 @@ class ServerRun:
                 "ones included, to every row; it is not robust (README: Findings). "
                 "Use per_client for robust runs."
             )
+        # the clients run in this process (not remote nodes): a crash of their attack plug-in is
+        # a bug that must fail the run, not a reply to reject
+        self.strategy.own_clients = cfg.engine.name != "deployment"
+        self.traceback: str | None = None  # of the exception that failed the run
         self.last_eval: tuple[float, float] | None = None
         self.diverged_at: int | None = None  # first evaluated round with a non-finite model
 
@@ -237,12 +248,13 @@ class ServerRun:
         }
         self.writer.log_round(row)
         every = cfg.checkpoint_every
-        if server_round > 0 and (
-            server_round == cfg.num_rounds or (every and server_round % every == 0)
-        ):
+        last = server_round == cfg.num_rounds and (every > 0 or cfg.checkpoint_last)
+        if server_round > 0 and (last or (every and server_round % every == 0)):
             self.save_checkpoint(server_round, arrays)
+        line = _progress_line(row, cfg.num_rounds)
+        log.info(line)  # into the run folder's cli.log
         if cfg.progress:
-            print(_progress_line(row, cfg.num_rounds), flush=True)
+            print(line, flush=True)
         if acc is None or loss is None:
             return None
         return MetricRecord({"accuracy": float(acc), "loss": float(loss)})
@@ -307,6 +319,7 @@ class ServerRun:
             )
         except BaseException as err:
             status, error = "failed", f"{type(err).__name__}: {err}"
+            self.traceback = traceback.format_exc()
             raise
         finally:
             self.finish(status, error)
@@ -316,16 +329,13 @@ class ServerRun:
 
         rows = self.writer.rows()
         summary = summarize(rows)
-        setting = setting_of(self.cfg)
+        config = OmegaConf.to_container(self.cfg, resolve=True)
+        assert isinstance(config, dict)
+        summary.update(run_labels(config))
         summary.update(
             status=status,
             error=error,
-            seed=self.cfg.seed,
-            strategy=self.cfg.strategy.name,
-            attack=self.attack.name,
-            fraction=setting["attack.fraction"],
             byzantine_ids=list(self.attack.byzantine_ids),
-            setting=setting,
             num_parameters=count_parameters(self.model),
             diverged_at=self.diverged_at,
             stopped_early=(
@@ -335,8 +345,10 @@ class ServerRun:
             ),
             wall_time_s=time.time() - self.started,
             versions=self.versions,
-            config=OmegaConf.to_container(self.cfg, resolve=True),
+            config=config,
         )
+        if self.traceback is not None:
+            summary["traceback"] = self.traceback
         self.writer.write_summary(summary)
         if not self.cfg.plots:
             return
