@@ -312,7 +312,8 @@ def _keys_at(path: str, overrides: list[str] | None = None) -> list[str]:
 
     from fedbgmd.components import plugin_params
 
-    others = [o for o in overrides or [] if not o.lstrip("~+").startswith(f"{path}.")]
+    # compose without the overrides at path (one of them is the bad key)
+    others = [o for o in overrides or [] if o.lstrip("~+").split("=")[0].rpartition(".")[0] != path]
     try:
         if GlobalHydra.instance().is_initialized():  # inside a precheck's composition
             cfg = compose("config", overrides=others)
