@@ -137,7 +137,7 @@ class ServerRun:
         if b.enabled and b.memory == "mean" and self.attack.byzantine_ids:
             log.warning(
                 "strategy.block.memory=mean adds the mean residual of all clients, Byzantine "
-                "ones included, to every row; it is not robust (README: Findings). "
+                "ones included, to every row; it is not robust (docs/findings.md). "
                 "Use per_client for robust runs."
             )
         # the clients run in this process (not remote nodes): a crash of their attack plug-in is
