@@ -107,7 +107,9 @@ def run_title(run_dir: Path | str) -> str:
         return run_dir.name
     attack = s.get("attack")
     fraction = s.get("fraction")
-    hostile = f"{attack} ψ={float(fraction or 0):g}" if attack not in (None, "none") else "no attack"
+    hostile = (
+        f"{attack} ψ={float(fraction or 0):g}" if attack not in (None, "none") else "no attack"
+    )
     return f"{s.get('strategy')}, {hostile}, seed {s.get('seed')} ({run_dir.name})"
 
 
