@@ -26,6 +26,7 @@ from fedbgmd.attacks.base import ClientAttack
 from fedbgmd.batched import BatchedTrainer
 from fedbgmd.components import (
     build_attack,
+    call_plugin,
     generator,
     load_data,
     model_kwargs,
@@ -208,7 +209,9 @@ class ClientRuntime:
             def sample_updates(m: int) -> torch.Tensor:
                 return torch.stack([self._local(job, f"sample{j}")[0] for j in range(m)])
 
-            update = attack.corrupt_update(
+            update = call_plugin(
+                f"attack {type(attack).__name__}.corrupt_update",
+                attack.corrupt_update,
                 update,
                 generator=generator(seed, rnd, pid, "attack", device=update.device),
                 sample_updates=sample_updates,
@@ -223,7 +226,12 @@ class ClientRuntime:
             device_ref=device_ref and self.quant_method == "none" and not message_attack,
         )
         if message_attack and attack is not None:
-            arrays = attack.corrupt_arrays(arrays, generator=generator(seed, rnd, pid, "msg"))
+            arrays = call_plugin(
+                f"attack {type(attack).__name__}.corrupt_arrays",
+                attack.corrupt_arrays,
+                arrays,
+                generator=generator(seed, rnd, pid, "msg"),
+            )
         metrics = {
             "num-examples": len(self.parts[pid]),
             "train-loss": float(loss),
@@ -315,7 +323,14 @@ def _data_transform(
     attack: ClientAttack, g: torch.Generator, num_classes: int
 ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     def transform(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return attack.corrupt_batch(x, y, generator=g, num_classes=num_classes)
+        return call_plugin(
+            f"attack {type(attack).__name__}.corrupt_batch",
+            attack.corrupt_batch,
+            x,
+            y,
+            generator=g,
+            num_classes=num_classes,
+        )
 
     return transform
 

@@ -36,6 +36,7 @@ from fedbgmd.integrity import (
     stop_status,
 )
 
+log = logging.getLogger("fedbgmd")
 CONFIG_MODULE = "fedbgmd.conf"
 EXIT_RUN_FAILED = 1
 EXIT_BAD_CONFIG = 2
@@ -65,7 +66,6 @@ def check_config(cfg: Any) -> None:
 
 def run(cfg: Any, run_dir: Path) -> int:
     """Run one federation into ``run_dir``; return the exit status."""
-    from fedbgmd.data import DatasetMissingError
     from fedbgmd.engine import run_inprocess, run_ray_simulation
     from fedbgmd.results import read_summary
 
@@ -84,30 +84,27 @@ def run(cfg: Any, run_dir: Path) -> int:
     try:
         _write_config(cfg, run_dir)
         engine(cfg, run_dir)
-    except DatasetMissingError as err:
-        print(f"fedbgmd: data set missing: {err}", file=sys.stderr)
-        _ensure_summary(run_dir, t0, "failed", stop_error(err))
-        return EXIT_RUN_FAILED
-    except Exception as err:
-        print(f"fedbgmd: run failed: {type(err).__name__}: {err}", file=sys.stderr)
-        _ensure_summary(run_dir, t0, "failed", stop_error(err))
-        return EXIT_RUN_FAILED
     except KeyboardInterrupt as err:  # SIGINT/SIGTERM: entry() turns it into the exit status
         _ensure_summary(run_dir, t0, stop_status(err), stop_error(err))
         raise
+    except Exception as err:
+        return report_failure(cfg, run_dir, err, since=t0)
     try:
         summary = read_summary(run_dir)
     except (OSError, ValueError):
         summary = {"status": "failed", "error": "no summary.json was written"}
     if summary.get("status") != "completed":
-        print(f"fedbgmd: run failed: {summary.get('error')}", file=sys.stderr)
-        return EXIT_RUN_FAILED
+        return report_failure(cfg, run_dir, None)
     acc = summary.get("final_accuracy")
     acc_s = "n/a" if acc is None else f"{100 * acc:.2f}%"
-    print(
-        f"fedbgmd: done in {time.time() - t0:.1f}s; final test accuracy {acc_s} "
+    done = (
+        f"done in {time.time() - t0:.1f}s; final test accuracy {acc_s} "
         f"(best {100 * (summary.get('best_accuracy') or 0):.2f}%); results in {run_dir}"
     )
+    if summary.get("skipped_rounds"):
+        done += f"; {summary['skipped_rounds']} round(s) skipped (see metrics.jsonl 'skipped')"
+    log.info(done)
+    print(f"fedbgmd: {done}")
     return 0
 
 
@@ -136,6 +133,45 @@ def _ensure_summary(run_dir: Path, since: float, status: str, error: str) -> Non
         atomic_write_text(path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     except OSError as err:
         print(f"fedbgmd: could not write {path}: {err}", file=sys.stderr)
+
+
+def report_failure(
+    cfg: Any, run_dir: Path, err: BaseException | None, since: float | None = None
+) -> int:
+    """Make a failed run visible everywhere: summary.json (written here if the run failed before
+    its server could write one, so reports list it and a re-run retries it), the traceback in the
+    run folder's log and on stderr (Hydra's console handler), one closing line. Returns 1.
+    ``since``: a summary.json older than this (an earlier segment's) is not this run's."""
+    import traceback
+
+    from fedbgmd.data import DatasetMissingError
+    from fedbgmd.results import read_summary, write_failure_summary
+
+    try:
+        summary = read_summary(run_dir)
+        if since is not None and (run_dir / "summary.json").stat().st_mtime < since:
+            summary = {}
+    except (OSError, ValueError):
+        summary = {}
+    recorded = summary.get("error") if summary.get("status") == "failed" else None
+    tb: str | None
+    if err is not None:
+        error = str(recorded or f"{type(err).__name__}: {err}")
+        tb = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    else:
+        error = str(recorded or "the run ended without a completed summary.json")
+        tb = summary.get("traceback")
+    if not summary:
+        config = OmegaConf.to_container(cfg, resolve=True)
+        write_failure_summary(run_dir, error, config if isinstance(config, dict) else {}, tb)
+    if isinstance(err, DatasetMissingError):  # not a bug: the message says what to do (below)
+        log.info("data set missing: %s", err)
+    elif tb:
+        log.error("run failed: %s\n%s", error, tb.rstrip())
+    else:
+        log.error("run failed: %s", error)
+    print(f"fedbgmd: run failed: {error}", file=sys.stderr)
+    return EXIT_RUN_FAILED
 
 
 def resumed_config(args: list[str]) -> tuple[Any, Path]:
@@ -209,14 +245,21 @@ def _claim(run_dir: Path, fresh: bool, sweep: bool) -> int | None:
         print(f"fedbgmd: run failed: {err}", file=sys.stderr)
         return EXIT_RUN_FAILED
     held = [f for f in ("metrics.csv", "summary.json") if (run_dir / f).exists()]
+    if fresh and held and _retry_failed(run_dir):
+        held = []
     if fresh and held:
         lock.release()
         # a new run would append its rounds to that run's metrics.csv (resume's mechanism) and
         # its summary would mix both
+        resumable = (run_dir / "checkpoint.pt").is_file()
         print(
             f"fedbgmd: {run_dir} already holds a run ({', '.join(held)}); not mixing a new run "
-            f"into it. Choose another hydra.run.dir / hydra.sweep.dir, move that folder away, "
-            f"or continue it with resume={run_dir}"
+            f"into it. Choose another hydra.run.dir / hydra.sweep.dir"
+            + (
+                f", move that folder away, or continue it with resume={run_dir}"
+                if resumable
+                else " or move that folder away"
+            )
             + ("; skipping this job of the sweep" if sweep else ""),
             file=sys.stderr,
         )
@@ -310,28 +353,102 @@ def _hydra_main(cfg: DictConfig) -> None:
         print(f"fedbgmd: job {run_dir} failed; continuing the sweep", file=sys.stderr)
 
 
-def _precheck(overrides: list[str]) -> int | None:
-    """Compose the config before Hydra runs, so a bad override exits 2 with one clear line."""
-    from hydra import compose, initialize_config_module
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+def _retry_failed(run_dir: Path) -> bool:
+    """A run that failed and left nothing to resume from is run again: its partial files are
+    set aside (``*.interrupted``), as the fused launcher does. True when so."""
+    from fedbgmd.results import read_summary
 
-    run_overrides = [
+    try:
+        failed = read_summary(run_dir).get("status") == "failed"
+    except (OSError, ValueError):
+        return False
+    if not failed or (run_dir / "checkpoint.pt").is_file():
+        return False
+    from fedbgmd.fused import set_aside_partial
+
+    set_aside_partial(run_dir)
+    print(f"fedbgmd: {run_dir} holds a failed run; running it again", file=sys.stderr)
+    return True
+
+
+def _run_overrides(overrides: list[str]) -> list[str]:
+    """The overrides that shape the job's config (not hydra.*, not flags)."""
+    return [
         o
         for o in overrides
         if not o.lstrip("~+").startswith("hydra.") and ("=" in o or o.startswith("~"))
     ]
+
+
+def _config_problem(run_overrides: list[str]) -> str | None:
+    """Compose one job's config and check it: None, or the one message a bad value gets.
+
+    Must be called inside ``initialize_config_module`` (a sweep composes every job in one)."""
+    from hydra import compose
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
-        with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-            cfg = compose("config", overrides=run_overrides)
-        check_config(cfg)
+        check_config(compose("config", overrides=run_overrides))
     except ConfigError as err:
-        print(f"fedbgmd: {err}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+        return str(err)
     except (HydraException, OmegaConfBaseException, ValueError) as err:
-        print(f"fedbgmd: invalid configuration: {explain(err, run_overrides)}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
+        return f"invalid configuration: {explain(err, run_overrides)}"
     return None
+
+
+def _precheck(overrides: list[str]) -> int | None:
+    """Compose the config before Hydra runs, so a bad override exits 2 with one clear line."""
+    from hydra import initialize_config_module
+
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        problem = _config_problem(_run_overrides(overrides))
+    if problem is None:
+        return None
+    print(f"fedbgmd: {problem}", file=sys.stderr)
+    return EXIT_BAD_CONFIG
+
+
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """The jobs ``fedbgmd -m <overrides>`` runs, as Hydra's basic sweeper expands them (the
+    sweeper.params of a preset first, then the command line's; the cartesian product)."""
+    from hydra import compose
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(overrides)
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override() and o.input_line]
+    master = compose("config", overrides=_run_overrides(fixed), return_hydra_config=True)
+    params = master.hydra.sweeper.get("params") or {}
+    preset = [f"{k}={v}" for k, v in params.items()]
+    batches = BasicSweeper.split_arguments(parser.parse_overrides(preset + overrides), None)
+    return [list(job) for batch in batches for job in batch]
+
+
+def _precheck_sweep(overrides: list[str]) -> int | None:
+    """Compose and check every job of a sweep before the first runs (Hydra's basic launcher
+    would run job 0 and only then find job 1 invalid): any bad job exits 2, nothing started."""
+    from hydra import initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    problems: list[str] = []
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        try:
+            jobs = sweep_jobs(overrides)
+        except (HydraException, OmegaConfBaseException, ValueError) as err:
+            jobs, problems = [], [f"invalid configuration: {explain(err, overrides)}"]
+        for k, job in enumerate(jobs):
+            problem = _config_problem(_run_overrides(job))
+            if problem is not None:
+                problems.append(f"job {k} ({' '.join(_run_overrides(job))}): {problem}")
+    if not problems:
+        return None
+    print("fedbgmd: no job of the sweep was started:", file=sys.stderr)
+    for problem in problems:
+        print(f"fedbgmd: {problem}", file=sys.stderr)
+    return EXIT_BAD_CONFIG
 
 
 def explain(err: BaseException, overrides: list[str]) -> str:
@@ -354,7 +471,7 @@ def explain(err: BaseException, overrides: list[str]) -> str:
     if cause is not None and key:
         detail = str(cause).splitlines()[0]
         parent, _, leaf = str(key).rpartition(".")
-        valid = _keys_at(parent)
+        valid = _keys_at(parent, overrides)
         hint = ""
         if valid and leaf not in valid:
             close = difflib.get_close_matches(leaf, valid, n=3)
@@ -364,13 +481,27 @@ def explain(err: BaseException, overrides: list[str]) -> str:
     return head
 
 
-def _keys_at(path: str) -> list[str]:
-    """Keys of the default config at ``path`` ("" = top level), for suggestions."""
+def _keys_at(path: str, overrides: list[str] | None = None) -> list[str]:
+    """Keys valid at ``path`` ("" = top level) of the config the other ``overrides`` choose, for
+    suggestions: a plug-in's params map offers that plug-in's own parameters (ctm's beta, not
+    the default strategy's GM eps/max_iter)."""
     from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
 
+    from fedbgmd.components import plugin_params
+
+    # compose without the overrides at path (one of them is the bad key)
+    others = [o for o in overrides or [] if o.lstrip("~+").split("=")[0].rpartition(".")[0] != path]
     try:
-        with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-            node = compose("config")
+        if GlobalHydra.instance().is_initialized():  # inside a precheck's composition
+            cfg = compose("config", overrides=others)
+        else:
+            with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+                cfg = compose("config", overrides=others)
+        own = plugin_params(cfg, path)
+        if own is not None:
+            return own
+        node = cfg
         for part in [p for p in path.split(".") if p]:
             node = node[part]
         return [str(k) for k in node.keys()]
@@ -378,9 +509,119 @@ def _keys_at(path: str) -> list[str]:
         return []
 
 
+def _precheck_args(args: list[str]) -> int | None:
+    """Check the config(s) a command line would run before Hydra starts anything. Other Hydra
+    flags (--cfg, --config-dir, ...) change what is composed: Hydra handles those itself, and
+    each job still checks its config (exit 2 on a bad value)."""
+    flags = [a for a in args if a.startswith("-")]
+    if not flags:
+        return _precheck(args)
+    if set(flags) <= {"-m", "--multirun"}:
+        overrides = [a for a in args if not a.startswith("-")]
+        if any(o.replace(" ", "") == "hydra/launcher=fused" for o in overrides):
+            return None  # the fused launcher composes and checks every job first itself
+        return _precheck_sweep(overrides)
+    return None
+
+
+USAGE = """\
+fedbgmd {version}: Byzantine-robust federated learning simulations (FL-BGMD and its baselines)
+on Flower, PyTorch and Hydra. A run trains a model with num_clients clients, some of them
+Byzantine, and writes its own folder: config.yaml, metrics.csv/.jsonl, summary.json, plots.
+
+Usage:
+  fedbgmd [KEY=VALUE | GROUP=OPTION ...]         one run (outputs/<date>/<time>)
+  fedbgmd -m [KEY=A,B ...]                       a sweep: every combination, each in a folder
+  fedbgmd report SWEEP_DIR [--help]              tables and plots over the runs below a folder
+  fedbgmd resume=RUN_DIR [num_rounds=N]          continue a run saved with checkpoint_every
+                                                 or checkpoint_last
+  fedbgmd --version                              fedbgmd's version and torch/flwr/hydra's
+
+Config groups (GROUP=OPTION; every key of a group is KEY=VALUE, e.g. attack.fraction=0.3):
+{groups}
+
+Examples:
+  fedbgmd experiment=smoke                                   # seconds, synthetic data, no Ray
+  fedbgmd strategy=cm attack=alie attack.fraction=0.3 seed=1 # Fashion-MNIST, 30 rounds
+  fedbgmd -m experiment=smoke strategy=fedavg,cm,fedbgmd seed=0,1 && fedbgmd report multirun
+
+Exit status: 0 done, 1 the run failed (reason printed, in summary.json and the run's cli.log),
+2 bad configuration (nothing ran). `fedbgmd --cfg job [overrides]` prints the composed config.
+"""
+
+GROUPS = ("data", "model", "strategy", "attack", "client", "engine", "experiment")
+
+
+def config_groups() -> list[tuple[str, list[str]]]:
+    """(group, its options) from the packaged presets (the schemas are not options)."""
+    from importlib.resources import files
+
+    conf = files(CONFIG_MODULE)
+    return [
+        (
+            g,
+            sorted(
+                f.name[: -len(".yaml")]
+                for f in conf.joinpath(g).iterdir()
+                if f.name.endswith(".yaml")
+            ),
+        )
+        for g in GROUPS
+    ]
+
+
+def usage() -> str:
+    import textwrap
+
+    from fedbgmd import __version__
+
+    width = max(len(g) for g in GROUPS) + 1
+    groups = "\n".join(
+        textwrap.fill(
+            ", ".join(opts),
+            width=96,
+            initial_indent=f"  {g + ':':<{width}} ",
+            subsequent_indent=" " * (width + 3),
+        )
+        for g, opts in config_groups()
+    )
+    return USAGE.format(version=__version__, groups=groups)
+
+
+def versions() -> str:
+    """``fedbgmd --version``: fedbgmd and the libraries whose versions change results."""
+    from fedbgmd import __version__
+    from fedbgmd.results import environment_versions
+
+    v = environment_versions()
+    hydra_version = getattr(hydra, "__version__", None)
+    commit = f" ({v['fedbgmd_commit']})" if v.get("fedbgmd_commit") else ""
+    return (
+        f"fedbgmd {__version__}{commit}\n"
+        f"torch {v['torch']}, flwr {v['flwr']}, hydra-core {hydra_version}, "
+        f"python {v['python']}"
+    )
+
+
+def _identity(args: list[str]) -> bool:
+    """--help and --version are fedbgmd's (Hydra's own flags follow its usage). True: handled."""
+    if "--version" in args:
+        print(versions())
+        return True
+    if "--help" in args or "-h" in args:
+        print(usage())
+        print("Hydra's flags (fedbgmd runs on Hydra; its own help: fedbgmd --hydra-help):")
+        print("  -m/--multirun  --cfg job|hydra|all  --resolve  --config-dir DIR  -cn NAME")
+        print("  --info [all|config|defaults|...]  --shell-completion  hydra.run.dir=DIR ...")
+        return True
+    return False
+
+
 def entry(argv: list[str] | None = None) -> None:
     """Console script ``fedbgmd``."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if _identity(args):
+        return
     if args and args[0] == "report":
         from fedbgmd import report
 
@@ -396,10 +637,10 @@ def entry(argv: list[str] | None = None) -> None:
         # Any Hydra flag (--multirun, --help, --cfg, --config-dir, ...) changes what is composed
         # or run: Hydra handles those itself; the job checks its config (exit 2 on a bad value)
         # and locks its folder.
+        status = _precheck_args(args)  # every job of a sweep too, before any runs
+        if status is not None:
+            sys.exit(status)
         if not any(a.startswith("-") for a in args):
-            status = _precheck(args)
-            if status is not None:
-                sys.exit(status)
             run_dir, args = _pinned_run_dir(args)
             if run_dir is not None:  # locked before Hydra writes .hydra/ there
                 status = _claim(run_dir, fresh=True, sweep=False)

@@ -11,6 +11,7 @@ import hashlib
 import importlib
 import inspect
 import logging
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,24 @@ from fedbgmd.core import (
 from fedbgmd.data import Dataset, load_dataset, partition
 from fedbgmd.results import attack_label
 from fedbgmd.training import OptimConfig
+
+
+class PluginFailed(RuntimeError):
+    """A plug-in (attack, aggregator, selector, strategy) raised: a bug that fails the run.
+
+    Raised on the client side around attack calls, so that the server, which sees only an error
+    reply, can tell a crashed attack from a hostile reply (see ``RobustStrategy.own_clients``)."""
+
+
+def call_plugin(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, its exception re-raised as PluginFailed naming ``what`` and
+    carrying the traceback text (an error reply keeps only the message)."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:
+        raise PluginFailed(
+            f"{what} raised {type(err).__name__}: {err}\n{traceback.format_exc()}"
+        ) from err
 
 
 def locate(path: str) -> Any:
@@ -203,6 +222,25 @@ def assumption_warnings(cfg: Any) -> list[str]:
                 f"{agg.name} trims fewer rows than there are Byzantine clients"
             ]
     return []
+
+
+def plugin_params(cfg: Any, path: str) -> list[str] | None:
+    """Parameter names the chosen built-in plug-in at ``path`` takes (``strategy.aggregator.params``,
+    ``attack.params``), read from its constructor; None for other paths, user targets, or when
+    it cannot be built without parameters."""
+    try:
+        if path == "strategy.aggregator.params" and not cfg.strategy.aggregator.target:
+            obj: Any = get_aggregator(cfg.strategy.aggregator.name)
+        elif path == "attack.params" and not cfg.attack.target and cfg.attack.name != "none":
+            a = cfg.attack
+            obj = get_omniscient_attack(a.name) if a.mode == "omniscient" else get_attack(a.name)
+        else:
+            return None
+        sig = inspect.signature(type(obj))
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [n for n, p in sig.parameters.items() if p.kind in kinds]
 
 
 def strategy_class(cfg: Any) -> type:

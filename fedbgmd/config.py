@@ -12,6 +12,7 @@ startup (:func:`fedbgmd.components.check_components`), which names the unknown p
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -181,7 +182,11 @@ class Config:
     max_eval_samples: int | None = None  # evaluate on the first N test samples (None: all)
     progress: bool = True
     plots: bool = True  # draw the run's PNG plots at the end (1-2 s; sweeps may turn it off)
-    checkpoint_every: int = 0  # save checkpoint.pt every N rounds (0: off; the last round always)
+    # checkpoint.pt (the model and the server's state: a CNN's is ~56 MB) only when asked: every
+    # N rounds and the last (checkpoint_every > 0), or only the last round's (checkpoint_last);
+    # resume needs one of them
+    checkpoint_every: int = 0
+    checkpoint_last: bool = False
     resume: str | None = None  # a run folder with checkpoint.pt: continue it there
     # end the run after the round whose global model has NaN/Inf (later rounds could only reject)
     stop_on_divergence: bool = True
@@ -191,12 +196,18 @@ def register_configs() -> None:
     """Register every schema in Hydra's ConfigStore (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
-    cs.store(group="data", name="base_data", node=DataConfig)
-    cs.store(group="model", name="base_model", node=ModelConfig)
-    cs.store(group="strategy", name="base_strategy", node=StrategyConfig)
-    cs.store(group="client", name="base_client", node=ClientConfig)
-    cs.store(group="attack", name="base_attack", node=AttackConfig)
-    cs.store(group="engine", name="base_engine", node=EngineConfig)
+    # the group schemas live in their own group, not among the options of the group they type
+    # (``attack=base_attack`` would be offered by --help and run as no attack); a preset extends
+    # its schema with ``defaults: [/schema/<group>@_here_]``
+    for group, node in (
+        ("data", DataConfig),
+        ("model", ModelConfig),
+        ("strategy", StrategyConfig),
+        ("client", ClientConfig),
+        ("attack", AttackConfig),
+        ("engine", EngineConfig),
+    ):
+        cs.store(group="schema", name=group, node=node)
 
 
 _CHOICES = {
@@ -211,6 +222,27 @@ _CHOICES = {
     "attack.mode": ("client", "omniscient"),
     "engine.name": ("simulation", "inprocess", "deployment"),
 }
+
+
+# what each data set feeds the model (synthetic: data.image_shape, or flat num_features), and the
+# models that need images; each data group's preset brings a model that fits (conf/data/*.yaml)
+_IMAGE_SHAPES = {"fashion_mnist": (1, 28, 28), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+_IMAGE_MODELS = ("cnn", "resnet18")
+
+
+def _model_data_problem(cfg: Any) -> str | None:
+    d, model = cfg.data, cfg.model.name
+    shape = _IMAGE_SHAPES.get(d.name) or (
+        tuple(d.image_shape) if d.image_shape else (d.num_features,)
+    )
+    if model not in _IMAGE_MODELS or len(shape) == 3:
+        return None
+    return (
+        f"model={model} needs C×H×W images, but data={d.name} gives flat vectors of "
+        f"{shape[0]} features; use model=mlp or model=logreg (data={d.name} brings mlp when "
+        f"model is not given), or give the synthetic task an image shape "
+        f"(data.image_shape=[1,16,16])"
+    )
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -231,13 +263,54 @@ def _positive(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
+def unknown_keys(cfg: Any) -> list[str]:
+    """One problem per key that no schema declares. Hydra's ``+key=value`` adds a key even to a
+    typed config, so ``+num_round=50`` would run num_rounds' value and keep the typo in
+    config.yaml; only the free-form ``params`` maps (plug-in parameters) take new keys."""
+    import difflib
+
+    from omegaconf import DictConfig, OmegaConf
+
+    problems: list[str] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        schema = OmegaConf.get_type(node)
+        if not dataclasses.is_dataclass(schema):  # a params map, or a plain config: open
+            return
+        known = [f.name for f in dataclasses.fields(schema)]
+        for key in node.keys():
+            full = f"{prefix}{key}"
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=2)
+                hint = f"; did you mean {' or '.join(prefix + c for c in close)}?" if close else ""
+                problems.append(
+                    f"{full}: no such setting{hint} (only the params maps take new keys, e.g. "
+                    f"+strategy.params.x=1; keys at {prefix.rstrip('.') or 'top level'}: "
+                    f"{', '.join(known)})"
+                )
+                continue
+            child = node._get_node(key)
+            if isinstance(child, DictConfig) and not child._is_none():
+                walk(child, f"{full}.")
+
+    if isinstance(cfg, DictConfig):
+        walk(cfg, "")
+    return problems
+
+
 def validate(cfg: Any) -> None:
     """Check the cross-field rules once at startup; raise one ConfigError listing all problems."""
-    p: list[str] = []
+    p: list[str] = unknown_keys(cfg)
+    if p:  # the other checks would read the schema's values, not the mistyped key's
+        raise ConfigError(p)
     for key, choices in _CHOICES.items():
         value = _get(cfg, key)
         if value not in choices:
             p.append(f"{key}={value!r} is not one of {', '.join(choices)}")
+    if cfg.data.name in _CHOICES["data.name"] and cfg.model.name in _CHOICES["model.name"]:
+        mismatch = _model_data_problem(cfg)
+        if mismatch:
+            p.append(mismatch)
     if cfg.num_clients < 1:
         p.append(f"num_clients={cfg.num_clients} must be >= 1")
     if cfg.num_rounds < 1:

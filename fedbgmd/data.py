@@ -29,7 +29,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,11 +185,27 @@ def _how_to_get(name: str) -> str:
             "  * Debian/Ubuntu: `apt-get install dataset-fashion-mnist` "
             f"(installs the idx files under {DEBIAN_FASHION_MNIST_DIR})"
         )
+    held = "cifar-10-batches-py" if name == "cifar10" else "the files"
     lines += [
-        "  * put the files in a folder and pass root=<folder> (data.root=<folder> on the CLI)",
-        "  * or pass download=true (data.download=true) on a machine with internet access",
+        f"  * put {held} in a folder and pass data.root=<folder>",
+        "  * or pass data.download=true on a machine with internet access (it downloads into "
+        f"data.root, or {DEFAULT_ROOT} when data.root is not set; FEDBGMD_DATA_ROOT moves it)",
     ]
     return "\n".join(lines)
+
+
+def _download(name: str, into: Path, looked: list[Path], fetch: Callable[[], object]) -> None:
+    """Run torchvision's download ``fetch``; any failure (no internet: URLError; a proxy, a bad
+    checksum) becomes a DatasetMissingError that names the data set, where it was looked for and
+    downloaded to, and the other ways to get it."""
+    try:
+        fetch()
+    except Exception as err:
+        where = "\n".join(f"  - {d}" for d in looked)
+        raise DatasetMissingError(
+            f"{name}: not found and the download into {into} failed "
+            f"({type(err).__name__}: {err}). Looked in:\n{where}\nTo get it:\n{_how_to_get(name)}"
+        ) from err
 
 
 def _load_idx_dataset(name: str, root: str | None, download: bool) -> Dataset:
@@ -205,7 +221,9 @@ def _load_idx_dataset(name: str, root: str | None, download: bool) -> Dataset:
                 f"were not found. Looked in:\n{looked}\nTo get them:\n{_how_to_get(name)}"
             )
         download_root = Path(root).expanduser() if root is not None else DEFAULT_ROOT
-        _torchvision_download(folder, download_root)
+        _download(
+            name, download_root, candidates, lambda: _torchvision_download(folder, download_root)
+        )
         files = _find_idx_files(download_root / folder / "raw")
         if files is None:
             raise DatasetMissingError(
@@ -242,20 +260,26 @@ def _load_cifar10(root: str | None, download: bool) -> Dataset:
     """CIFAR-10 through torchvision, normalised per channel, ``N×3×32×32``."""
     base = Path(root).expanduser() if root is not None else DEFAULT_ROOT
     batches = base / "cifar-10-batches-py"
-    if not download and not (batches / "data_batch_1").is_file():
-        raise DatasetMissingError(
-            f"cifar10: {batches} (torchvision's CIFAR-10 layout) was not found. Looked in:\n"
-            f"  - {batches}\nTo get it:\n"
-            "  * pass root=<folder holding cifar-10-batches-py> (data.root=<folder>)\n"
-            "  * or pass download=true (data.download=true) on a machine with internet access"
-        )
     import torchvision  # lazy
+
+    if not (batches / "data_batch_1").is_file():
+        if not download:
+            raise DatasetMissingError(
+                f"cifar10: {batches} (torchvision's CIFAR-10 layout) was not found. Looked in:\n"
+                f"  - {batches}\nTo get it:\n{_how_to_get('cifar10')}"
+            )
+        _download(
+            "cifar10",
+            base,
+            [batches],
+            lambda: torchvision.datasets.CIFAR10(root=str(base), train=True, download=True),
+        )
 
     mean = torch.tensor(_CIFAR10_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(_CIFAR10_STD).view(1, 3, 1, 1)
 
     def split(train: bool) -> TensorData:
-        ds = torchvision.datasets.CIFAR10(root=str(base), train=train, download=download)
+        ds = torchvision.datasets.CIFAR10(root=str(base), train=train, download=False)
         x = torch.as_tensor(ds.data).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
         return TensorData(((x - mean) / std).contiguous(), torch.as_tensor(ds.targets))
 

@@ -55,6 +55,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from fedbgmd.components import derive_seed
 from fedbgmd.core import (
+    AggregationRefused,
     block_size,
     flatten_state,
     geometric_median,
@@ -757,7 +758,7 @@ class FusedGroup:
                 w = self._weights(active[j], a.ids_all[j]) if st.weighted else None
                 try:
                     r = st.aggregator(delta[b], w)
-                except ValueError:  # e.g. Krum with too few rows: the single-run path decides
+                except AggregationRefused:  # Krum with too few rows...: the single-run path decides
                     refused.append(b)
                     outs.append(torch.zeros(k, dtype=delta.dtype, device=dev))
                     it_l.append(float("nan"))
@@ -848,7 +849,7 @@ class FusedGroup:
                 generator=generator(self.runs[i].seed, a.rnd, "block", device=self.device),
                 weights=w,
             )
-        except ValueError as err:  # e.g. Krum with too few rows: the round is skipped
+        except AggregationRefused as err:  # Krum with too few rows...: the round is skipped
             a.skipped[j] = f"aggregation refused: {err}"
             self._store_memory(i, st.memory_kind, mem if st.block else None)
             return
@@ -1125,8 +1126,7 @@ class _Bookkeeping:
     def finish(self, status: str, error: str | None) -> None:
         from omegaconf import OmegaConf
 
-        from fedbgmd.results import summarize
-        from fedbgmd.server import setting_of
+        from fedbgmd.results import run_labels, summarize
 
         if self.finished:
             return
@@ -1134,16 +1134,13 @@ class _Bookkeeping:
         self.flush()
         rows = self.writer.rows()
         summary = summarize(rows)
-        setting = setting_of(self.cfg)
+        config = OmegaConf.to_container(self.cfg, resolve=True)
+        assert isinstance(config, dict)
+        summary.update(run_labels(config))
         summary.update(
             status=status,
             error=error,
-            seed=self.cfg.seed,
-            strategy=self.cfg.strategy.name,
-            attack=self.attack.name,
-            fraction=setting["attack.fraction"],
             byzantine_ids=list(self.attack.byzantine_ids),
-            setting=setting,
             num_parameters=None,
             diverged_at=self.diverged_at,
             stopped_early=(
@@ -1154,7 +1151,7 @@ class _Bookkeeping:
             engine="fused",
             wall_time_s=time.time() - self.started,
             versions=self.versions,
-            config=OmegaConf.to_container(self.cfg, resolve=True),
+            config=config,
         )
         self.writer.write_summary(summary)
         if not self.cfg.plots:

@@ -20,8 +20,9 @@ matplotlib.use("Agg")
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-from fedbgmd.results import is_missing, read_metrics
+from fedbgmd.results import is_missing, read_metrics, read_summary
 
 __all__ = ["Curve", "plot_comparison", "plot_run"]
 
@@ -94,6 +95,33 @@ _DIAGNOSTICS: tuple[tuple[str, str, bool], ...] = (
     ("relative_residual", "relative residual", True),
     ("bytes_up", "bytes up", False),
 )
+_COUNTS = frozenset({"gm_iterations", "bytes_up"})  # integer ticks (no "2.5 iterations")
+
+
+def run_title(run_dir: Path | str) -> str:
+    """What ran, for plot titles: strategy, attack with ψ, seed (the folder name is a time)."""
+    run_dir = Path(run_dir)
+    try:
+        s = read_summary(run_dir)
+    except (OSError, ValueError):
+        return run_dir.name
+    attack = s.get("attack")
+    fraction = s.get("fraction")
+    hostile = (
+        f"{attack} ψ={float(fraction or 0):g}" if attack not in (None, "none") else "no attack"
+    )
+    return f"{s.get('strategy')}, {hostile}, seed {s.get('seed')} ({run_dir.name})"
+
+
+def diagnostic_panels(run_dir: Path | str) -> list[str]:
+    """The diagnostics worth a panel: logged, and not the same value every round (a flat line
+    says nothing; bytes up is constant without quantization or dropouts)."""
+    rows = read_metrics(Path(run_dir))
+    return [c for c, _, _ in _DIAGNOSTICS if _varies(_series(rows, "round", c)[1])]
+
+
+def _varies(ys: np.ndarray) -> bool:
+    return ys.size > 0 and bool(np.ptp(ys) > 0)
 
 
 def plot_run(run_dir: Path | str) -> list[Path]:
@@ -104,7 +132,7 @@ def plot_run(run_dir: Path | str) -> list[Path]:
     """
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
-    title = run_dir.name
+    title = run_title(run_dir)
     out = [
         _two_panel(
             rows,
@@ -122,7 +150,8 @@ def plot_run(run_dir: Path | str) -> list[Path]:
             run_dir / "loss.png",
         ),
     ]
-    present = [(c, lbl, log) for c, lbl, log in _DIAGNOSTICS if _series(rows, "round", c)[0].size]
+    shown = diagnostic_panels(run_dir)
+    present = [(c, lbl, log) for c, lbl, log in _DIAGNOSTICS if c in shown]
     fig = Figure(figsize=(4.5 * max(1, len(present)), 3.8))
     if present:
         axes = np.atleast_1d(fig.subplots(1, len(present)))
@@ -131,11 +160,14 @@ def plot_run(run_dir: Path | str) -> list[Path]:
             ax.plot(xs, ys, marker="." if xs.size < 50 else None)
             if log and np.all(ys > 0):
                 ax.set_yscale("log")
+            if col in _COUNTS:
+                ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("round")
             ax.set_title(label)
             ax.grid(True, alpha=0.3)
     else:
-        _no_data(fig.subplots(1, 1), "diagnostics")
+        _no_data(fig.subplots(1, 1), "diagnostics that change")
     fig.suptitle(f"Diagnostics — {title}")
     out.append(_save(fig, run_dir / "diagnostics.png"))
     return out

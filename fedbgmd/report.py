@@ -74,6 +74,7 @@ _NO_OUTCOME_KEYS = (
     "resume",
     "eval_every",
     "checkpoint_every",
+    "checkpoint_last",
     "eval_batch_size",
     "data.root",
     "data.download",
@@ -397,6 +398,8 @@ def _group_stats(g: Group) -> dict[str, Any]:
         "n_completed": len(done),
         "n_failed": len(g.failed),
         "n_diverged": sum(r.diverged for r in done),
+        # rounds the aggregator refused or that had too few replies: the model did not move
+        "n_skipped_rounds": sum(int(_num(r.summary.get("skipped_rounds")) or 0) for r in done),
         "seeds": " ".join(str(r.summary.get("seed")) for r in done),
         "final_acc_mean": fa[0],
         "final_acc_std": fa[1],
@@ -783,6 +786,8 @@ def _pivot_cell(
         notes.append(f"diverged in {s['n_diverged']}/{n}")
     if s["n_failed"]:
         notes.append(f"{s['n_failed']} failed")
+    if s.get("n_skipped_rounds"):
+        notes.append(f"{s['n_skipped_rounds']} rounds skipped")
     notes.extend(extras)
     text = f"{head} ({', '.join(notes)})"
     if ref is not None:
@@ -1206,6 +1211,12 @@ def build_report(
         f"- runs: {len(runs)} ({n_completed} completed, {n_failed} failed, "
         f"{n_diverged} diverged{repeats}); settings: {len(groups)}",
     ]
+    n_skipped = sum(s["n_skipped_rounds"] for s in stats)
+    if n_skipped:
+        md.append(
+            f"- **{n_skipped} rounds skipped** in the completed runs (too few replies, or the "
+            "aggregator refused them: the model did not move); see each run's metrics.jsonl"
+        )
     if common:
         md.append("- common to all runs: " + _label(groups[0].setting, common))
     if reference is not None:

@@ -183,6 +183,8 @@ def atomic_write_text(path: Path, text: str) -> None:
     except OSError as err:
         raise fs_error(err, "creating a temporary file for", path) from err
     try:
+        # mkstemp makes the file 0600; the run's other files follow the umask (usually 0644)
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
@@ -249,6 +251,15 @@ def _csv_lines(rows: Sequence[Mapping[str, object]]) -> str:
 
 def _jsonl_lines(rows: Sequence[Mapping[str, object]]) -> str:
     return "".join(json.dumps(_json_safe(r), sort_keys=False) + "\n" for r in rows)
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set back at once (at import: no threads yet)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
 
 
 class RunWriter:
@@ -326,6 +337,7 @@ class RunWriter:
             "finished_at": utc_now_iso(),
         }
         merged.update({str(k): v for k, v in summary.items()})
+        merged.update(completed_status(merged))
         text = json.dumps(_json_safe(merged), indent=2, sort_keys=True) + "\n"
         atomic_write_text(self.summary_json, text)
 
@@ -378,7 +390,10 @@ def summarize(rows: list[dict[str, Any]] | list[Mapping[str, Any]]) -> dict[str,
         final_loss = None
     wall = _last(r.get("wall_time_s") for r in rows)
     rounds_seen = [int(r["round"]) for r in rows if not is_missing(r.get("round"))]
+    skipped = [r for r in rows if r.get("skipped")]
     return {
+        "skipped_rounds": len(skipped),
+        "first_skip_reason": str(skipped[0]["skipped"]) if skipped else None,
         "final_accuracy": None if final_acc is None else float(final_acc),  # type: ignore[arg-type]
         "best_accuracy": best_acc,
         "best_round": best_round,
@@ -420,12 +435,26 @@ def with_segments(
     return summary
 
 
+def completed_status(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """``status``/``error`` of a summary, where a "completed" run none of whose rounds aggregated
+    (every one skipped: too few replies, or the aggregator refused each) is a failed run: it
+    trained nothing, so its accuracy is the initial model's and must not be reported as a result."""
+    status, error = summary.get("status"), summary.get("error")
+    rounds, skipped = summary.get("rounds") or 0, summary.get("skipped_rounds") or 0
+    if status == "completed" and rounds >= 1 and skipped >= rounds:
+        status = "failed"
+        error = (
+            f"every round was skipped ({skipped}); the first: {summary.get('first_skip_reason')}"
+        )
+    return {"status": status, "error": error}
+
+
 def _metrics_path(run_dir: str | Path, name: str) -> Path:
     p = Path(run_dir)
     return p if p.is_file() else p / name
 
 
-def setting_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
+def setting_from_config(config: Mapping[Any, Any]) -> dict[str, Any]:
     """The config choices that define a run, for grouping runs across seeds in reports.
 
     ``config`` is a resolved config as plain nested dicts (what summary.json keeps under
@@ -443,8 +472,14 @@ def setting_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
     enabled = bool(block.get("enabled"))
     label = attack_label(attack.get("name", "none"), attack.get("target"))
     attacked = label != "none"  # no Byzantine clients without an attack
+    targets = plugin_targets(config)
+    custom = [f"{role}={targets[role]}" for role in ("strategy", "aggregator") if role in targets]
     return {
-        "strategy": strategy.get("name"),
+        # a user's strategy class or aggregator runs under the preset's name: the label says
+        # which code ran, so it is never grouped with (or read as) the built-in
+        "strategy": (
+            f"{strategy.get('name')}[{', '.join(custom)}]" if custom else strategy.get("name")
+        ),
         "attack": label,
         "attack.fraction": float(attack.get("fraction", 0.0)) if attacked else 0.0,
         "data": section(config, "data").get("name"),
@@ -456,6 +491,65 @@ def setting_from_config(config: Mapping[str, Any]) -> dict[str, Any]:
         "num_clients": _number(config.get("num_clients"), int),
         "num_rounds": _number(config.get("num_rounds"), int),
     }
+
+
+DEFAULT_STRATEGY_TARGET = "fedbgmd.strategies.RobustStrategy"
+
+
+def plugin_targets(config: Mapping[Any, Any]) -> dict[str, str]:
+    """The user plug-ins a run used, by role (strategy, aggregator, selector, attack): their
+    dotted paths. Empty when only built-ins ran."""
+
+    def section(node: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+        value = node.get(key)
+        return value if isinstance(value, Mapping) else {}
+
+    strategy = section(config, "strategy")
+    found = {
+        "strategy": strategy.get("target"),
+        "aggregator": section(strategy, "aggregator").get("target"),
+        "selector": section(strategy, "block").get("selector"),
+        "attack": section(config, "attack").get("target"),
+    }
+    if found["strategy"] == DEFAULT_STRATEGY_TARGET:
+        found["strategy"] = None
+    if "." not in str(found["selector"] or ""):  # a registered name, not a user function
+        found["selector"] = None
+    return {role: str(path) for role, path in found.items() if path}
+
+
+def run_labels(config: Mapping[Any, Any]) -> dict[str, Any]:
+    """What summary.json says ran (every writer of a summary uses this one function)."""
+    setting = setting_from_config(config)
+    return {
+        "strategy": setting["strategy"],
+        "attack": setting["attack"],
+        "fraction": setting["attack.fraction"],
+        "setting": setting,
+        "targets": plugin_targets(config),
+        "seed": config.get("seed"),
+    }
+
+
+def write_failure_summary(
+    run_dir: str | Path, error: str, config: Mapping[Any, Any], traceback: str | None = None
+) -> None:
+    """summary.json of a run that failed before its server wrote one (data not loadable, model
+    not buildable, ...): status failed, the error and the config, so reports list the run and a
+    re-run retries it."""
+    summary: dict[str, Any] = {
+        **summarize([]),
+        **run_labels(config),
+        "status": "failed",
+        "error": error,
+        "started_at": None,
+        "finished_at": utc_now_iso(),
+        "config": dict(config),
+    }
+    if traceback:
+        summary["traceback"] = traceback
+    text = json.dumps(_json_safe(summary), indent=2, sort_keys=True) + "\n"
+    atomic_write_text(Path(run_dir) / SUMMARY_JSON, text)
 
 
 def attack_label(name: Any, target: Any) -> str:

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from fedbgmd.results import (
     environment_versions,
     fs_error,
     read_summary,
+    run_labels,
     setting_from_config,
     summarize,
     utc_now_iso,
@@ -175,9 +177,13 @@ class ServerRun:
         if b.enabled and b.memory == "mean" and self.attack.byzantine_ids:
             log.warning(
                 "strategy.block.memory=mean adds the mean residual of all clients, Byzantine "
-                "ones included, to every row; it is not robust (README: Findings). "
+                "ones included, to every row; it is not robust (docs/findings.md). "
                 "Use per_client for robust runs."
             )
+        # the clients run in this process (not remote nodes): a crash of their attack plug-in is
+        # a bug that must fail the run, not a reply to reject
+        self.strategy.own_clients = cfg.engine.name != "deployment"
+        self.traceback: str | None = None  # of the exception that failed the run
         self.last_eval: tuple[float, float] | None = None
         self.diverged_at: int | None = None  # first evaluated round with a non-finite model
 
@@ -282,12 +288,13 @@ class ServerRun:
         }
         self.writer.log_round(row)
         every = cfg.checkpoint_every
-        if server_round > 0 and (
-            server_round == cfg.num_rounds or (every and server_round % every == 0)
-        ):
+        last = server_round == cfg.num_rounds and (every > 0 or cfg.checkpoint_last)
+        if server_round > 0 and (last or (every and server_round % every == 0)):
             self.save_checkpoint(server_round, arrays)
+        line = _progress_line(row, cfg.num_rounds)
+        log.info(line)  # into the run folder's cli.log
         if cfg.progress:
-            print(_progress_line(row, cfg.num_rounds), flush=True)
+            print(line, flush=True)
         if acc is None or loss is None:
             return None
         return MetricRecord({"accuracy": float(acc), "loss": float(loss)})
@@ -373,6 +380,7 @@ class ServerRun:
             )
         except BaseException as err:
             status, error = stop_status(err), stop_error(err)
+            self.traceback = traceback.format_exc()
             raise
         finally:
             self.finish(status, error)
@@ -394,16 +402,13 @@ class ServerRun:
 
         rows = self.writer.rows()
         summary = summarize(rows)
-        setting = setting_of(self.cfg)
+        config = OmegaConf.to_container(self.cfg, resolve=True)
+        assert isinstance(config, dict)
+        summary.update(run_labels(config))
         summary.update(
             status=status,
             error=error,
-            seed=self.cfg.seed,
-            strategy=self.cfg.strategy.name,
-            attack=self.attack.name,
-            fraction=setting["attack.fraction"],
             byzantine_ids=list(self.attack.byzantine_ids),
-            setting=setting,
             num_parameters=count_parameters(self.model),
             diverged_at=self.diverged_at,
             stopped_early=(
@@ -412,12 +417,14 @@ class ServerRun:
                 else None
             ),
             versions=self.versions,
-            config=OmegaConf.to_container(self.cfg, resolve=True),
+            config=config,
             checkpoint_round=self.checkpoint_round,
             resume_command=(
                 f"fedbgmd resume={self.run_dir}" if self.checkpoint_round is not None else None
             ),
         )
+        if self.traceback is not None:
+            summary["traceback"] = self.traceback
         segment = {
             "started_at": self.started_at,
             "finished_at": utc_now_iso(),

@@ -38,8 +38,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from fedbgmd.attacks.base import OmniscientAttack
-from fedbgmd.components import generator
+from fedbgmd.components import PluginFailed, generator
 from fedbgmd.core import (
+    AggregationRefused,
     AggregationResult,
     Aggregator,
     FlatSpec,
@@ -129,6 +130,9 @@ class RobustStrategy(Strategy):
         # in-process engine (engine.device_resident): the global model goes to the clients as a
         # DEVICE_STORE reference and is serialised only when someone needs an ArrayRecord
         self.model_by_reference = False
+        # the clients are this process's simulation: a reply saying their plug-in crashed is a
+        # bug to fail the run on (remote nodes' errors stay rejected replies); set by ServerRun
+        self.own_clients = False
         self._model_nbytes = 0
         # set by the server, which partitions the same data as the clients: with weighted=true
         # the weights are these sizes, not the counts clients claim (a hostile claim of 1e30
@@ -232,7 +236,14 @@ class RobustStrategy(Strategy):
         missing = len(set(info.get("sent_nodes", ())) - answered)
         if missing > 0:
             reasons["timeout"] += missing
-            log.warning("round %d: %d sampled clients did not reply in time", server_round, missing)
+        if reasons:  # one line a round, not one per reply (a Byzantine fifth would flood the log)
+            log.warning(
+                "round %d: %d of %d sampled replies rejected (%s)",
+                server_round,
+                sum(reasons.values()),
+                len(info.get("sent_nodes", ())) or len(replies),
+                ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())),
+            )
         info.update(stats)
         info["replies_accepted"] = len(accepted)
         info["replies_rejected"] = sum(reasons.values())
@@ -261,7 +272,8 @@ class RobustStrategy(Strategy):
         weights = num_examples.to(self.device) if self.weighted else None
         try:
             direction, diag = self.aggregate_updates(updates, ids, server_round, weights)
-        except ValueError as err:  # e.g. Krum/Bulyan with too few rows this round
+        except AggregationRefused as err:  # Krum/Bulyan with too few rows this round, ...
+            # (anything else a plug-in raises is a bug: it ends the run, see fedbgmd.core.errors)
             info["skipped"] = f"aggregation refused: {err}"
             info["agg_time_s"] = time.perf_counter() - t_agg
             log.warning("round %d skipped: %s", server_round, info["skipped"])
@@ -399,7 +411,7 @@ class RobustStrategy(Strategy):
 
         def reject(err: BadReply) -> None:
             reasons[err.reason] += 1
-            log.warning("rejected reply: %s", err)
+            log.debug("rejected reply: %s", err)  # summarised once per round (aggregate_train)
 
         # Two passes with the checks in the order of one: decoding, then the finiteness of every
         # decoded update at once (one host read, not one per reply: on a GPU each read waits for
@@ -408,7 +420,10 @@ class RobustStrategy(Strategy):
         for msg in replies:
             try:
                 if msg.has_error():
-                    raise BadReply("client_error", msg.error.reason or "")
+                    reason = msg.error.reason or ""
+                    if self.own_clients and PluginFailed.__name__ in reason:
+                        raise PluginFailed(f"a client's plug-in failed: {reason}")
+                    raise BadReply("client_error", reason)
                 node = msg.metadata.src_node_id
                 pid = self.node_to_partition.get(node)
                 if pid is None or (sampled and pid not in sampled):
@@ -420,8 +435,9 @@ class RobustStrategy(Strategy):
                 decoded.append((pid, vec, metrics))
             except BadReply as err:
                 reject(err)
+            except PluginFailed:
+                raise
             except Exception as err:  # a hostile reply must never end the run
-                log.error("reply could not be decoded: %r", err)
                 reject(BadReply("undecodable", f"{type(err).__name__}: {err}"))
         finite = all_finite_each([vec for _, vec, _ in decoded])
         for (pid, vec, metrics), ok in zip(decoded, finite):

@@ -156,7 +156,12 @@ def test_readme_plugin_commands_run_end_to_end(tmp_path, command):
         *args,
         f"hydra.run.dir={run}",
         cwd=ROOT,
-        env={"PYTHONPATH": str(ROOT / env_part.split("=", 1)[1])},
+        # the example folder first, the caller's path kept (it may hold the package)
+        env={
+            "PYTHONPATH": os.pathsep.join(
+                [str(ROOT / env_part.split("=", 1)[1]), os.environ.get("PYTHONPATH", "")]
+            )
+        },
     )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((run / "summary.json").read_text())

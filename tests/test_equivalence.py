@@ -17,7 +17,8 @@ from fedbgmd.training import local_train
 def cfg_for(*overrides: str):
     register_configs()
     with initialize_config_module("fedbgmd.conf", version_base="1.3"):
-        return compose("config", overrides=["experiment=smoke", *overrides])
+        # checkpoint_last: the final model is what these tests compare
+        return compose("config", overrides=["experiment=smoke", "checkpoint_last=true", *overrides])
 
 
 def test_one_client_fedavg_equals_centralised_sgd(tmp_path):

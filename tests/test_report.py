@@ -222,6 +222,8 @@ def test_summarize_known_numbers_with_empty_cells() -> None:
         "final_loss": 1.0,
         "rounds": 5,
         "wall_time_s": 8.25,
+        "skipped_rounds": 0,
+        "first_skip_reason": None,
     }
     # a diverged model: the final evaluation's loss is NaN, not the older finite 2.3
     diverged = summarize(

@@ -13,6 +13,7 @@ from fedbgmd.core.aggregation import (
 )
 from fedbgmd.core.bgmd import BlockStepResult, bgmd_step
 from fedbgmd.core.counts import block_size, fraction_ceil, fraction_floor
+from fedbgmd.core.errors import AggregationRefused
 from fedbgmd.core.flatten import FlatSpec, flatten_state, stack_rows, unflatten_state
 from fedbgmd.core.geometric_median import GMResult, geometric_median
 from fedbgmd.core.memory import MeanMemory, Memory, NoMemory, PerClientMemory, make_memory
@@ -26,6 +27,7 @@ from fedbgmd.core.selection import (
 )
 
 __all__ = [
+    "AggregationRefused",
     "AggregationResult",
     "Aggregator",
     "BlockStepResult",

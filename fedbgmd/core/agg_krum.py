@@ -31,6 +31,7 @@ from torch import Tensor
 
 from fedbgmd.core.aggregation import AggregationResult, Aggregator
 from fedbgmd.core.coordinatewise import coordinate_median
+from fedbgmd.core.errors import AggregationRefused
 from fedbgmd.core.gram import robust_centred_gram
 from fedbgmd.core.norms import weighted_row_mean
 
@@ -152,7 +153,7 @@ class MultiKrum(Aggregator):
         n = x.shape[0]
         m = n - self.f if self.m is None else self.m
         if not 1 <= m <= n:
-            raise ValueError(f"multikrum: m={m} must be in [1, n={n}]")
+            raise AggregationRefused(f"multikrum: m={m} must be in [1, n={n}]")
         scores = krum_scores(x, self.f)
         sel = _lowest(scores, m).to(x.device)
         # mean of the selected rows as one matrix-vector product (no copy of the rows)
@@ -162,7 +163,7 @@ class MultiKrum(Aggregator):
         else:
             coef[sel] = weights.to(device=x.device, dtype=torch.float64).index_select(0, sel)
             if not float(coef.sum()) > 0:
-                raise ValueError("multikrum: selected rows have zero total weight")
+                raise AggregationRefused("multikrum: selected rows have zero total weight")
         vec = weighted_row_mean(x, coef)
         return AggregationResult(
             vec, weights=scores.to(device=x.device, dtype=x.dtype), selected=sel

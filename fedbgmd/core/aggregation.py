@@ -14,7 +14,8 @@ rows; deterministic; n = 1 and identical rows return that row; non-finite policy
 
 Non-finite policy: before aggregating, every row containing NaN/±Inf (or with a non-finite
 weight) is dropped by :func:`fedbgmd.core.drop_nonfinite_rows` and counted in
-``AggregationResult.n_dropped``; if no finite row remains ``ValueError`` is raised. NaN is never
+``AggregationResult.n_dropped``; if no finite row remains ``AggregationRefused`` (a
+``ValueError``) is raised, as when fewer rows remain than the rule needs (``min_rows``). NaN is never
 propagated into the result.
 
 Weights: aggregators whose rule has a weighted form (``mean``, ``gm``, ``nc``, ``cclip``,
@@ -36,6 +37,7 @@ from typing import Any
 
 from torch import Tensor
 
+from fedbgmd.core.errors import AggregationRefused
 from fedbgmd.core.nonfinite import drop_nonfinite_rows, validate_weights
 from fedbgmd.core.registry import Registry
 
@@ -96,7 +98,7 @@ class Aggregator(ABC):
         xf, wf, n_dropped = drop_nonfinite_rows(x, weights)
         validate_weights(wf, xf.shape[0])
         if xf.shape[0] < self.min_rows():
-            raise ValueError(
+            raise AggregationRefused(
                 f"aggregator {self.name!r} needs at least {self.min_rows()} finite rows, "
                 f"got {xf.shape[0]} (dropped {n_dropped} non-finite)"
             )

@@ -9,7 +9,7 @@ Given the round's stacked messages :math:`G_t \in \mathbb{R}^{n\times d}` (one r
 4. :math:`\tilde g = \mathrm{Agg}(\Delta_t) \in \mathbb{R}^k` (with the client weights if
    given), scattered into :math:`0 \in \mathbb{R}^d`;
 5. :math:`M_{t+1} = P_t - C_k(P_t)` is stored (per client / as the row mean / discarded). If the
-   aggregator refuses the block (it raises ``ValueError``, e.g. Krum with too few rows), no block
+   aggregator refuses the block (it raises ``AggregationRefused``, e.g. Krum with too few rows), no block
    is applied and :math:`M_{t+1} = P_t`: the round's mass stays in the memory instead of being
    lost.
 
@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from fedbgmd.core.aggregation import AggregationResult, Aggregator
+from fedbgmd.core.errors import AggregationRefused
 from fedbgmd.core.memory import Memory
 from fedbgmd.core.nonfinite import drop_nonfinite_rows
 from fedbgmd.core.selection import column_sq_norms, select_from_norms
@@ -109,9 +110,9 @@ def bgmd_step(
             selection and the memory do not use them).
 
     Raises:
-        ValueError: on bad shapes, ids or k (memory unchanged); the aggregator's ValueError
-            (e.g. Krum with too few rows) after all of P_t went into the memory (nothing of the
-            round is lost). Any other exception leaves the memory unchanged.
+        ValueError: on bad shapes, ids or k (memory unchanged). AggregationRefused (the
+            aggregator's refusal, e.g. Krum with too few rows) after all of P_t went into the
+            memory (nothing of the round is lost). Any other exception leaves the memory unchanged.
     """
     ids = [int(c) for c in client_ids]
     if x.ndim != 2 or len(ids) != x.shape[0]:
@@ -135,7 +136,7 @@ def bgmd_step(
         delta = delta.clone()
     try:
         agg = aggregator(delta, weights)
-    except ValueError:
+    except AggregationRefused:
         # refused: no block is applied this round, so all of P_t stays in the memory
         memory.commit(ids, p, sel[:0], residual_sq=total)
         raise
@@ -169,7 +170,7 @@ def _drop_overflowed(
     ok = torch.isfinite(p).all(dim=1).tolist()
     bad = [c for c, keep in zip(ids, ok) if not keep]
     if len(bad) == len(ids):  # raised before forget: a step that raises stores nothing
-        raise ValueError(
+        raise AggregationRefused(
             f"every row of P = γG + M overflowed (clients {bad}); nothing to aggregate"
         )
     memory.forget(bad)

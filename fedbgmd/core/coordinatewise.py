@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fedbgmd.core.errors import AggregationRefused
+
 __all__ = ["coordinate_median", "trimmed_mean"]
 
 
@@ -51,7 +53,7 @@ def trimmed_mean(x: Tensor, b: int) -> Tensor:
     """Mean of each column after removing its ``b`` smallest and ``b`` largest entries."""
     n = x.shape[0]
     if not 0 <= 2 * b < n:
-        raise ValueError(f"cannot trim {b} from each end of {n} rows")
+        raise AggregationRefused(f"cannot trim {b} from each end of {n} rows")
     if b == 0:
         return x.mean(dim=0, dtype=torch.float64).to(x.dtype)
     xs = torch.sort(x, dim=0).values

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fedbgmd.core.errors import AggregationRefused
+
 __all__ = [
     "all_finite",
     "all_finite_each",
@@ -113,7 +115,7 @@ def drop_nonfinite_rows(
     if n_dropped == 0:
         return x, weights, 0
     if n_dropped == n:
-        raise ValueError(
+        raise AggregationRefused(
             f"all {n} rows contain NaN/Inf (or a non-finite weight); nothing to aggregate"
         )
     keep = ok.nonzero().squeeze(1)
