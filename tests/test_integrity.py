@@ -120,8 +120,10 @@ def test_resume_refuses_overrides_that_change_the_experiment(tmp_path):
 @pytest.mark.parametrize("existing", [False, True])
 def test_a_folder_in_use_is_refused_and_left_unchanged(tmp_path, existing):
     run = tmp_path / "run"
-    if existing:
-        proc = fedbgmd(*SMOKE, "num_rounds=1", f"hydra.run.dir={run}", cwd=tmp_path)
+    if existing:  # checkpoint_last: something to resume, so the resume below meets the lock
+        proc = fedbgmd(
+            *SMOKE, "num_rounds=1", "checkpoint_last=true", f"hydra.run.dir={run}", cwd=tmp_path
+        )
         assert proc.returncode == 0, proc.stderr
     with lock_run_dir(run):  # another run holds the folder (the race, made deterministic)
         before = snapshot(run)
