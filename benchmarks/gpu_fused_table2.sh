@@ -51,10 +51,10 @@ IFS=';' read -r -a groups <<<"$sweeps"
     if (( left < 30 )); then echo "== no time left for sweep $k (${groups[$k]})"; continue; fi
     echo "== $(date +%T) sweep $k: rows ${groups[$k]}; strategies $strategies; seeds $seeds; ${left}s left"
     t0=$(date +%s)
-    timeout --signal=INT "$left" python3 -c "from fedbgmd.cli import entry; entry()" -m \
+    timeout -k 30 --signal=INT "$left" python3 -c "from fedbgmd.cli import entry; entry()" -m \
       "+table2=${groups[$k]}" "strategy=$strategies" "seed=$seeds" "device=$device" \
       plots=false progress=false "hydra.sweep.dir=$root/$k" hydra/launcher=fused \
-      "hydra.launcher.workers=$workers" "${extra[@]}"
+      "hydra.launcher.workers=$workers" hydra.launcher.on_group_failure=fail "${extra[@]}"
     echo "== $(date +%T) sweep $k exit $? after $(( $(date +%s) - t0 )) s"
   done
 } 2>&1 | tee "$out/gpu-fused.log"

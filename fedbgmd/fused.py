@@ -242,7 +242,7 @@ class FusedGroup:
     def __init__(self, jobs: Sequence[tuple[Any, Path]], workers: int | None = 0) -> None:
         from fedbgmd.components import build_attack, load_data, partitions
         from fedbgmd.config import clients_per_round
-        from fedbgmd.models import build_model
+        from fedbgmd.models import build_model, count_parameters
         from fedbgmd.results import environment_versions
         from fedbgmd.server import rounds_per_epoch
 
@@ -313,6 +313,8 @@ class FusedGroup:
                     ),
                 )
             )
+        for r in self.runs:
+            r.server.num_parameters = count_parameters(self.model)
         self.x = torch.stack(xs)  # (R, d) global models
         self.momentum: Tensor | None = None
         strategies = [r.strategy for r in self.runs]
@@ -614,7 +616,7 @@ class FusedGroup:
             st = self.runs[i].strategy
             if st.adversary is not None and all_ok[j]:
                 updates[j] = st._apply_adversary(updates[j], ids_all[j], rnd)
-        batched_gm: list[int] = []  # plain GM runs
+        batched_gm: dict[tuple[Any, ...], list[int]] = {}  # plain GM runs, by GM settings
         alone: list[int] = []
         block_groups: dict[tuple[Any, ...], list[int]] = {}
         for j, i in enumerate(active):
@@ -630,22 +632,22 @@ class FusedGroup:
                     block_size(st.beta, self.dim),
                     st.selector,
                     st.memory_kind,
-                    _batchable_gm(st.aggregator) and not st.weighted,
+                    None if st.weighted else _gm_settings(st.aggregator),
                     float(st.server_lr),
                 )
                 block_groups.setdefault(key, []).append(j)
-            elif _batchable_gm(st.aggregator) and not st.weighted:
-                batched_gm.append(j)
+            elif not st.weighted and _gm_settings(st.aggregator) is not None:
+                batched_gm.setdefault(_gm_settings(st.aggregator), []).append(j)
             else:
                 w = self._weights(i, ids_all[j]) if st.weighted else None
                 res = st.aggregator(updates[j], w)
                 a.directions[j] = st.server_lr * res.vector
                 a.iters[j], a.conv[j] = float(res.iterations), float(res.converged)
-        if batched_gm:
-            js = torch.tensor(batched_gm, device=self.device)
-            res_many = _gm_many(updates[js], self.runs[active[batched_gm[0]]].strategy.aggregator)
+        for gm_js in batched_gm.values():  # one batched GM per setting (eps, max_iter, ...)
+            js = torch.tensor(gm_js, device=self.device)
+            res_many = _gm_many(updates[js], self.runs[active[gm_js[0]]].strategy.aggregator)
             lr_s = torch.tensor(
-                [self.runs[active[j]].strategy.server_lr for j in batched_gm],
+                [self.runs[active[j]].strategy.server_lr for j in gm_js],
                 dtype=torch.float32,
                 device=self.device,
             ).unsqueeze(1)
@@ -682,7 +684,7 @@ class FusedGroup:
         k: int,
         selector: str,
         memory: str,
-        gm_batched: bool,
+        gm_settings: tuple[Any, ...] | None,
         lr_s: float,
     ) -> list[int]:
         """FL-BGMD's block step (fedbgmd.core.bgmd_step) for runs sharing k/selector/memory.
@@ -748,7 +750,7 @@ class FusedGroup:
         rel = torch.where(total > 0, resid / total, torch.zeros_like(total))
         n = p.shape[1]
         delta = p.gather(2, sel.unsqueeze(1).expand(-1, n, -1))  # (B, n, k)
-        if gm_batched:
+        if gm_settings is not None:  # one GM setting per block group (the key)
             res = _gm_many(delta, self.runs[active[js_list[0]]].strategy.aggregator)
             vec_k, it, cv = res.median, res.iterations.double(), res.converged.double()
         else:
@@ -983,8 +985,12 @@ class FusedGroup:
         return {i: (lh[j] / n, ch[j] / n) for j, i in enumerate(which)}
 
 
-def _batchable_gm(agg: Any) -> bool:
-    return isinstance(agg, GeometricMedian) and agg.solver in ("auto", "gram")
+def _gm_settings(agg: Any) -> tuple[Any, ...] | None:
+    """The settings a batched GM must share (None: not a GM the batched solver serves). Runs
+    are batched only with runs of equal settings: one run's max_iter must not be another's."""
+    if not (isinstance(agg, GeometricMedian) and agg.solver in ("auto", "gram")):
+        return None
+    return (agg.eps, agg.max_iter, agg.nu, agg.init, agg.solver, agg.check_every)
 
 
 def _gm_many(x: Tensor, agg: GeometricMedian) -> Any:
@@ -1141,7 +1147,7 @@ class _Bookkeeping:
             status=status,
             error=error,
             byzantine_ids=list(self.attack.byzantine_ids),
-            num_parameters=None,
+            num_parameters=self.num_parameters,
             diverged_at=self.diverged_at,
             stopped_early=(
                 self.strategy.diverged
@@ -1375,13 +1381,20 @@ def set_aside_partial(run_dir: Path) -> None:
             log.warning("%s: an unfinished run's %s moved to %s.interrupted", run_dir, name, name)
 
 
-def run_jobs(jobs: Sequence[tuple[Any, Path]], workers: int | None = None) -> dict[int, int]:
+def run_jobs(
+    jobs: Sequence[tuple[Any, Path]], workers: int | None = None, on_group_failure: str = "alone"
+) -> dict[int, int]:
     """Run ``jobs`` [(cfg, run_dir)]: fusable ones in lockstep groups, the rest alone.
 
     ``workers``: planning processes per group (None: the CPUs but two when the group runs on a
     GPU, at most 16; 0 on a CPU device, where they would compete with the computation).
+    ``on_group_failure``: "alone" runs a failed group's jobs alone (nothing lost, at the cost
+    of their full length one by one); "fail" records them as failed and leaves their folders as
+    the group left them (what a time-boxed GPU run wants).
     Returns {job index: exit status} (0 done, 1 failed), as the CLI reports a single run.
     """
+    if on_group_failure not in ("alone", "fail"):
+        raise ValueError(f"on_group_failure must be 'alone' or 'fail', got {on_group_failure!r}")
     from fedbgmd.cli import run as run_alone
 
     cfgs = [c for c, _ in jobs]
@@ -1421,6 +1434,9 @@ def run_jobs(jobs: Sequence[tuple[Any, Path]], workers: int | None = None) -> di
                 err,
             )
             for i in group:
+                if on_group_failure == "fail":
+                    status[i] = 1
+                    continue
                 set_aside_partial(Path(jobs[i][1]))
                 alone[i] = "its fused group failed"
     for i in alone:

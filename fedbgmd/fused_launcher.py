@@ -44,14 +44,17 @@ class FusedLauncherConf:
     # processes that plan mini-batches and data-attack batches ahead of the device (0: inline;
     # null: the CPUs but two on a GPU, at most 16, and 0 on a CPU device)
     workers: int | None = None
+    # a fused group that fails: "alone" runs its jobs alone, "fail" records them as failed
+    on_group_failure: str = "alone"
 
 
 class FusedLauncher(Launcher):
     """Runs all jobs of a sweep through :func:`fedbgmd.fused.run_jobs` (see the module doc)."""
 
-    def __init__(self, workers: int | None = None) -> None:
+    def __init__(self, workers: int | None = None, on_group_failure: str = "alone") -> None:
         super().__init__()
         self.workers = None if workers is None else int(workers)
+        self.on_group_failure = on_group_failure
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
@@ -96,6 +99,13 @@ class FusedLauncher(Launcher):
                 check_config(task_cfg)
             except ConfigError as err:
                 problems.append(f"job {idx} ({' '.join(overrides)}): {err}")
+            other = _other_job_in(out, list(overrides))
+            if other is not None:
+                problems.append(
+                    f"job {idx} ({' '.join(overrides)}): {out} holds the run of another job "
+                    f"({' '.join(other)}); the sweep was extended or reordered since it wrote "
+                    "there, so its job numbers no longer match. Use a new hydra.sweep.dir"
+                )
             prepared.append((list(overrides), sweep_config, task_cfg, out))
         if problems:
             print("fedbgmd: " + "\n".join(problems), file=sys.stderr)
@@ -116,7 +126,11 @@ class FusedLauncher(Launcher):
                 if self._prepare(k, overrides, sweep_config, task_cfg, out, skipped):
                     jobs.append((task_cfg, out))
                     positions.append(k)
-            status = run_jobs(jobs, workers=self.workers) if jobs else {}
+            status = (
+                run_jobs(jobs, workers=self.workers, on_group_failure=self.on_group_failure)
+                if jobs
+                else {}
+            )
         finally:
             for lock in locks:
                 lock.release()
@@ -167,6 +181,19 @@ class FusedLauncher(Launcher):
         _save_config(sweep_config, "hydra.yaml", hydra_dir)
         _save_config(OmegaConf.create(overrides), "overrides.yaml", hydra_dir)  # type: ignore[arg-type]
         return True
+
+
+def _other_job_in(out: Path, overrides: list[str]) -> list[str] | None:
+    """The overrides of the job whose run ``out`` holds, when they are not ``overrides``
+    (Hydra numbers a sweep's jobs by position: a re-run with more values shifts them)."""
+    saved = out / ".hydra" / "overrides.yaml"
+    if not (saved.is_file() and any((out / f).exists() for f in ("metrics.csv", "summary.json"))):
+        return None
+    try:
+        previous = [str(o) for o in OmegaConf.load(saved)]
+    except Exception:  # unreadable: nothing to compare with, the run is redone as partial
+        return None
+    return None if previous == overrides else previous
 
 
 def _memoize_sweep_configs(hydra_context: HydraContext) -> None:

@@ -337,7 +337,15 @@ def _pct(v: object) -> float | None:
     return f if f > 1.0 else 100.0 * f
 
 
+def _fused(run: Run) -> bool:
+    """A fused sweep's job (docs/fused.md): its time columns are its group's, shared evenly
+    among the group's jobs, so they say nothing about its own strategy's cost."""
+    return run.summary.get("engine") == "fused"
+
+
 def _mean_agg_time(run: Run) -> float | None:
+    if _fused(run):
+        return None
     m, _, _ = mean_std(r.get("agg_time_s") for r in run.rows())
     return m
 
@@ -367,6 +375,8 @@ def _timing(g: Group) -> dict[str, Any]:
     vals["client_agg"] = []
     n_rounds = 0
     for run in g.completed:
+        if _fused(run):
+            continue
         for row in run.rows():
             rnd = _num(row.get("round"))
             if rnd is not None and rnd < 1:
@@ -1021,9 +1031,13 @@ def _timing_section(
         "",
     ]
     if not any(s["timing_rounds"] for s in stats):
+        fused = any(_fused(r) for g in groups for r in g.completed)
         return [
             *md,
-            "Skipped: no run logs client_time_s, comm_time_s, agg_time_s or round_time_s.",
+            "Skipped: fused runs (hydra/launcher=fused) share one computation; their time "
+            "columns are the group's, not their strategy's (docs/fused.md)."
+            if fused
+            else "Skipped: no run logs client_time_s, comm_time_s, agg_time_s or round_time_s.",
             "",
         ]
     header = [*shown, "n", "rounds", "client", "comm", "agg", "round", "client+agg"]

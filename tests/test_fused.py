@@ -324,3 +324,52 @@ def test_fused_cnn_with_dropout_runs_on_cuda_with_planner_workers(tmp_path: Path
         s = read_summary(tmp_path / f"j{i}")
         assert s["engine"] == "fused" and s["status"] == "completed"
         assert s["final_accuracy"] is not None
+
+
+@pytest.mark.slow
+def test_runs_with_other_gm_settings_keep_them(tmp_path: Path) -> None:
+    """GM's eps/max_iter are per run: a max_iter=3 job batched beside max_iter=1000 jobs stops
+    at 3 iterations, as alone (the batched solver is called once per setting)."""
+    cfgs = [
+        cfg_for("strategy=gm"),
+        cfg_for("strategy=gm", "strategy.aggregator.params.max_iter=3"),
+        cfg_for("strategy=fedbgmd", "strategy.aggregator.params.max_iter=3"),
+        cfg_for("strategy=fedbgmd"),
+    ]
+    assert len(plan_groups(cfgs)[0]) == 1
+    run_jobs([(c, tmp_path / f"f{i}") for i, c in enumerate(cfgs)])
+    for i, c in enumerate(cfgs):
+        run_alone(c, tmp_path / f"a{i}")
+        assert_same_run(tmp_path / f"f{i}", tmp_path / f"a{i}")
+    assert {r["gm_iterations"] for r in read_metrics(tmp_path / "f1")[1:]} == {3}
+
+
+@pytest.mark.slow
+def test_a_failed_group_can_fail_instead_of_running_alone(tmp_path: Path, monkeypatch) -> None:
+    """on_group_failure="fail" (a time-boxed GPU run): the jobs are failed, not rerun alone."""
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(fused.FusedGroup, "_round", broken)
+    cfgs = [cfg_for("strategy=gm"), cfg_for("strategy=cm")]
+    jobs = [(c, tmp_path / f"j{i}") for i, c in enumerate(cfgs)]
+    assert run_jobs(jobs, on_group_failure="fail") == {0: 1, 1: 1}
+    summary = read_summary(tmp_path / "j0")
+    assert summary["status"] == "failed" and "injected fault" in summary["error"]
+    assert run_jobs([(c, tmp_path / f"k{i}") for i, c in enumerate(cfgs)]) == {0: 0, 1: 0}
+    assert "engine" not in read_summary(tmp_path / "k0")  # rerun alone, completed
+
+
+@pytest.mark.slow
+def test_a_sweep_extended_into_its_folder_is_refused(tmp_path: Path) -> None:
+    """Hydra numbers jobs by position: more values shift them onto other jobs' folders."""
+    sweep = tmp_path / "sweep"
+    common = ["-m", *BASE, "num_rounds=1", f"hydra.sweep.dir={sweep}", "hydra/launcher=fused"]
+    assert _fedbgmd(*common, "strategy=gm,cm", "seed=0,1", cwd=tmp_path).returncode == 0
+    res = _fedbgmd(*common, "strategy=gm,cm", "seed=0,1,2", cwd=tmp_path)
+    assert res.returncode == 2
+    assert "holds the run of another job" in res.stderr
+    # the same command again continues (nothing to do)
+    again = _fedbgmd(*common, "strategy=gm,cm", "seed=0,1", cwd=tmp_path)
+    assert again.returncode == 0 and again.stderr.count("skipping it") == 4
