@@ -636,8 +636,8 @@ class FusedGroup:
                     float(st.server_lr),
                 )
                 block_groups.setdefault(key, []).append(j)
-            elif not st.weighted and _gm_settings(st.aggregator) is not None:
-                batched_gm.setdefault(_gm_settings(st.aggregator), []).append(j)
+            elif not st.weighted and (settings := _gm_settings(st.aggregator)) is not None:
+                batched_gm.setdefault(settings, []).append(j)
             else:
                 w = self._weights(i, ids_all[j]) if st.weighted else None
                 res = st.aggregator(updates[j], w)
