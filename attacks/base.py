@@ -25,9 +25,10 @@ Shared contract of every attack (tested by one parametrised suite in ``tests/tes
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ __all__ = [
     "ClientAttack",
     "OmniscientAttack",
     "SampleUpdates",
+    "call_corrupt_update",
 ]
 
 ATTACK_KINDS: tuple[str, ...] = ("update", "data", "message")
@@ -69,11 +71,15 @@ class ClientAttack:
         *,
         generator: torch.Generator,
         sample_updates: SampleUpdates | None = None,
+        lr: float | None = None,
     ) -> Tensor:
         """Return the update to send instead of the honest flat ``update`` of shape ``(d,)``.
 
         ``sample_updates(m)`` returns ``(m, d)`` extra honest updates the attacker computed on its
-        own data (non-omniscient ALIE / IPM use them to estimate statistics). Never mutates.
+        own data (non-omniscient ALIE / IPM use them to estimate statistics). ``lr`` is the
+        round's client learning rate (``gaussian`` with ``on="gradient"`` needs it). Never mutates.
+        The clients call it through :func:`call_corrupt_update`, which passes ``lr`` only to an
+        override that accepts it (a user attack written before ``lr`` existed keeps working).
         """
         return update
 
@@ -99,6 +105,7 @@ class UpdateAttack(ClientAttack):
         *,
         generator: torch.Generator,
         sample_updates: SampleUpdates | None = None,
+        lr: float | None = None,
     ) -> Tensor:
         check_flat_update(update)
         return self.corrupt(update, generator, sample_updates)
@@ -142,6 +149,35 @@ class OmniscientAttack:
     ) -> Tensor:
         """The ``(num_byzantine, d)`` malicious rows for the validated ``honest`` rows (n_h, d)."""
         raise NotImplementedError
+
+
+def call_corrupt_update(
+    attack: ClientAttack,
+    update: Tensor,
+    *,
+    generator: torch.Generator,
+    sample_updates: SampleUpdates | None,
+    lr: float,
+) -> Tensor:
+    """``attack.corrupt_update(update, ...)`` with the round's client learning rate ``lr`` passed
+    when the method takes it (a keyword ``lr`` or ``**kwargs``): the one call of the clients
+    (fedbgmd.clients.honest) and of the fused engine (fedbgmd.fused), so both pass the same."""
+    kwargs: dict[str, Any] = {"generator": generator, "sample_updates": sample_updates}
+    if _accepts_lr(attack.corrupt_update):
+        kwargs["lr"] = lr
+    return attack.corrupt_update(update, **kwargs)
+
+
+def _accepts_lr(fn: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(
+        p.kind is p.VAR_KEYWORD
+        or (p.name == "lr" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+        for p in params
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedbgmd.attacks.base import ClientAttack
+from fedbgmd.attacks.base import ClientAttack, call_corrupt_update
 from fedbgmd.batched import BatchedTrainer
 from fedbgmd.components import (
     build_attack,
@@ -211,10 +211,12 @@ class ClientRuntime:
 
             update = call_plugin(
                 f"attack {type(attack).__name__}.corrupt_update",
-                attack.corrupt_update,
+                call_corrupt_update,
+                attack,
                 update,
                 generator=generator(seed, rnd, pid, "attack", device=update.device),
                 sample_updates=sample_updates,
+                lr=job.lr,
             )
         message_attack = attack is not None and attack.kind == "message"
         arrays, quant = encode_update(

@@ -336,6 +336,59 @@ def test_gaussian_std_and_mean() -> None:
     assert torch.equal(out2, c)
 
 
+def test_gaussian_on_gradient_is_lr_times_gradient_noise() -> None:
+    """on="gradient" sends η·(g + z) = c + η·z (the seed); on="update" sends c + z (default)."""
+    lr, sigma = 0.01, 10.0
+    g_true = torch.randn(D, generator=gen(5))
+    c = lr * g_true
+    z = torch.randn(D, generator=gen(3))  # the attack's noise: the same generator, same draw
+    grad = get_attack("gaussian", sigma=sigma, on="gradient")
+    out = grad.corrupt_update(c, generator=gen(3), lr=lr)
+    torch.testing.assert_close(out, lr * (g_true + sigma * z))
+    upd = get_attack("gaussian", sigma=sigma).corrupt_update(c, generator=gen(3), lr=lr)
+    torch.testing.assert_close(upd, c + sigma * z)
+    assert get_attack("gaussian", sigma=sigma, on="update") == get_attack("gaussian", sigma=sigma)
+    with pytest.raises(ValueError, match="lr"):
+        grad.corrupt_update(c, generator=gen(3))
+    with pytest.raises(ValueError, match="on"):
+        get_attack("gaussian", on="weights")
+
+
+def test_call_corrupt_update_passes_lr_only_where_accepted() -> None:
+    from fedbgmd.attacks.base import call_corrupt_update
+
+    seen: list[object] = []
+
+    class Old(ClientAttack):  # a user attack written before corrupt_update took lr
+        kind = "update"
+
+        def corrupt_update(self, update, *, generator, sample_updates=None):  # type: ignore[override]
+            seen.append("old")
+            return -update
+
+    class New(ClientAttack):
+        kind = "update"
+
+        def corrupt_update(self, update, **kwargs):  # type: ignore[override]
+            seen.append(kwargs.get("lr"))
+            return update
+
+    c = update_vec()
+    assert torch.equal(
+        call_corrupt_update(Old(), c, generator=gen(), sample_updates=None, lr=0.1), -c
+    )
+    call_corrupt_update(New(), c, generator=gen(), sample_updates=None, lr=0.25)
+    out = call_corrupt_update(
+        get_attack("gaussian", sigma=2.0, on="gradient"),
+        c,
+        generator=gen(1),
+        sample_updates=None,
+        lr=0.5,
+    )
+    torch.testing.assert_close(out, c + 0.5 * 2.0 * torch.randn(D, generator=gen(1)))
+    assert seen == ["old", 0.25]
+
+
 def test_sign_flip_modes() -> None:
     c = torch.tensor([1.5, -2.0, 0.0])
     assert torch.equal(get_attack("sign_flip").corrupt_update(c, generator=gen()), -c)
