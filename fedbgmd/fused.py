@@ -442,7 +442,7 @@ class FusedGroup:
         t_a = time.perf_counter()
         ids_all = [sampled[i] for i in active]
         for j, i in enumerate(active):
-            self._update_attacks(i, rnd, ids_all[j], updates[j])
+            self._update_attacks(i, rnd, ids_all[j], updates[j], lrs[j])
         accepted, rejections = self._validate(active, updates, losses)
         directions, diag = self._aggregate(active, rnd, updates, ids_all, accepted, rejections)
         self._server_step(active, directions, diag["skipped"])
@@ -546,7 +546,8 @@ class FusedGroup:
                 m.training = mode
         return out, losses
 
-    def _update_attacks(self, i: int, rnd: int, ids: list[int], rows: Tensor) -> None:
+    def _update_attacks(self, i: int, rnd: int, ids: list[int], rows: Tensor, lr: float) -> None:
+        from fedbgmd.attacks.base import call_corrupt_update
         from fedbgmd.components import generator
 
         run = self.runs[i]
@@ -557,7 +558,9 @@ class FusedGroup:
         for j, pid in enumerate(ids):
             if pid in run.byz:
                 g = generator(seed, rnd, pid, "attack", device=rows.device)
-                rows[j] = attack.corrupt_update(rows[j].clone(), generator=g, sample_updates=None)
+                rows[j] = call_corrupt_update(
+                    attack, rows[j].clone(), generator=g, sample_updates=None, lr=lr
+                )
 
     # ------------------------------------------------------------------ validation
     def _validate(
@@ -610,12 +613,13 @@ class FusedGroup:
         """
         a = _Agg.empty(active, rnd, updates, ids_all, accepted, rejections, self.dim)
         all_ok = [bool(x.all()) for x in accepted]
-        # omniscient adversaries see the honest rows and rewrite the Byzantine ones (per run;
-        # runs with rejected replies get theirs on the accepted rows, in _aggregate_alone)
+        # omniscient adversaries see the honest accepted rows and rewrite the Byzantine ones
+        # (per run), which then meet the replies' checks (RobustStrategy._adversary_rows, as a
+        # single run): a rejected row is counted and leaves the run's accepted rows
         for j, i in enumerate(active):
             st = self.runs[i].strategy
-            if st.adversary is not None and all_ok[j]:
-                updates[j] = st._apply_adversary(updates[j], ids_all[j], rnd)
+            if st.adversary is not None:
+                all_ok[j] = self._adversary(st, j, rnd, updates, ids_all, accepted, rejections)
         batched_gm: dict[tuple[Any, ...], list[int]] = {}  # plain GM runs, by GM settings
         alone: list[int] = []
         block_groups: dict[tuple[Any, ...], list[int]] = {}
@@ -666,6 +670,35 @@ class FusedGroup:
             "skipped": a.skipped,
         }
         return a.directions, diag
+
+    @staticmethod
+    def _adversary(
+        st: Any,
+        j: int,
+        rnd: int,
+        updates: Tensor,
+        ids_all: list[list[int]],
+        accepted: list[Tensor],
+        rejections: list[Counter[str]],
+    ) -> bool:
+        """Run ``j``'s omniscient rows written into ``updates[j]`` (on its accepted rows) and
+        validated; ``accepted[j]`` and ``rejections[j]`` updated. Returns: every row accepted."""
+        ok = accepted[j]
+        if bool(ok.all()):
+            updates[j], why = st._adversary_rows(updates[j], ids_all[j], rnd)
+            cols = list(range(len(why)))
+        else:
+            keep = ok.nonzero().squeeze(1)
+            if keep.numel() == 0:
+                return False
+            cols = keep.tolist()
+            rows, why = st._adversary_rows(updates[j][keep], [ids_all[j][c] for c in cols], rnd)
+            updates[j][keep] = rows
+        for c, w in zip(cols, why):
+            if w is not None:
+                ok[c] = False
+                rejections[j][w] += 1
+        return bool(ok.all())
 
     def _weights(self, i: int, ids: list[int]) -> Tensor:
         sizes = [len(self.runs[i].parts[p]) for p in ids]
@@ -816,9 +849,7 @@ class FusedGroup:
         keep = a.accepted[j].nonzero().squeeze(1)
         rows = a.updates[j][keep]
         ids = [a.ids_all[j][c] for c in keep.tolist()]
-        w = self._weights(i, ids) if st.weighted else None
-        if st.adversary is not None and not bool(a.accepted[j].all()):  # else applied already
-            rows = st._apply_adversary(rows, ids, a.rnd)
+        w = self._weights(i, ids) if st.weighted else None  # (omniscient rows: in _aggregate)
         try:
             if not st.block:
                 res = st.aggregator(rows, w)

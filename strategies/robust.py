@@ -230,6 +230,19 @@ class RobustStrategy(Strategy):
         replies = list(replies)
         accepted, reasons, stats = self._validate(replies, dim, set(info.get("sampled", [])))
         DEVICE_STORE.clear()  # device references of rejected replies are dropped here
+        updates: torch.Tensor | None = None
+        if self.adversary is not None and accepted:
+            # simulation only: the omniscient rows replace the Byzantine replies and go through
+            # the replies' checks (finiteness, max_update_norm): rejected ones are counted, dropped
+            updates = stack_rows([u for _, u, _ in accepted]).to(self.device)
+            updates, why = self._adversary_rows(
+                updates, [pid for pid, _, _ in accepted], server_round
+            )
+            if any(w is not None for w in why):
+                reasons.update(w for w in why if w is not None)
+                keep = [r for r, w in enumerate(why) if w is None]
+                accepted = [accepted[r] for r in keep]
+                updates = updates[torch.tensor(keep, dtype=torch.long, device=updates.device)]
         # the nodes asked that did not answer (before the round's timeout, or vanished); counted
         # by node, so a duplicate reply cannot hide a silent node
         answered = {msg.metadata.src_node_id for msg in replies}
@@ -259,14 +272,13 @@ class RobustStrategy(Strategy):
             info["agg_time_s"] = 0.0
             return None, None
         ids = [pid for pid, _, _ in accepted]
-        updates = stack_rows([u for _, u, _ in accepted]).to(self.device)
+        if updates is None:
+            updates = stack_rows([u for _, u, _ in accepted]).to(self.device)
         sizes = self.partition_sizes
         num_examples = torch.tensor(
             [m["num-examples"] if sizes is None else sizes[pid] for pid, _, m in accepted],
             dtype=torch.float32,
         )
-        if self.adversary is not None:
-            updates = self._apply_adversary(updates, ids, server_round)
         self._sync()
         t_agg = time.perf_counter()
         weights = num_examples.to(self.device) if self.weighted else None
@@ -479,6 +491,22 @@ class RobustStrategy(Strategy):
         out[byz] = fake.to(out.dtype)
         return out
 
+    def _adversary_rows(
+        self, updates: torch.Tensor, ids: list[int], server_round: int
+    ) -> tuple[torch.Tensor, list[str | None]]:
+        """The accepted rows (n, d) with the omniscient adversary's rows written in, and per row
+        the reason it is rejected (``None``: kept) — the rules every reply meets
+        (:func:`row_rejections`), applied to the rows the adversary wrote (the others passed
+        :meth:`_validate`). The one place of this rule: the fused engine calls it too."""
+        out = self._apply_adversary(updates, ids, server_round)
+        why: list[str | None] = [None] * len(ids)
+        if out is updates:  # no Byzantine or no honest row among the accepted: nothing written
+            return out, why
+        byz = [r for r, pid in enumerate(ids) if pid in self.byzantine_ids]
+        for r, w in zip(byz, row_rejections(out[byz], self.max_update_norm)):
+            why[r] = w
+        return out, why
+
     def _server_step(self, x: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
         if self.momentum == 0.0:
             return x - direction
@@ -513,6 +541,21 @@ class RobustStrategy(Strategy):
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def row_rejections(rows: torch.Tensor, max_update_norm: float | None) -> list[str | None]:
+    """Per row of ``rows`` (m, d), the reason a reply with that update is rejected (``None``:
+    accepted), in :meth:`RobustStrategy._validate`'s order: ``non_finite``, then
+    ``norm_too_large`` (the Euclidean norm above ``max_update_norm``). One host read."""
+    finite = torch.isfinite(rows).all(dim=1)
+    if max_update_norm is None:
+        return [None if ok else "non_finite" for ok in finite.tolist()]
+    big = torch.linalg.vector_norm(rows, dim=1) > max_update_norm
+    flags = torch.stack([finite, big]).tolist()
+    return [
+        "non_finite" if not ok else "norm_too_large" if too_big else None
+        for ok, too_big in zip(*flags)
+    ]
 
 
 def _median(values: list[float]) -> float:

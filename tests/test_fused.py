@@ -85,6 +85,12 @@ VARIANTS = {
     "fedavg_weighted": ["strategy=fedavg", "strategy.weighted=true"],
     "cm_bitflip": ["strategy=cm", "attack=bit_flip", "attack.fraction=0.25"],
     "gm_gaussian": ["strategy=gm", "attack=gaussian", "attack.fraction=0.25"],
+    "bgmd_gaussian_on_gradient": [
+        "strategy=fedbgmd",
+        "attack=gaussian",
+        "+attack.params.on=gradient",
+        "attack.fraction=0.25",
+    ],
     "bgmd_topk_impulse": [
         "strategy=fedbgmd",
         "strategy.block.selector=topk",
@@ -113,6 +119,14 @@ VARIANTS = {
         "attack.fraction=0.25",
     ],
     "krum_alie_omniscient": ["strategy=krum", "attack=alie_omniscient", "attack.fraction=0.25"],
+    # IPM rows of norm 1e8·|mean| > max_update_norm: rejected as replies (fused and alone)
+    "gm_ipm_omniscient_norm_rejected": [
+        "strategy=gm",
+        "strategy.max_update_norm=100",
+        "attack=ipm_omniscient",
+        "attack.params.epsilon=1e8",
+        "attack.fraction=0.25",
+    ],
     "block_cm_signflip": ["strategy=block_cm", "attack=sign_flip", "attack.fraction=0.25"],
     "gm_nan_rejected": ["strategy=gm", "attack=nonfinite", "attack.fraction=0.25"],
     "bgmd_nan_rejected": ["strategy=fedbgmd", "attack=nonfinite", "attack.fraction=0.25"],
@@ -150,6 +164,10 @@ def test_fused_jobs_equal_the_same_jobs_run_alone(tmp_path: Path, monkeypatch) -
     # the rejected replies and skipped rounds really were exercised
     rows = read_metrics(tmp_path / "fused-gm_nan_rejected")
     assert sum(r["replies_rejected"] or 0 for r in rows) > 0
+    for how in ("fused", "alone"):  # the omniscient rows met max_update_norm
+        rows = read_metrics_jsonl(tmp_path / f"{how}-gm_ipm_omniscient_norm_rejected")
+        trained = [r for r in rows if r.get("round")]  # round 0: the initial evaluation
+        assert trained and all(r["rejections"] == {"norm_too_large": 2} for r in trained)
     rows = read_metrics_jsonl(tmp_path / "fused-gm_momentum_skipped_rounds")
     assert any(r.get("skipped") for r in rows) and not all(r.get("skipped") for r in rows[1:])
 

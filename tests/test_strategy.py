@@ -352,6 +352,50 @@ def test_omniscient_adversary_rewrites_only_byzantine_rows():
     torch.testing.assert_close(flat(new), flat(x0) - expected.mean(0), atol=1e-6, rtol=0)
 
 
+class _Rows:
+    """An omniscient adversary returning fixed rows (one per Byzantine client)."""
+
+    def __init__(self, *rows: float) -> None:
+        self.rows = rows
+
+    def __call__(self, honest, num_byzantine, *, generator, aggregator=None):
+        assert num_byzantine == len(self.rows)
+        return torch.stack([torch.full((honest.shape[1],), v) for v in self.rows])
+
+
+def test_omniscient_rows_meet_the_reply_checks():
+    """A non-finite row and a row above max_update_norm are rejected with their reasons, as a
+    reply would be; the model steps by the mean of the rows left (written here by hand)."""
+    s = make_strategy("mean", adversary=_Rows(float("nan"), 100.0, 0.5), byzantine_ids=[1, 2, 3])
+    s.max_update_norm = 50.0  # honest rows: norm ~ sqrt(12); 100·sqrt(12) > 50 > 0.5·sqrt(12)
+    x0, ups = initial_arrays(), updates()
+    new, metrics = run_round(s, x0, ups)
+    kept = torch.stack([ups[0], torch.full((D,), 0.5), ups[4]])
+    torch.testing.assert_close(flat(new), flat(x0) - kept.mean(0), atol=1e-6, rtol=0)
+    info = s.round_info[1]
+    assert info["rejections"] == {"non_finite": 1, "norm_too_large": 1}
+    assert info["replies_accepted"] == metrics["replies-accepted"] == 3
+    assert info["replies_rejected"] == 2
+
+
+def test_rejected_omniscient_rows_count_towards_min_replies():
+    s = make_strategy("mean", adversary=_Rows(float("inf"), 1.0), byzantine_ids=[1, 3])
+    s.min_replies = 5
+    new, metrics = run_round(s, initial_arrays(), updates())
+    assert new is None and metrics is None
+    assert "min_replies" in s.round_info[1]["skipped"]
+    assert s.round_info[1]["rejections"] == {"non_finite": 1}
+
+
+def test_row_rejections_follow_the_reply_order_of_checks():
+    from fedbgmd.strategies.robust import row_rejections
+
+    rows = torch.tensor([[1.0, 0.0], [float("nan"), 1e9], [3.0, 4.0], [float("inf"), 0.0]])
+    assert row_rejections(rows, None) == [None, "non_finite", None, "non_finite"]
+    assert row_rejections(rows, 4.9) == [None, "non_finite", "norm_too_large", "non_finite"]
+    assert row_rejections(rows, 5.0) == [None, "non_finite", None, "non_finite"]
+
+
 def test_server_momentum_accumulates():
     s = make_strategy("mean", server_momentum=0.5)
     x0 = initial_arrays()
