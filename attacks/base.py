@@ -11,7 +11,11 @@
 
 * :class:`OmniscientAttack` runs in the server's adversary hook before aggregation — **simulation
   only**: it sees the honest updates of the round, ``honest`` of shape ``(n_h, d)``, and returns
-  ``num_byzantine`` malicious rows of shape ``(num_byzantine, d)``.
+  ``num_byzantine`` malicious rows of shape ``(num_byzantine, d)``. The rows then meet the checks
+  every reply meets (finiteness, ``max_update_norm``). In block mode (FL-BGMD) the hook still
+  works in full dimension: ALIE / IPM statistics, min-max / min-sum distances and the
+  ``aggregator`` it is offered are those of the whole ``d``-vectors, not of the k coordinates
+  the server then selects and aggregates (the block is chosen after the rows are written).
 
 Shared contract of every attack (tested by one parametrised suite in ``tests/test_attacks.py``):
 
@@ -122,7 +126,8 @@ class OmniscientAttack:
 
     ``attack(honest, num_byzantine, generator=g, aggregator=agg)`` maps the ``(n_h, d)`` honest
     updates of the round to ``(num_byzantine, d)`` malicious rows (same dtype and device).
-    ``aggregator`` (stacked ``(n, d)`` -> ``(d,)``) is offered to aggregator-aware attacks.
+    ``aggregator`` (stacked ``(n, d)`` -> ``(d,)``) is offered to aggregator-aware attacks; in
+    block mode it is the configured aggregator applied in full dimension, not the block step.
     ``__call__`` validates the inputs once (:func:`check_honest`) and calls :meth:`craft`, the one
     method a subclass writes (it must not mutate ``honest``).
     """

@@ -396,6 +396,21 @@ def test_row_rejections_follow_the_reply_order_of_checks():
     assert row_rejections(rows, 5.0) == [None, "non_finite", None, "non_finite"]
 
 
+def test_omniscient_attacks_work_in_full_dimension_in_block_mode():
+    """Documented (fedbgmd.attacks.base, README): in block mode the adversary sees the honest
+    rows and the aggregator in full dimension d, not the k coordinates of the block."""
+    seen = []
+
+    class Probe:
+        def __call__(self, honest, num_byzantine, *, generator, aggregator=None):
+            seen.append((tuple(honest.shape), tuple(aggregator(honest).shape)))
+            return -honest[:num_byzantine]
+
+    s = make_strategy("gm", adversary=Probe(), byzantine_ids=[0], block=True, beta=0.25)
+    run_round(s, initial_arrays(), updates())
+    assert seen == [((4, D), (D,))]
+
+
 def test_server_momentum_accumulates():
     s = make_strategy("mean", server_momentum=0.5)
     x0 = initial_arrays()
