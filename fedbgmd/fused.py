@@ -37,6 +37,7 @@ models with buffers (BatchNorm), the deployment engine, resume.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import multiprocessing as mp
@@ -153,15 +154,27 @@ class _Run:
     """The per-run pieces of a fused group (everything that is not a stacked tensor)."""
 
     cfg: Any
-    run_dir: Path
-    server: Any  # fedbgmd.server.ServerRun-like bookkeeping (writer, attack, strategy object)
+    server: _Bookkeeping  # the run folder, the attack and the strategy object
     parts: list[Tensor]
-    byz: frozenset[int]
-    client_attack: Any
-    strategy: Any  # the RobustStrategy built from the config (aggregator, block, memory kind)
     seed: int = 0
     sgd: tuple[float, bool, float] = (0.0, False, 0.0)  # client momentum, nesterov, weight decay
     active: bool = True
+
+    @property
+    def run_dir(self) -> Path:
+        return self.server.run_dir
+
+    @property
+    def strategy(self) -> Any:
+        return self.server.strategy
+
+    @functools.cached_property  # read per client and round: built once
+    def byz(self) -> frozenset[int]:
+        return frozenset(self.server.attack.byzantine_ids)
+
+    @property
+    def client_attack(self) -> Any:
+        return self.server.attack.client_attack
 
 
 @dataclasses.dataclass
@@ -214,12 +227,6 @@ class _Agg:
         )
 
 
-def _device_of(cfg: Any) -> torch.device:
-    from fedbgmd.training import get_device
-
-    return get_device(cfg.device)
-
-
 class Unfusable(ValueError):
     """Some jobs of a group turned out not to fuse once the data and model were built.
 
@@ -240,20 +247,19 @@ class FusedGroup:
     """
 
     def __init__(self, jobs: Sequence[tuple[Any, Path]], workers: int | None = 0) -> None:
-        from fedbgmd.components import build_attack, load_data, partitions
-        from fedbgmd.config import clients_per_round
+        from fedbgmd.components import load_data, model_kwargs, partitions
         from fedbgmd.models import build_model, count_parameters
         from fedbgmd.results import environment_versions
         from fedbgmd.server import rounds_per_epoch
+        from fedbgmd.training import get_device
 
         if not jobs:
             raise ValueError("FusedGroup needs at least one job")
         self.jobs = list(jobs)
         cfg0 = self.jobs[0][0]
-        self.device = _device_of(cfg0)
+        self.device = get_device(cfg0.device)
         self.num_rounds = int(cfg0.num_rounds)
         self.num_clients = int(cfg0.num_clients)
-        self.cpr = clients_per_round(cfg0)
         self.batch_size = int(cfg0.client.batch_size)
         if workers is None:
             cpus = os.cpu_count() or 1
@@ -273,38 +279,36 @@ class FusedGroup:
             cfg0.model.name,
             self.dataset.num_classes,
             self.dataset.input_shape,
-            **_model_kwargs(cfg0),
+            **model_kwargs(cfg0),
         ).to(self.device)
         self.keys = [k for k, _ in self.model.named_parameters()]
         self.shapes = {k: p.shape for k, p in self.model.named_parameters()}
         self.numels = {k: p.numel() for k, p in self.model.named_parameters()}
         self.dim = sum(self.numels.values())
-        self._check_fusable(partitions)
+        parts = [partitions(cfg, self.dataset.train.y) for cfg, _ in self.jobs]  # once a job
+        self._check_fusable(parts)
         self.runs: list[_Run] = []
         xs = []
         # taken once, now: the code that runs is the code imported at the start
         versions = environment_versions(str(self.device))
-        for cfg, run_dir in self.jobs:
-            server = _Bookkeeping(cfg, Path(run_dir), self.dataset, self.device, self.rpe, versions)
-            spec = build_attack(cfg)
+        n_params = count_parameters(self.model)
+        for (cfg, run_dir), job_parts in zip(self.jobs, parts):
+            server = _Bookkeeping(cfg, Path(run_dir), job_parts, self.device, self.rpe, versions)
+            server.num_parameters = n_params
             model = build_model(
                 cfg.model.name,
                 self.dataset.num_classes,
                 self.dataset.input_shape,
                 seed=cfg.seed,
-                **_model_kwargs(cfg),
+                **model_kwargs(cfg),
             )
             flat, _ = flatten_state(model.state_dict())
             xs.append(flat.to(self.device, torch.float32))
             self.runs.append(
                 _Run(
                     cfg=cfg,
-                    run_dir=Path(run_dir),
                     server=server,
-                    parts=partitions(cfg, self.dataset.train.y),
-                    byz=frozenset(spec.byzantine_ids),
-                    client_attack=spec.client_attack,
-                    strategy=server.strategy,
+                    parts=job_parts,
                     seed=int(cfg.seed),
                     sgd=(
                         float(cfg.client.optimizer.momentum),
@@ -313,8 +317,6 @@ class FusedGroup:
                     ),
                 )
             )
-        for r in self.runs:
-            r.server.num_parameters = count_parameters(self.model)
         self.x = torch.stack(xs)  # (R, d) global models
         self.momentum: Tensor | None = None
         strategies = [r.strategy for r in self.runs]
@@ -325,15 +327,16 @@ class FusedGroup:
             [[bool(st.nesterov)] for st in strategies], dtype=torch.bool, device=self.device
         )
         self.memory: dict[int, Tensor] = {}  # per_client: (N, d) rows; mean: (d,)
-        self._check_params()
 
-    def _check_fusable(self, partitions: Any) -> None:
+    def _check_fusable(self, parts: list[list[Tensor]]) -> None:
         """Raise Unfusable for jobs the batched round cannot serve (before any folder is made)."""
-        if list(self.model.buffers()):
-            raise Unfusable(dict.fromkeys(range(len(self.jobs)), "a model with buffers"))
+        if list(self.model.buffers()) or list(self.model.state_dict()) != self.keys:
+            raise Unfusable(
+                dict.fromkeys(range(len(self.jobs)), "a model with buffers or tied weights")
+            )
         reasons = {}
-        for k, (cfg, _) in enumerate(self.jobs):
-            small = min(len(p) for p in partitions(cfg, self.dataset.train.y))
+        for k, job_parts in enumerate(parts):
+            small = min(len(p) for p in job_parts)
             if small < self.batch_size:
                 reasons[k] = (
                     f"a client holds {small} samples < batch_size {self.batch_size} (the fused "
@@ -342,16 +345,7 @@ class FusedGroup:
         if reasons:
             raise Unfusable(reasons)
 
-    def _check_params(self) -> None:
-        state = self.model.state_dict()
-        if set(state) != set(self.keys) or list(state) != self.keys:
-            raise NotImplementedError("fused runs need a model whose state is its parameters")
-
     # ------------------------------------------------------------------ planning (CPU)
-    def plan_round(self, rnd: int) -> tuple[Tensor, Any, list]:
-        """Global mini-batch indices (R, n, b), data-attacked batches and the sampled ids."""
-        return _plan_round(self._plan_state(), rnd)
-
     def _plan_state(self) -> dict[str, Any]:
         return {
             "runs": [
@@ -467,7 +461,6 @@ class FusedGroup:
                 else None,
                 client_time_s=client_s / len(active),
                 agg_time_s=agg_s / len(active),
-                transport_s=0.0,
                 bytes_up=n * dim * 4,
                 bytes_down=n * dim * 4,
                 replies_accepted=n_acc,
@@ -1076,15 +1069,14 @@ class _Bookkeeping:
         self,
         cfg: Any,
         run_dir: Path,
-        dataset: Any,
+        parts: list[Tensor],
         device: torch.device,
         rpe: float,
         versions: dict[str, str | None],
     ) -> None:
-        from fedbgmd.components import build_attack, optim_config, partitions
+        from fedbgmd.components import build_attack
         from fedbgmd.results import RunWriter
-        from fedbgmd.server import ServerRun
-        from fedbgmd.training import lr_at
+        from fedbgmd.server import build_strategy
 
         self.cfg = cfg
         self.run_dir = run_dir
@@ -1097,26 +1089,15 @@ class _Bookkeeping:
         self.finished = False
         self.progress = bool(cfg.progress)
         self.pending: list[dict[str, Any]] = []
-        opt = optim_config(cfg)
-
-        def client_lr(server_round: int) -> float:
-            t = server_round - 1
-            if cfg.client.optimizer.schedule_unit == "epoch":
-                t = int(t // rpe)
-            return lr_at(opt, t)
-
-        # the strategy object a single run would build (aggregator, block, memory, momentum)
-        shell = ServerRun.__new__(ServerRun)
-        shell.cfg, shell.device, shell.attack, shell.rpe = cfg, device, self.attack, rpe
-        self.strategy = shell._build_strategy()
-        self.strategy.client_lr = client_lr
-        self.strategy.partition_sizes = [len(p) for p in partitions(cfg, dataset.train.y)]
-        self.num_parameters = None
+        # the strategy object a single run builds (aggregator, block, memory, momentum, lr)
+        self.strategy = build_strategy(cfg, device, self.attack, rpe)
+        self.strategy.partition_sizes = [len(p) for p in parts]
+        self.num_parameters: int | None = None
 
     def log(
         self, rnd: int, info: dict[str, Any], loss: float | None, acc: float | None, eval_s: float
     ) -> None:
-        from fedbgmd.server import _progress_line
+        from fedbgmd.server import _progress_line, metrics_row
 
         cfg = self.cfg
         if loss is not None and self.diverged_at is None and not math.isfinite(loss):
@@ -1124,30 +1105,17 @@ class _Bookkeeping:
             if self.strategy.diverged is None:
                 self.strategy.diverged = f"round {rnd}: the global model's test loss is not finite"
         round_time = time.perf_counter() - info["t_start"] if "t_start" in info else eval_s
-        row = {
-            "round": rnd,
-            "epoch": rnd / self.rpe,
-            "test_accuracy": acc,
-            "test_loss": loss,
-            "train_loss": info.get("train_loss"),
-            "round_time_s": round_time,
-            "client_time_s": info.get("client_time_s"),
-            "comm_time_s": 0.0 if rnd else None,
-            "agg_time_s": info.get("agg_time_s"),
-            "eval_time_s": eval_s,
-            "wall_time_s": time.time() - self.started,
-            "bytes_up": info.get("bytes_up"),
-            "bytes_down": info.get("bytes_down"),
-            "replies_accepted": info.get("replies_accepted"),
-            "replies_rejected": info.get("replies_rejected"),
-            "gm_iterations": info.get("gm_iterations"),
-            "gm_converged": info.get("gm_converged"),
-            "memory_norm": info.get("memory_norm"),
-            "relative_residual": info.get("relative_residual"),
-            "rejections": info.get("rejections"),
-            "skipped": info.get("skipped"),
-            "lr": info.get("lr"),
-        }
+        row = metrics_row(
+            rnd,
+            self.rpe,
+            info,
+            acc=acc,
+            loss=loss,
+            round_time=round_time,
+            comm=0.0 if rnd else None,  # nothing is serialised
+            eval_s=eval_s,
+            wall=time.time() - self.started,
+        )
         # rows are written in batches: at every evaluation, every FLUSH_EVERY rounds and at the
         # end (an interrupted fused job is re-run from its start anyway, see fused_launcher)
         self.pending.append(row)
@@ -1161,44 +1129,26 @@ class _Bookkeeping:
         self.pending = []
 
     def finish(self, status: str, error: str | None) -> None:
-        from omegaconf import OmegaConf
-
-        from fedbgmd.results import run_labels, summarize
+        from fedbgmd.server import draw_plots, summary_fields
 
         if self.finished:
             return
         self.finished = True
         self.flush()
-        rows = self.writer.rows()
-        summary = summarize(rows)
-        config = OmegaConf.to_container(self.cfg, resolve=True)
-        assert isinstance(config, dict)
-        summary.update(run_labels(config))
-        summary.update(
-            status=status,
-            error=error,
-            byzantine_ids=list(self.attack.byzantine_ids),
+        summary = summary_fields(
+            self.cfg,
+            self.writer.rows(),
+            status,
+            error,
+            byzantine_ids=self.attack.byzantine_ids,
             num_parameters=self.num_parameters,
             diverged_at=self.diverged_at,
-            stopped_early=(
-                self.strategy.diverged
-                if self.strategy.diverged is not None and self.cfg.stop_on_divergence
-                else None
-            ),
-            engine="fused",
-            wall_time_s=time.time() - self.started,
+            diverged=self.strategy.diverged,
             versions=self.versions,
-            config=config,
         )
+        summary.update(engine="fused", wall_time_s=time.time() - self.started)
         self.writer.write_summary(summary)
-        if not self.cfg.plots:
-            return
-        try:
-            from fedbgmd import plots
-
-            plots.plot_run(self.run_dir)
-        except Exception as err:  # plots must never turn a finished run into a failed one
-            log.warning("could not draw plots: %s", err)
+        draw_plots(self.cfg, self.run_dir)
 
 
 # ----------------------------------------------------------------------------- planning
@@ -1370,12 +1320,6 @@ class _Planner:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _model_kwargs(cfg: Any) -> dict[str, Any]:
-    from fedbgmd.components import model_kwargs
-
-    return model_kwargs(cfg)
-
-
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

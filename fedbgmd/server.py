@@ -158,7 +158,7 @@ class ServerRun:
         self.test = test.to(self.device)
         self.attack = build_attack(cfg)
         self.rpe = rounds_per_epoch(cfg, len(self.dataset.train))
-        self.strategy = self._build_strategy()
+        self.strategy = build_strategy(cfg, self.device, self.attack, self.rpe)
         self.strategy.model_by_reference = model_by_reference
         # what honest clients send, known here without asking them: the sizes of the partitions
         # (the same seeded split the clients make; the weights when strategy.weighted) and the
@@ -186,40 +186,6 @@ class ServerRun:
         self.traceback: str | None = None  # of the exception that failed the run
         self.last_eval: tuple[float, float] | None = None
         self.diverged_at: int | None = None  # first evaluated round with a non-finite model
-
-    def _build_strategy(self) -> Any:
-        cfg, s = self.cfg, self.cfg.strategy
-        opt = optim_config(cfg)
-
-        def client_lr(server_round: int) -> float:
-            t = server_round - 1
-            if cfg.client.optimizer.schedule_unit == "epoch":
-                t = int(t // self.rpe)
-            return lr_at(opt, t)
-
-        cls = strategy_class(cfg)
-        return cls(
-            aggregator=build_aggregator(s.aggregator),
-            num_clients=cfg.num_clients,
-            clients_per_round=clients_per_round(cfg),
-            seed=cfg.seed,
-            device=self.device,
-            block=s.block.enabled,
-            beta=s.block.beta,
-            selector=resolve_selector(s.block.selector),
-            memory=s.block.memory,
-            server_lr=s.server_lr,
-            server_momentum=s.server_momentum,
-            server_nesterov=s.server_nesterov,
-            weighted=s.weighted,
-            min_replies=s.min_replies,
-            max_update_norm=s.max_update_norm,
-            stop_on_divergence=cfg.stop_on_divergence,
-            client_lr=client_lr,
-            adversary=self.attack.omniscient_attack,
-            byzantine_ids=self.attack.byzantine_ids,
-            **dict(s.params),
-        )
 
     # ------------------------------------------------------------------------------
     def evaluate_fn(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -262,30 +228,17 @@ class ServerRun:
         comm = None
         if transport is not None and client_s is not None:
             comm = max(0.0, transport - client_s / self.parallelism)
-        row = {
-            "round": server_round,
-            "epoch": server_round / self.rpe,
-            "test_accuracy": acc,
-            "test_loss": loss,
-            "train_loss": info.get("train_loss"),
-            "round_time_s": round_time,
-            "client_time_s": client_s,
-            "comm_time_s": comm,
-            "agg_time_s": info.get("agg_time_s"),
-            "eval_time_s": eval_s,
-            "wall_time_s": self.wall_offset + time.time() - self.started,
-            "bytes_up": info.get("bytes_up"),
-            "bytes_down": info.get("bytes_down"),
-            "replies_accepted": info.get("replies_accepted"),
-            "replies_rejected": info.get("replies_rejected"),
-            "gm_iterations": info.get("gm_iterations"),
-            "gm_converged": info.get("gm_converged"),
-            "memory_norm": info.get("memory_norm"),
-            "relative_residual": info.get("relative_residual"),
-            "rejections": info.get("rejections"),
-            "skipped": info.get("skipped"),
-            "lr": info.get("lr"),
-        }
+        row = metrics_row(
+            server_round,
+            self.rpe,
+            info,
+            acc=acc,
+            loss=loss,
+            round_time=round_time,
+            comm=comm,
+            eval_s=eval_s,
+            wall=self.wall_offset + time.time() - self.started,
+        )
         self.writer.log_round(row)
         every = cfg.checkpoint_every
         last = server_round == cfg.num_rounds and (every > 0 or cfg.checkpoint_last)
@@ -398,26 +351,20 @@ class ServerRun:
         self._plots()
 
     def _write_summary(self, status: str, error: str | None) -> None:
-        from omegaconf import OmegaConf
 
         rows = self.writer.rows()
-        summary = summarize(rows)
-        config = OmegaConf.to_container(self.cfg, resolve=True)
-        assert isinstance(config, dict)
-        summary.update(run_labels(config))
-        summary.update(
-            status=status,
-            error=error,
-            byzantine_ids=list(self.attack.byzantine_ids),
+        summary = summary_fields(
+            self.cfg,
+            rows,
+            status,
+            error,
+            byzantine_ids=self.attack.byzantine_ids,
             num_parameters=count_parameters(self.model),
             diverged_at=self.diverged_at,
-            stopped_early=(
-                self.strategy.diverged
-                if self.strategy.diverged is not None and self.cfg.stop_on_divergence
-                else None
-            ),
+            diverged=self.strategy.diverged,
             versions=self.versions,
-            config=config,
+        )
+        summary.update(
             checkpoint_round=self.checkpoint_round,
             resume_command=(
                 f"fedbgmd resume={self.run_dir}" if self.checkpoint_round is not None else None
@@ -436,14 +383,123 @@ class ServerRun:
         self.writer.write_summary(with_segments(summary, self.previous, segment))
 
     def _plots(self) -> None:
-        if not self.cfg.plots:
-            return
-        try:
-            from fedbgmd import plots  # matplotlib only when plots are drawn
+        draw_plots(self.cfg, self.run_dir)
 
-            plots.plot_run(self.run_dir)
-        except Exception as err:  # plots must never turn a finished run into a failed one
-            log.warning("could not draw plots: %s", err)
+
+def build_strategy(cfg: Any, device: torch.device, attack: Any, rpe: float) -> Any:
+    """The run's strategy object: aggregator, block step, memory kind, server optimiser,
+    sampling, the client learning-rate schedule (epochs of ``rpe`` rounds) and the adversary.
+    Single runs and fused sweeps build it alike."""
+    s = cfg.strategy
+    opt = optim_config(cfg)
+    per_epoch = cfg.client.optimizer.schedule_unit == "epoch"
+
+    def client_lr(server_round: int) -> float:
+        t = server_round - 1
+        return lr_at(opt, int(t // rpe) if per_epoch else t)
+
+    cls = strategy_class(cfg)
+    return cls(
+        aggregator=build_aggregator(s.aggregator),
+        num_clients=cfg.num_clients,
+        clients_per_round=clients_per_round(cfg),
+        seed=cfg.seed,
+        device=device,
+        block=s.block.enabled,
+        beta=s.block.beta,
+        selector=resolve_selector(s.block.selector),
+        memory=s.block.memory,
+        server_lr=s.server_lr,
+        server_momentum=s.server_momentum,
+        server_nesterov=s.server_nesterov,
+        weighted=s.weighted,
+        min_replies=s.min_replies,
+        max_update_norm=s.max_update_norm,
+        stop_on_divergence=cfg.stop_on_divergence,
+        client_lr=client_lr,
+        adversary=attack.omniscient_attack,
+        byzantine_ids=attack.byzantine_ids,
+        **dict(s.params),
+    )
+
+
+def metrics_row(
+    rnd: int,
+    rpe: float,
+    info: dict[str, Any],
+    *,
+    acc: float | None,
+    loss: float | None,
+    round_time: float,
+    comm: float | None,
+    eval_s: float,
+    wall: float,
+) -> dict[str, Any]:
+    """One round's metrics row (fedbgmd.results.METRIC_COLUMNS and the jsonl extras) from the
+    strategy's round info and the evaluation; single runs and fused sweeps write it alike."""
+    passed = (
+        "train_loss", "client_time_s", "agg_time_s", "bytes_up", "bytes_down", "replies_accepted",
+        "replies_rejected", "gm_iterations", "gm_converged", "memory_norm", "relative_residual",
+    )  # fmt: skip
+    return {
+        "round": rnd,
+        "epoch": rnd / rpe,
+        "test_accuracy": acc,
+        "test_loss": loss,
+        "round_time_s": round_time,
+        "comm_time_s": comm,
+        "eval_time_s": eval_s,
+        "wall_time_s": wall,
+        **{k: info.get(k) for k in passed},
+        "rejections": info.get("rejections"),
+        "skipped": info.get("skipped"),
+        "lr": info.get("lr"),
+    }
+
+
+def summary_fields(
+    cfg: Any,
+    rows: list[dict[str, Any]],
+    status: str,
+    error: str | None,
+    *,
+    byzantine_ids: Any,
+    num_parameters: int | None,
+    diverged_at: int | None,
+    diverged: str | None,
+    versions: dict[str, Any],
+) -> dict[str, Any]:
+    """The summary.json fields every run has (single or fused): the metrics' summary, labels,
+    outcome, divergence, versions and the config."""
+    from omegaconf import OmegaConf
+
+    summary = summarize(rows)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(config, dict)
+    summary.update(run_labels(config))
+    summary.update(
+        status=status,
+        error=error,
+        byzantine_ids=list(byzantine_ids),
+        num_parameters=num_parameters,
+        diverged_at=diverged_at,
+        stopped_early=diverged if diverged is not None and cfg.stop_on_divergence else None,
+        versions=versions,
+        config=config,
+    )
+    return summary
+
+
+def draw_plots(cfg: Any, run_dir: Path) -> None:
+    """The run's PNGs when ``cfg.plots``; a plotting error never fails a finished run."""
+    if not cfg.plots:
+        return
+    try:
+        from fedbgmd import plots  # matplotlib only when plots are drawn
+
+        plots.plot_run(run_dir)
+    except Exception as err:
+        log.warning("could not draw plots: %s", err)
 
 
 def _previous_summary(run_dir: Path) -> dict[str, Any] | None:
