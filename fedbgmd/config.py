@@ -192,6 +192,16 @@ class Config:
     stop_on_divergence: bool = True
 
 
+def compose_config(overrides: list[str]) -> Any:
+    """The resolved-on-access config fedbgmd would run for ``overrides`` (a single job), for
+    scripts and benchmarks that build configs without the CLI; not checked (cli.check_config)."""
+    from hydra import compose, initialize_config_module
+
+    register_configs()
+    with initialize_config_module("fedbgmd.conf", version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
 def register_configs() -> None:
     """Register every schema in Hydra's ConfigStore (idempotent)."""
     cs = ConfigStore.instance()

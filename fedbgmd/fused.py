@@ -64,7 +64,7 @@ from fedbgmd.core import (
 )
 from fedbgmd.core.agg_gm import GeometricMedian
 from fedbgmd.core.batched_gm import batched_geometric_median
-from fedbgmd.strategies.robust import _median
+from fedbgmd.strategies.robust import median_of_claims
 
 log = logging.getLogger("fedbgmd")
 
@@ -456,7 +456,7 @@ class FusedGroup:
             d.update(
                 lr=lrs[j],
                 # the single run's rule: the median of the accepted claims (never inf)
-                train_loss=_median([v for v, ok in zip(loss_h[j], ok_h[j]) if ok])
+                train_loss=median_of_claims([v for v, ok in zip(loss_h[j], ok_h[j]) if ok])
                 if n_acc
                 else None,
                 client_time_s=client_s / len(active),

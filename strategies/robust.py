@@ -312,7 +312,7 @@ class RobustStrategy(Strategy):
                 server_round,
                 diag["rows_dropped"],
             )
-        info["train_loss"] = _median([m["train-loss"] for _, _, m in accepted])
+        info["train_loss"] = median_of_claims([m["train-loss"] for _, _, m in accepted])
         new = ArrayRecord() if self.model_by_reference else self._to_arrays(self._x)
         metrics = MetricRecord(
             {"train-loss": info["train_loss"], "replies-accepted": info["replies_accepted"]}
@@ -469,7 +469,7 @@ class RobustStrategy(Strategy):
         accepted = [(pid, *by_pid[pid]) for pid in sorted(by_pid)]  # order by partition id
         # what clients claim is bounded (decode_update) and aggregated robustly: the round's
         # summed client time is estimated as n x the median claim
-        client_time = len(client_times) * _median(client_times) if client_times else 0.0
+        client_time = len(client_times) * median_of_claims(client_times) if client_times else 0.0
         return accepted, reasons, {"bytes_up": bytes_up, "client_time_s": client_time}
 
     def _apply_adversary(
@@ -558,7 +558,7 @@ def row_rejections(rows: torch.Tensor, max_update_norm: float | None) -> list[st
     ]
 
 
-def _median(values: list[float]) -> float:
+def median_of_claims(values: list[float]) -> float:
     """Median of finite floats, finite whatever they are (two claims of 1.7e308 summed to inf)."""
     v = sorted(values)
     k = len(v) // 2
