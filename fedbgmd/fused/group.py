@@ -4,12 +4,13 @@ aggregation is :mod:`fedbgmd.fused.aggregate`'s, the planning :mod:`fedbgmd.fuse
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -264,9 +265,8 @@ class FusedGroup(_Aggregation):
             for k, vals in diag_host.items():
                 if vals[j] is not None and not (isinstance(vals[j], float) and math.isnan(vals[j])):
                     d[k] = vals[j]
-            if j in diag["skipped"]:
-                d["skipped"] = diag["skipped"][j]
             if j in diag["skipped"]:  # as a single run: a skipped round reports no train loss
+                d["skipped"] = diag["skipped"][j]
                 d["train_loss"] = None
                 if n_acc == 0 and rejections[j].keys() & {"non_finite", "bad_metrics"}:
                     d["check_model"] = True  # every reply non-finite: the model is evaluated
@@ -277,17 +277,21 @@ class FusedGroup(_Aggregation):
         return info
 
     # ------------------------------------------------------------------ clients
+    def _param_views(self, x: Tensor) -> dict[str, Tensor]:
+        """The flat models ``x`` (R, d) as the model's parameters, views of shape (R, *shape)."""
+        params: dict[str, Tensor] = {}
+        off = 0
+        for k in self.keys:
+            params[k] = x[:, off : off + self.numels[k]].view(len(x), *self.shapes[k])
+            off += self.numels[k]
+        return params
+
     def _client_updates(
         self, idx: list[int], xb: Tensor, yb: Tensor, lrs: list[float], rnd: int
     ) -> tuple[Tensor, Tensor]:
         """(R, n, d) updates x_r − y_i and (R, n) losses for one SGD step per client."""
         runs = [self.runs[i] for i in idx]
-        x = self.x if idx == list(range(len(self.runs))) else self.x[idx]
-        params: dict[str, Tensor] = {}
-        off = 0
-        for k in self.keys:
-            params[k] = x[:, off : off + self.numels[k]].view(len(runs), *self.shapes[k])
-            off += self.numels[k]
+        params = self._param_views(self.x if idx == list(range(len(self.runs))) else self.x[idx])
         model = self.model
 
         def loss_fn(p: dict[str, Tensor], xc: Tensor, yc: Tensor) -> Tensor:
@@ -307,9 +311,7 @@ class FusedGroup(_Aggregation):
             decay.append(c * wd)
         coef_t = torch.tensor(coef, dtype=torch.float32, device=self.device).view(-1, 1, 1)
         decay_t = torch.tensor(decay, dtype=torch.float32, device=self.device).view(-1, 1, 1)
-        modes = [(m, m.training) for m in model.modules()]
-        model.train()
-        try:
+        with _mode(model, training=True):
             # by chunks of GRAD_RUNS runs: per-client gradients and activations of 132 runs x 32
             # clients of the CNN at once would hold ~70 GB
             for lo in range(0, len(runs), GRAD_RUNS):
@@ -328,9 +330,6 @@ class FusedGroup(_Aggregation):
                         view.add_(decay_t[lo:hi] * chunk[k].reshape(hi - lo, 1, nk))
                     off += nk
                 del grads, loss
-        finally:
-            for m, mode in modes:
-                m.training = mode
         return out, losses
 
     def _update_attacks(self, i: int, rnd: int, ids: list[int], rows: Tensor, lr: float) -> None:
@@ -460,8 +459,6 @@ class FusedGroup(_Aggregation):
         """Test loss and accuracy of the runs ``which`` (as fedbgmd.training.evaluate), by chunks
         of EVAL_RUNS runs: the CNN's activations for 132 runs x 1,024 images would be ~40 GB."""
         model = self.model
-        modes = [(m, m.training) for m in model.modules()]
-        model.eval()
 
         def logits(p: dict[str, Tensor], xb: Tensor) -> Tensor:
             return functional_call(model, p, (xb,))
@@ -470,15 +467,10 @@ class FusedGroup(_Aggregation):
         loss = torch.zeros(len(which), dtype=torch.float64, device=self.device)
         correct = torch.zeros(len(which), dtype=torch.int64, device=self.device)
         n = len(self.test)
-        try:
+        with _mode(model, training=False):
             for lo in range(0, len(which), EVAL_RUNS):
                 chunk = which[lo : lo + EVAL_RUNS]
-                x = self.x[chunk]
-                params: dict[str, Tensor] = {}
-                off = 0
-                for k in self.keys:
-                    params[k] = x[:, off : off + self.numels[k]].view(len(chunk), *self.shapes[k])
-                    off += self.numels[k]
+                params = self._param_views(self.x[chunk])
                 for s in range(0, n, self.eval_batch):
                     xb = self.test.x[s : s + self.eval_batch]
                     yb = self.test.y[s : s + self.eval_batch]
@@ -486,9 +478,6 @@ class FusedGroup(_Aggregation):
                     ce = F.cross_entropy(out.flatten(0, 1), yb.repeat(len(chunk)), reduction="none")
                     loss[lo : lo + len(chunk)] += ce.view(len(chunk), -1).sum(dim=1)
                     correct[lo : lo + len(chunk)] += (out.argmax(2) == yb).sum(dim=1)
-        finally:
-            for m, mode in modes:
-                m.training = mode
         lh, ch = loss.tolist(), correct.tolist()
         return {i: (lh[j] / n, ch[j] / n) for j, i in enumerate(which)}
 
@@ -497,6 +486,18 @@ class FusedGroup(_Aggregation):
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+
+
+@contextlib.contextmanager
+def _mode(model: torch.nn.Module, training: bool) -> Iterator[None]:
+    """``model`` in training or evaluation mode for the block; each module's mode restored."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 class _seeded:
