@@ -24,18 +24,11 @@ from flwr.clientapp import ClientApp
 
 from fedbgmd.attacks.base import ClientAttack, call_corrupt_update
 from fedbgmd.batched import BatchedTrainer
-from fedbgmd.components import (
-    build_attack,
-    call_plugin,
-    generator,
-    load_data,
-    model_kwargs,
-    optim_config,
-    partitions,
-)
 from fedbgmd.core import FlatSpec, flatten_state, unflatten_state
 from fedbgmd.data import TensorData
 from fedbgmd.models import build_model
+from fedbgmd.plugins import build_attack, call_plugin
+from fedbgmd.seeding import generator
 from fedbgmd.training import get_device, local_train
 from fedbgmd.wire import (
     DEVICE_STORE,
@@ -44,6 +37,7 @@ from fedbgmd.wire import (
     build_reply_content,
     encode_update,
 )
+from fedbgmd.workload import load_data, model_kwargs, optim_config, partitions
 
 log = logging.getLogger("fedbgmd")
 
@@ -80,7 +74,7 @@ class ClientRuntime:
         self.quant_method, self.quant_bits = str(c.quantization.method), int(c.quantization.bits)
         bucket = c.quantization.get("bucket_size")
         self.quant_bucket = None if bucket is None else int(bucket)
-        self.optim = optim_config(cfg)
+        self.optim = optim_config(c.optimizer)
         self._x0_cache: tuple[ArrayRecord, torch.Tensor] | None = None
 
     @cached_property
@@ -89,22 +83,22 @@ class ClientRuntime:
 
     @cached_property
     def dataset(self):
-        return load_data(self.cfg)
+        return load_data(self.cfg.data, self.seed)
 
     @cached_property
     def parts(self) -> list[torch.Tensor]:
-        return partitions(self.cfg, self.dataset.train.y)
+        return partitions(self.cfg.data, self.cfg.num_clients, self.seed, self.dataset.train.y)
 
     @cached_property
     def model(self) -> torch.nn.Module:
         ds = self.dataset
         return build_model(
-            self.cfg.model.name, ds.num_classes, ds.input_shape, **model_kwargs(self.cfg)
+            self.cfg.model.name, ds.num_classes, ds.input_shape, **model_kwargs(self.cfg.model)
         ).to(self.device)
 
     @cached_property
     def attack(self) -> tuple[frozenset[int], ClientAttack | None]:
-        spec = build_attack(self.cfg)
+        spec = build_attack(self.cfg.attack, self.seed, self.cfg.num_clients)
         return frozenset(spec.byzantine_ids), spec.client_attack
 
     @cached_property

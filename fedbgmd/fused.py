@@ -54,7 +54,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, grad_and_value, vmap
 
-from fedbgmd.components import derive_seed
 from fedbgmd.core import (
     AggregationRefused,
     block_size,
@@ -64,6 +63,7 @@ from fedbgmd.core import (
 )
 from fedbgmd.core.agg_gm import GeometricMedian
 from fedbgmd.core.batched_gm import batched_geometric_median
+from fedbgmd.seeding import derive_seed
 from fedbgmd.strategies.robust import median_of_claims
 
 log = logging.getLogger("fedbgmd")
@@ -247,11 +247,11 @@ class FusedGroup:
     """
 
     def __init__(self, jobs: Sequence[tuple[Any, Path]], workers: int | None = 0) -> None:
-        from fedbgmd.components import load_data, model_kwargs, partitions
         from fedbgmd.models import build_model, count_parameters
         from fedbgmd.results import environment_versions
         from fedbgmd.server import rounds_per_epoch
         from fedbgmd.training import get_device
+        from fedbgmd.workload import load_data, model_kwargs, partitions
 
         if not jobs:
             raise ValueError("FusedGroup needs at least one job")
@@ -265,7 +265,7 @@ class FusedGroup:
             cpus = os.cpu_count() or 1
             workers = min(16, max(0, cpus - 2)) if self.device.type == "cuda" else 0
         self.workers = int(workers)
-        self.dataset = load_data(cfg0)
+        self.dataset = load_data(cfg0.data, cfg0.seed)
         self.rpe = rounds_per_epoch(cfg0, len(self.dataset.train))
         self.train_x = self.dataset.train.x.to(self.device)
         self.train_y = self.dataset.train.y.to(self.device)
@@ -279,13 +279,16 @@ class FusedGroup:
             cfg0.model.name,
             self.dataset.num_classes,
             self.dataset.input_shape,
-            **model_kwargs(cfg0),
+            **model_kwargs(cfg0.model),
         ).to(self.device)
         self.keys = [k for k, _ in self.model.named_parameters()]
         self.shapes = {k: p.shape for k, p in self.model.named_parameters()}
         self.numels = {k: p.numel() for k, p in self.model.named_parameters()}
         self.dim = sum(self.numels.values())
-        parts = [partitions(cfg, self.dataset.train.y) for cfg, _ in self.jobs]  # once a job
+        parts = [
+            partitions(cfg.data, cfg.num_clients, cfg.seed, self.dataset.train.y)
+            for cfg, _ in self.jobs
+        ]  # once a job
         self._check_fusable(parts)
         self.runs: list[_Run] = []
         xs = []
@@ -300,7 +303,7 @@ class FusedGroup:
                 self.dataset.num_classes,
                 self.dataset.input_shape,
                 seed=cfg.seed,
-                **model_kwargs(cfg),
+                **model_kwargs(cfg.model),
             )
             flat, _ = flatten_state(model.state_dict())
             xs.append(flat.to(self.device, torch.float32))
@@ -541,7 +544,7 @@ class FusedGroup:
 
     def _update_attacks(self, i: int, rnd: int, ids: list[int], rows: Tensor, lr: float) -> None:
         from fedbgmd.attacks.base import call_corrupt_update
-        from fedbgmd.components import generator
+        from fedbgmd.seeding import generator
 
         run = self.runs[i]
         attack = run.client_attack
@@ -656,8 +659,8 @@ class FusedGroup:
         for j in alone:
             self._aggregate_alone(a, j)
         diag = {
-            "gm_iterations": a.iters,
-            "gm_converged": a.conv,
+            "agg_iterations": a.iters,
+            "agg_converged": a.conv,
             "memory_norm": a.mem_norm,
             "relative_residual": a.rel_res,
             "skipped": a.skipped,
@@ -718,8 +721,8 @@ class FusedGroup:
         Returns the runs left for the single-run path: those whose P = γG + M has a row that
         is not finite (bgmd_step drops, counts and forgets such rows; see _aggregate_alone).
         """
-        from fedbgmd.components import generator
         from fedbgmd.core.selection import select_from_norms
+        from fedbgmd.seeding import generator
 
         dev = self.device
         active = a.active
@@ -834,8 +837,8 @@ class FusedGroup:
     def _aggregate_alone(self, a: _Agg, j: int) -> None:
         """Run ``j`` this round through the single-run code on its accepted rows (rejected
         replies, or a block step whose P = γG + M overflowed)."""
-        from fedbgmd.components import generator
         from fedbgmd.core import bgmd_step
+        from fedbgmd.seeding import generator
 
         i = a.active[j]
         st = self.runs[i].strategy
@@ -1074,7 +1077,7 @@ class _Bookkeeping:
         rpe: float,
         versions: dict[str, str | None],
     ) -> None:
-        from fedbgmd.components import build_attack
+        from fedbgmd.plugins import build_attack
         from fedbgmd.results import RunWriter
         from fedbgmd.server import build_strategy
 
@@ -1083,7 +1086,7 @@ class _Bookkeeping:
         self.started = time.time()
         self.versions = versions
         self.writer = RunWriter(run_dir)
-        self.attack = build_attack(cfg)
+        self.attack = build_attack(cfg.attack, cfg.seed, cfg.num_clients)
         self.rpe = rpe
         self.diverged_at: int | None = None
         self.finished = False
@@ -1156,7 +1159,7 @@ def _plan_round(state: dict[str, Any], rnd: int) -> tuple[Tensor, Any, list[list
     """Every run's sampled clients, their mini-batch indices (global, (R, n, b)) and the
     data-attacked batches [(run, client position, x, y)], exactly as the single-run clients
     draw them (fedbgmd.clients.honest: generator(seed, round, pid, "batches"/"data", ...))."""
-    from fedbgmd.components import generator
+    from fedbgmd.seeding import generator
     from fedbgmd.training import batch_indices
 
     b = state["batch_size"]
@@ -1370,7 +1373,7 @@ def run_jobs(
     """
     if on_group_failure not in ("alone", "fail"):
         raise ValueError(f"on_group_failure must be 'alone' or 'fail', got {on_group_failure!r}")
-    from fedbgmd.cli import run as run_alone
+    from fedbgmd.runner import run as run_alone
 
     cfgs = [c for c, _ in jobs]
     groups, alone = plan_groups(cfgs)

@@ -20,20 +20,11 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedbgmd.components import (
-    build_aggregator,
-    build_attack,
-    load_data,
-    model_kwargs,
-    optim_config,
-    partitions,
-    resolve_selector,
-    strategy_class,
-)
 from fedbgmd.config import clients_per_round
 from fedbgmd.core import all_finite_each
 from fedbgmd.integrity import stop_error, stop_status
 from fedbgmd.models import build_model, count_parameters
+from fedbgmd.plugins import build_aggregator, build_attack, locate, resolve_selector
 from fedbgmd.results import (
     RunWriter,
     environment_versions,
@@ -45,7 +36,9 @@ from fedbgmd.results import (
     utc_now_iso,
     with_segments,
 )
+from fedbgmd.strategies import RobustStrategy
 from fedbgmd.training import evaluate, get_device, lr_at
+from fedbgmd.workload import load_data, model_kwargs, optim_config, partitions
 
 log = logging.getLogger("fedbgmd")
 CHECKPOINT = "checkpoint.pt"
@@ -144,19 +137,19 @@ class ServerRun:
         # taken now: the code that runs is the code imported at the start (a commit made while a
         # long run goes must not be credited with its results)
         self.versions = environment_versions(str(self.device))
-        self.dataset = load_data(cfg)
+        self.dataset = load_data(cfg.data, cfg.seed)
         self.model = build_model(
             cfg.model.name,
             self.dataset.num_classes,
             self.dataset.input_shape,
             seed=cfg.seed,
-            **model_kwargs(cfg),
+            **model_kwargs(cfg.model),
         ).to(self.device)
         test = self.dataset.test
         if cfg.max_eval_samples is not None:
             test = test.subset(torch.arange(min(len(test), cfg.max_eval_samples)))
         self.test = test.to(self.device)
-        self.attack = build_attack(cfg)
+        self.attack = build_attack(cfg.attack, cfg.seed, cfg.num_clients)
         self.rpe = rounds_per_epoch(cfg, len(self.dataset.train))
         self.strategy = build_strategy(cfg, self.device, self.attack, self.rpe)
         self.strategy.model_by_reference = model_by_reference
@@ -164,7 +157,8 @@ class ServerRun:
         # (the same seeded split the clients make; the weights when strategy.weighted) and the
         # quantizer; replies that claim otherwise are not trusted
         self.strategy.partition_sizes = [
-            len(part) for part in partitions(cfg, self.dataset.train.y)
+            len(part)
+            for part in partitions(cfg.data, cfg.num_clients, cfg.seed, self.dataset.train.y)
         ]
         q = cfg.client.quantization
         bucket = q.get("bucket_size")
@@ -386,19 +380,27 @@ class ServerRun:
         draw_plots(self.cfg, self.run_dir)
 
 
+def strategy_class(target: str) -> type[RobustStrategy]:
+    """The strategy class at dotted path ``target`` (``strategy.target``): a RobustStrategy."""
+    cls = locate(target)
+    if not (isinstance(cls, type) and issubclass(cls, RobustStrategy)):
+        raise TypeError(f"{target} must be a subclass of RobustStrategy")
+    return cls
+
+
 def build_strategy(cfg: Any, device: torch.device, attack: Any, rpe: float) -> Any:
     """The run's strategy object: aggregator, block step, memory kind, server optimiser,
     sampling, the client learning-rate schedule (epochs of ``rpe`` rounds) and the adversary.
     Single runs and fused sweeps build it alike."""
     s = cfg.strategy
-    opt = optim_config(cfg)
+    opt = optim_config(cfg.client.optimizer)
     per_epoch = cfg.client.optimizer.schedule_unit == "epoch"
 
     def client_lr(server_round: int) -> float:
         t = server_round - 1
         return lr_at(opt, int(t // rpe) if per_epoch else t)
 
-    cls = strategy_class(cfg)
+    cls = strategy_class(s.target)
     return cls(
         aggregator=build_aggregator(s.aggregator),
         num_clients=cfg.num_clients,
@@ -439,7 +441,7 @@ def metrics_row(
     strategy's round info and the evaluation; single runs and fused sweeps write it alike."""
     passed = (
         "train_loss", "client_time_s", "agg_time_s", "bytes_up", "bytes_down", "replies_accepted",
-        "replies_rejected", "gm_iterations", "gm_converged", "memory_norm", "relative_residual",
+        "replies_rejected", "agg_iterations", "agg_converged", "memory_norm", "relative_residual",
     )  # fmt: skip
     return {
         "round": rnd,
