@@ -194,6 +194,35 @@ class Config:
     stop_on_divergence: bool = True
 
 
+def to_typed(cfg: Any) -> Config:
+    """The composed config as the typed :class:`Config` (its dataclasses, plain values): what a
+    run is given once its config is checked, so that the Flower side reads typed fields, not
+    an OmegaConf node. A Config is returned as it is."""
+    if isinstance(cfg, Config):
+        return cfg
+    from omegaconf import OmegaConf
+
+    obj = OmegaConf.to_object(cfg)
+    if not isinstance(obj, Config):
+        raise TypeError(f"expected a config composed on the Config schema, got {type(obj)}")
+    return obj
+
+
+def plain(cfg: Any) -> dict[str, Any]:
+    """The config as plain dicts and lists (summary.json, the run's setting), from a typed
+    :class:`Config`, a composed DictConfig or a dict."""
+    if isinstance(cfg, dict):
+        return cfg
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return dataclasses.asdict(cfg)
+    from omegaconf import OmegaConf
+
+    out = OmegaConf.to_container(cfg, resolve=True)
+    if not isinstance(out, dict):
+        raise TypeError(f"expected a mapping config, got {type(cfg).__name__}")
+    return {str(k): v for k, v in out.items()}
+
+
 def compose_config(overrides: list[str]) -> Any:
     """The resolved-on-access config fedbgmd would run for ``overrides`` (a single job), for
     scripts and benchmarks that build configs without the CLI; not checked (cli.check_config)."""

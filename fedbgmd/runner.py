@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from fedbgmd.config import plain
 from fedbgmd.integrity import stop_error, stop_status
 
 __all__ = ["EXIT_RUN_FAILED", "report_failure", "run"]
@@ -128,10 +129,11 @@ def report_failure(
         error = str(recorded or "the run ended without a completed summary.json")
         tb = summary.get("traceback")
     if not summary:
-        from omegaconf import OmegaConf
-
-        config = OmegaConf.to_container(cfg, resolve=True)
-        write_failure_summary(run_dir, error, config if isinstance(config, dict) else {}, tb)
+        try:
+            config = plain(cfg)
+        except (TypeError, ValueError):  # not a config at all: the failure is still recorded
+            config = {}
+        write_failure_summary(run_dir, error, config, tb)
     if isinstance(err, DatasetMissingError):  # not a bug: the message says what to do (below)
         log.info("data set missing: %s", err)
     elif tb:

@@ -20,7 +20,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedbgmd.config import clients_per_round
+from fedbgmd.config import clients_per_round, plain, to_typed
 from fedbgmd.core import all_finite_each
 from fedbgmd.integrity import stop_error, stop_status
 from fedbgmd.models import build_model, count_parameters
@@ -120,9 +120,10 @@ class ServerRun:
     def __init__(
         self, cfg: Any, run_dir: Path, parallelism: int = 1, model_by_reference: bool = False
     ) -> None:
-        """``model_by_reference``: the clients run in this process (the in-process engine with
+        """``cfg``: the run's checked config (typed here once when given as composed).
+        ``model_by_reference``: the clients run in this process (the in-process engine with
         ``engine.device_resident``), so the global model goes to them by reference."""
-        self.cfg = cfg
+        self.cfg = cfg = to_typed(cfg)
         self.parallelism = parallelism  # clients computing at once (for comm_time_s)
         self.run_dir = Path(run_dir)
         self.device = get_device(cfg.device)
@@ -161,7 +162,7 @@ class ServerRun:
             for part in partitions(cfg.data, cfg.num_clients, cfg.seed, self.dataset.train.y)
         ]
         q = cfg.client.quantization
-        bucket = q.get("bucket_size")
+        bucket = q.bucket_size
         self.strategy.expected_quantization = (
             str(q.method),
             int(q.bits),
@@ -473,11 +474,8 @@ def summary_fields(
 ) -> dict[str, Any]:
     """The summary.json fields every run has (single or fused): the metrics' summary, labels,
     outcome, divergence, versions and the config."""
-    from omegaconf import OmegaConf
-
     summary = summarize(rows)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(config, dict)
+    config = plain(cfg)
     summary.update(run_labels(config))
     summary.update(
         status=status,
@@ -513,12 +511,7 @@ def _previous_summary(run_dir: Path) -> dict[str, Any] | None:
 
 def setting_of(cfg: Any) -> dict[str, Any]:
     """The config choices that define a run (see :func:`fedbgmd.results.setting_from_config`)."""
-    from omegaconf import DictConfig, OmegaConf
-
-    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    if not isinstance(plain, dict):
-        raise TypeError(f"setting_of: expected a mapping config, got {type(cfg).__name__}")
-    return setting_from_config({str(k): v for k, v in plain.items()})
+    return setting_from_config(plain(cfg))
 
 
 def _progress_line(row: dict[str, Any], num_rounds: int) -> str:
