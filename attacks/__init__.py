@@ -5,7 +5,7 @@ Byzantine attacks, pure torch (no flwr, no hydra). Two kinds, kept apart in the 
 
 * client attacks (:class:`ClientAttack`, registry ``ATTACKS``), run inside a Byzantine client:
   update attacks ``bit_flip``, ``gaussian``, ``sign_flip``, ``random``, ``alie``, ``ipm``,
-  ``nan``; message attack ``malformed``; data attacks ``feature_noise``, ``impulse``,
+  ``nonfinite``; message attack ``malformed``; data attacks ``feature_noise``, ``impulse``,
   ``backdoor``, ``label_flip``;
 * omniscient attacks (:class:`OmniscientAttack`, registry ``OMNISCIENT_ATTACKS``), run in the
   server's adversary hook — SIMULATION ONLY: ``alie``, ``ipm``, ``minmax``, ``minsum``, ``agr_tailored``.

@@ -1,6 +1,6 @@
-"""Non-finite update attack (kind ``"update"``, registry name ``"nan"``).
+"""Non-finite update attack (kind ``"update"``, registry name ``"nonfinite"``).
 
-A fraction ρ of the coordinates of the honest update ``c`` is replaced by non-finite values:
+A share ``coord_fraction`` ρ of the coordinates of the honest update ``c`` is replaced by non-finite values:
 ``k = ⌈ρ · d⌉`` coordinates chosen uniformly without replacement by the generator,
 
 * ``mode="nan"``: ``c̃_j = NaN``;
@@ -35,26 +35,26 @@ __all__ = ["NonFiniteAttack"]
 
 @dataclass(frozen=True)
 class NonFiniteAttack(UpdateAttack):
-    """Replace ``⌈fraction · d⌉`` random coordinates by NaN / ±Inf (see the module docstring).
+    """Replace ``⌈coord_fraction · d⌉`` random coordinates by NaN / ±Inf (see the module docstring).
 
-    ``fraction`` ρ ∈ (0, 1], default 1.0 (every coordinate); ``mode`` ∈ {"nan", "inf", "mixed"}.
+    ``coord_fraction`` ρ ∈ (0, 1], default 1.0 (every coordinate); ``mode`` ∈ {"nan", "inf", "mixed"}.
     """
 
-    name: ClassVar[str] = "nan"
+    name: ClassVar[str] = "nonfinite"
     MODES: ClassVar[tuple[str, ...]] = ("nan", "inf", "mixed")
 
-    fraction: float = 1.0
+    coord_fraction: float = 1.0  # share of coordinates (attack.fraction: of clients)
     mode: str = "nan"
 
     def __post_init__(self) -> None:
-        check_fraction("fraction", self.fraction)
+        check_fraction("coord_fraction", self.coord_fraction)
         check_choice("mode", self.mode, self.MODES)
 
     def corrupt(
         self, update: Tensor, generator: torch.Generator, sample_updates: SampleUpdates | None
     ) -> Tensor:
         d = update.numel()
-        k = min(d, fraction_ceil(self.fraction, d))
+        k = min(d, fraction_ceil(self.coord_fraction, d))
         idx = randperm(d, generator, update.device)[:k]
         u = rand_like(update, generator, shape=(k,))
         nan = torch.full_like(u, math.nan)

@@ -24,18 +24,19 @@ from flwr.clientapp import ClientApp
 
 from fedbgmd.attacks.base import ClientAttack, call_corrupt_update
 from fedbgmd.batched import BatchedTrainer
-from fedbgmd.components import (
-    build_attack,
-    call_plugin,
-    generator,
-    load_data,
-    model_kwargs,
-    optim_config,
-    partitions,
+from fedbgmd.config import (
+    AttackConfig,
+    ClientConfig,
+    Config,
+    DataConfig,
+    ModelConfig,
+    to_typed,
 )
 from fedbgmd.core import FlatSpec, flatten_state, unflatten_state
 from fedbgmd.data import TensorData
 from fedbgmd.models import build_model
+from fedbgmd.plugins import build_attack, call_plugin
+from fedbgmd.seeding import generator
 from fedbgmd.training import get_device, local_train
 from fedbgmd.wire import (
     DEVICE_STORE,
@@ -44,6 +45,7 @@ from fedbgmd.wire import (
     build_reply_content,
     encode_update,
 )
+from fedbgmd.workload import load_data, model_kwargs, optim_config, partitions
 
 log = logging.getLogger("fedbgmd")
 
@@ -71,40 +73,67 @@ class ClientRuntime:
     (Ray actor or the in-process engine) serves it.
     """
 
-    def __init__(self, cfg: Any) -> None:
-        self.cfg = cfg
-        c = cfg.client
-        # plain copies of what every message reads: OmegaConf attribute access is slow
-        self.seed = int(cfg.seed)
+    def __init__(
+        self,
+        *,
+        data: DataConfig,
+        model: ModelConfig,
+        client: ClientConfig,
+        attack: AttackConfig,
+        seed: int,
+        num_clients: int,
+        device: str = "auto",
+        batch_chunk: int | None = None,
+    ) -> None:
+        # each part of the run gets its own sub-config, not the whole config
+        self.data_cfg, self.model_cfg = data, model
+        self.client_cfg, self.attack_cfg = client, attack
+        self.seed, self.num_clients = int(seed), int(num_clients)
+        self.device_name, self.batch_chunk = device, batch_chunk
+        c, q = client, client.quantization
+        # plain copies of what every message reads
         self.steps, self.epochs, self.batch_size = c.local_steps, c.local_epochs, c.batch_size
-        self.quant_method, self.quant_bits = str(c.quantization.method), int(c.quantization.bits)
-        bucket = c.quantization.get("bucket_size")
-        self.quant_bucket = None if bucket is None else int(bucket)
-        self.optim = optim_config(cfg)
+        self.quant_method, self.quant_bits = str(q.method), int(q.bits)
+        self.quant_bucket = None if q.bucket_size is None else int(q.bucket_size)
+        self.optim = optim_config(c.optimizer)
         self._x0_cache: tuple[ArrayRecord, torch.Tensor] | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> ClientRuntime:
+        """The runtime of a whole run's config: the parts the clients need, split out once."""
+        return cls(
+            data=cfg.data,
+            model=cfg.model,
+            client=cfg.client,
+            attack=cfg.attack,
+            seed=cfg.seed,
+            num_clients=cfg.num_clients,
+            device=cfg.device,
+            batch_chunk=cfg.engine.batch_chunk,
+        )
 
     @cached_property
     def device(self) -> torch.device:
-        return get_device(self.cfg.device)
+        return get_device(self.device_name)
 
     @cached_property
     def dataset(self):
-        return load_data(self.cfg)
+        return load_data(self.data_cfg, self.seed)
 
     @cached_property
     def parts(self) -> list[torch.Tensor]:
-        return partitions(self.cfg, self.dataset.train.y)
+        return partitions(self.data_cfg, self.num_clients, self.seed, self.dataset.train.y)
 
     @cached_property
     def model(self) -> torch.nn.Module:
         ds = self.dataset
         return build_model(
-            self.cfg.model.name, ds.num_classes, ds.input_shape, **model_kwargs(self.cfg)
+            self.model_cfg.name, ds.num_classes, ds.input_shape, **model_kwargs(self.model_cfg)
         ).to(self.device)
 
     @cached_property
     def attack(self) -> tuple[frozenset[int], ClientAttack | None]:
-        spec = build_attack(self.cfg)
+        spec = build_attack(self.attack_cfg, self.seed, self.num_clients)
         return frozenset(spec.byzantine_ids), spec.client_attack
 
     @cached_property
@@ -289,7 +318,7 @@ class ClientRuntime:
 
     @cached_property
     def batched_trainer(self) -> BatchedTrainer | None:
-        c = self.cfg.client
+        c = self.client_cfg
         if c.local_steps is None:
             return None
         try:
@@ -299,7 +328,7 @@ class ClientRuntime:
                 batch_size=c.batch_size,
                 steps=c.local_steps,
                 device=self.device,
-                max_chunk=self.cfg.engine.batch_chunk,
+                max_chunk=self.batch_chunk,
             )
         except NotImplementedError as err:
             log.warning("batched client training unavailable (%s); using the per-client loop", err)
@@ -340,25 +369,26 @@ def _data_transform(
 _RUNTIMES: dict[str, ClientRuntime] = {}
 
 
-def config_key(cfg: Any) -> str:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_yaml(cfg, resolve=True) if OmegaConf.is_config(cfg) else repr(cfg)
+def config_key(cfg: Config) -> str:
+    """The identity of a run's config (a dataclass repr lists every field)."""
+    return repr(cfg)
 
 
 def runtime_for(cfg: Any, key: str | None = None) -> ClientRuntime:
     """One runtime per process and config: data and model are loaded once, whatever the engine
     does with the ClientApp object (Ray may unpickle it afresh for every message)."""
+    cfg = to_typed(cfg)
     key = config_key(cfg) if key is None else key
     if key not in _RUNTIMES:
         _RUNTIMES.clear()  # a new run in the same process replaces the old one
-        _RUNTIMES[key] = ClientRuntime(cfg)
+        _RUNTIMES[key] = ClientRuntime.from_config(cfg)
     return _RUNTIMES[key]
 
 
 def make_client_app(cfg: Any) -> ClientApp:
-    """The ClientApp for a resolved fedbgmd config (shared by every engine)."""
+    """The ClientApp for a fedbgmd config (shared by every engine), typed once here."""
     app = ClientApp()
+    cfg = to_typed(cfg)
     key = config_key(cfg)  # computed once here, shipped with the app
 
     @app.train()

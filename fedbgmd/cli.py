@@ -12,12 +12,9 @@ The run folder is locked (fedbgmd.integrity) before anything is written into it:
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import sys
-import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +22,21 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from fedbgmd.config import Config, ConfigError, register_configs, validate
+from fedbgmd.checks import check_config
+from fedbgmd.config import Config, ConfigError, register_configs
 from fedbgmd.integrity import (
     RunDirLocked,
     RunLock,
     interrupt_signal,
     lock_run_dir,
-    stop_error,
     stop_on_signals,
-    stop_status,
 )
+from fedbgmd.runner import EXIT_RUN_FAILED, report_failure, run
+
+__all__ = ["check_config", "entry", "explain", "report_failure", "run"]
 
 log = logging.getLogger("fedbgmd")
 CONFIG_MODULE = "fedbgmd.conf"
-EXIT_RUN_FAILED = 1
 EXIT_BAD_CONFIG = 2
 # what ``resume=DIR`` may change: nothing that alters the experiment's results (num_rounds only
 # upwards: more rounds of the same run)
@@ -54,124 +52,6 @@ CONTINUATION_KEYS = (
     "engine.superlink",
 )
 _LOCK: RunLock | None = None  # the run folder this process holds (single runs, resume)
-
-
-def check_config(cfg: Any) -> None:
-    """Schema-level and cross-field checks plus constructing every plug-in once."""
-    from fedbgmd.components import check_components
-
-    validate(cfg)
-    check_components(cfg)
-
-
-def run(cfg: Any, run_dir: Path) -> int:
-    """Run one federation into ``run_dir``; return the exit status."""
-    from fedbgmd.engine import run_inprocess, run_ray_simulation
-    from fedbgmd.results import read_summary
-
-    _quiet_flower(cfg.engine.verbose)
-    if cfg.engine.num_threads is not None:
-        import torch
-
-        # small models lose badly to thread oversubscription on busy machines
-        torch.set_num_threads(int(cfg.engine.num_threads))
-    t0 = time.time()
-    engine = run_inprocess if cfg.engine.name == "inprocess" else run_ray_simulation
-    if cfg.engine.name == "deployment":
-        from fedbgmd.deploy import run_deployment
-
-        engine = run_deployment
-    try:
-        _write_config(cfg, run_dir)
-        engine(cfg, run_dir)
-    except KeyboardInterrupt as err:  # SIGINT/SIGTERM: entry() turns it into the exit status
-        _ensure_summary(run_dir, t0, stop_status(err), stop_error(err))
-        raise
-    except Exception as err:
-        return report_failure(cfg, run_dir, err, since=t0)
-    try:
-        summary = read_summary(run_dir)
-    except (OSError, ValueError):
-        summary = {"status": "failed", "error": "no summary.json was written"}
-    if summary.get("status") != "completed":
-        return report_failure(cfg, run_dir, None)
-    acc = summary.get("final_accuracy")
-    acc_s = "n/a" if acc is None else f"{100 * acc:.2f}%"
-    done = (
-        f"done in {time.time() - t0:.1f}s; final test accuracy {acc_s} "
-        f"(best {100 * (summary.get('best_accuracy') or 0):.2f}%); results in {run_dir}"
-    )
-    if summary.get("skipped_rounds"):
-        done += f"; {summary['skipped_rounds']} round(s) skipped (see metrics.jsonl 'skipped')"
-    log.info(done)
-    print(f"fedbgmd: {done}")
-    return 0
-
-
-def _write_config(cfg: Any, run_dir: Path) -> None:
-    from fedbgmd.results import atomic_write_text
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-
-
-def _ensure_summary(run_dir: Path, since: float, status: str, error: str) -> None:
-    """A summary.json for a run that stopped before its ServerApp wrote one (best effort)."""
-    from fedbgmd.results import SUMMARY_JSON, atomic_write_text, read_metrics, utc_now_iso
-
-    path = run_dir / SUMMARY_JSON
-    try:
-        if path.is_file() and path.stat().st_mtime >= since:
-            return  # the run recorded its own outcome
-        rows = read_metrics(run_dir)
-        summary = {
-            "status": status,
-            "error": error,
-            "rounds": max((int(r["round"]) for r in rows if r.get("round") is not None), default=0),
-            "finished_at": utc_now_iso(),
-        }
-        atomic_write_text(path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    except OSError as err:
-        print(f"fedbgmd: could not write {path}: {err}", file=sys.stderr)
-
-
-def report_failure(
-    cfg: Any, run_dir: Path, err: BaseException | None, since: float | None = None
-) -> int:
-    """Make a failed run visible everywhere: summary.json (written here if the run failed before
-    its server could write one, so reports list it and a re-run retries it), the traceback in the
-    run folder's log and on stderr (Hydra's console handler), one closing line. Returns 1.
-    ``since``: a summary.json older than this (an earlier segment's) is not this run's."""
-    import traceback
-
-    from fedbgmd.data import DatasetMissingError
-    from fedbgmd.results import read_summary, write_failure_summary
-
-    try:
-        summary = read_summary(run_dir)
-        if since is not None and (run_dir / "summary.json").stat().st_mtime < since:
-            summary = {}
-    except (OSError, ValueError):
-        summary = {}
-    recorded = summary.get("error") if summary.get("status") == "failed" else None
-    tb: str | None
-    if err is not None:
-        error = str(recorded or f"{type(err).__name__}: {err}")
-        tb = "".join(traceback.format_exception(type(err), err, err.__traceback__))
-    else:
-        error = str(recorded or "the run ended without a completed summary.json")
-        tb = summary.get("traceback")
-    if not summary:
-        config = OmegaConf.to_container(cfg, resolve=True)
-        write_failure_summary(run_dir, error, config if isinstance(config, dict) else {}, tb)
-    if isinstance(err, DatasetMissingError):  # not a bug: the message says what to do (below)
-        log.info("data set missing: %s", err)
-    elif tb:
-        log.error("run failed: %s\n%s", error, tb.rstrip())
-    else:
-        log.error("run failed: %s", error)
-    print(f"fedbgmd: run failed: {error}", file=sys.stderr)
-    return EXIT_RUN_FAILED
 
 
 def resumed_config(args: list[str]) -> tuple[Any, Path]:
@@ -313,14 +193,6 @@ def _interrupted(err: KeyboardInterrupt) -> int:
             text += " (no checkpoint to resume from: set checkpoint_every=N to have one)"
     print(text, file=sys.stderr)
     return 128 + signum
-
-
-def _quiet_flower(verbose: bool) -> None:
-    """Flower logs every round at INFO and warns that run_simulation is deprecated (see engine)."""
-    if verbose:
-        return
-    logging.getLogger("flwr").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://fedbgmd.conf", config_name="config")
@@ -483,12 +355,12 @@ def explain(err: BaseException, overrides: list[str]) -> str:
 
 def _keys_at(path: str, overrides: list[str] | None = None) -> list[str]:
     """Keys valid at ``path`` ("" = top level) of the config the other ``overrides`` choose, for
-    suggestions: a plug-in's params map offers that plug-in's own parameters (ctm's beta, not
+    suggestions: a plug-in's params map offers that plug-in's own parameters (ctm's trim, not
     the default strategy's GM eps/max_iter)."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    from fedbgmd.components import plugin_params
+    from fedbgmd.checks import plugin_params
 
     # compose without the overrides at path (one of them is the bad key)
     others = [o for o in overrides or [] if o.lstrip("~+").split("=")[0].rpartition(".")[0] != path]

@@ -7,7 +7,7 @@ collects every problem and raises one :class:`ConfigError`.
 
 Plug-in parameters (an aggregator's ``f``, an attack's ``scale``) live in free-form ``params``
 maps because each plug-in has its own; they are checked when the plug-in is constructed at
-startup (:func:`fedbgmd.components.check_components`), which names the unknown parameter.
+startup (:func:`fedbgmd.checks.check_components`), which names the unknown parameter.
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
-
 from fedbgmd.core.counts import fraction_floor
 from fedbgmd.results import attack_label
+
+# omegaconf.MISSING, spelt out: the schemas are plain dataclasses that the Flower-side code
+# (engines, clients, strategies) reads without loading omegaconf or hydra; only composing a
+# config (compose_config, register_configs, the CLI) imports them
+MISSING: Any = "???"
 
 
 class ConfigError(ValueError):
@@ -192,6 +194,35 @@ class Config:
     stop_on_divergence: bool = True
 
 
+def to_typed(cfg: Any) -> Config:
+    """The composed config as the typed :class:`Config` (its dataclasses, plain values): what a
+    run is given once its config is checked, so that the Flower side reads typed fields, not
+    an OmegaConf node. A Config is returned as it is."""
+    if isinstance(cfg, Config):
+        return cfg
+    from omegaconf import OmegaConf
+
+    obj = OmegaConf.to_object(cfg)
+    if not isinstance(obj, Config):
+        raise TypeError(f"expected a config composed on the Config schema, got {type(obj)}")
+    return obj
+
+
+def plain(cfg: Any) -> dict[str, Any]:
+    """The config as plain dicts and lists (summary.json, the run's setting), from a typed
+    :class:`Config`, a composed DictConfig or a dict."""
+    if isinstance(cfg, dict):
+        return cfg
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return dataclasses.asdict(cfg)
+    from omegaconf import OmegaConf
+
+    out = OmegaConf.to_container(cfg, resolve=True)
+    if not isinstance(out, dict):
+        raise TypeError(f"expected a mapping config, got {type(cfg).__name__}")
+    return {str(k): v for k, v in out.items()}
+
+
 def compose_config(overrides: list[str]) -> Any:
     """The resolved-on-access config fedbgmd would run for ``overrides`` (a single job), for
     scripts and benchmarks that build configs without the CLI; not checked (cli.check_config)."""
@@ -204,6 +235,8 @@ def compose_config(overrides: list[str]) -> Any:
 
 def register_configs() -> None:
     """Register every schema in Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     # the group schemas live in their own group, not among the options of the group they type
@@ -220,18 +253,31 @@ def register_configs() -> None:
         cs.store(group="schema", name=group, node=node)
 
 
-_CHOICES = {
-    "data.name": ("fashion_mnist", "mnist", "cifar10", "synthetic"),
-    "data.partition": ("iid", "dirichlet", "shards"),
-    "model.name": ("cnn", "resnet18", "mlp", "logreg"),
-    "client.optimizer.name": ("sgd", "adam", "adamw"),
-    "client.optimizer.schedule": ("constant", "step", "cosine"),
-    "client.optimizer.schedule_unit": ("round", "epoch"),
-    "client.quantization.method": ("none", "qsgd", "sign"),
-    "strategy.block.memory": ("per_client", "mean", "none"),
-    "attack.mode": ("client", "omniscient"),
-    "engine.name": ("simulation", "inprocess", "deployment"),
-}
+ENGINE_NAMES: tuple[str, ...] = ("simulation", "inprocess", "deployment")
+ATTACK_MODES: tuple[str, ...] = ("client", "omniscient")
+SCHEDULE_UNITS: tuple[str, ...] = ("round", "epoch")
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """The valid values of each closed-choice key, read from where each choice is defined (the
+    registries, the data / model / training modules), not repeated here."""
+    from fedbgmd.core import MEMORIES, QUANTIZERS
+    from fedbgmd.data import DATASET_NAMES, PARTITION_METHODS
+    from fedbgmd.models import MODEL_NAMES
+    from fedbgmd.training import OPTIMIZERS, SCHEDULES
+
+    return {
+        "data.name": DATASET_NAMES,
+        "data.partition": PARTITION_METHODS,
+        "model.name": MODEL_NAMES,
+        "client.optimizer.name": OPTIMIZERS,
+        "client.optimizer.schedule": SCHEDULES,
+        "client.optimizer.schedule_unit": SCHEDULE_UNITS,
+        "client.quantization.method": ("none", *QUANTIZERS.names()),
+        "strategy.block.memory": tuple(MEMORIES.names()),
+        "attack.mode": ATTACK_MODES,
+        "engine.name": ENGINE_NAMES,
+    }
 
 
 # what each data set feeds the model (synthetic: data.image_shape, or flat num_features), and the
@@ -313,11 +359,12 @@ def validate(cfg: Any) -> None:
     p: list[str] = unknown_keys(cfg)
     if p:  # the other checks would read the schema's values, not the mistyped key's
         raise ConfigError(p)
-    for key, choices in _CHOICES.items():
+    closed = choices()
+    for key, valid in closed.items():
         value = _get(cfg, key)
-        if value not in choices:
-            p.append(f"{key}={value!r} is not one of {', '.join(choices)}")
-    if cfg.data.name in _CHOICES["data.name"] and cfg.model.name in _CHOICES["model.name"]:
+        if value not in valid:
+            p.append(f"{key}={value!r} is not one of {', '.join(valid)}")
+    if cfg.data.name in closed["data.name"] and cfg.model.name in closed["model.name"]:
         mismatch = _model_data_problem(cfg)
         if mismatch:
             p.append(mismatch)

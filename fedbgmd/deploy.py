@@ -67,14 +67,14 @@ clientapp = "fedbgmd.deploy:client_app"
 # ---------------------------------------------------------------- the apps (Flower's processes)
 @lru_cache(maxsize=2)
 def config_from_text(text: str) -> Any:
-    """The fedbgmd config shipped in the run config (typed against the schema)."""
+    """The fedbgmd config shipped in the run config, as the typed Config."""
     from omegaconf import OmegaConf
 
-    from fedbgmd.config import Config
+    from fedbgmd.config import Config, to_typed
 
     if not text:
         raise ValueError(f"run config has no {CONFIG_KEY!r}: submit the run with engine=deployment")
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+    cfg = to_typed(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text)))
     if cfg.engine.num_threads is not None:
         import torch
 

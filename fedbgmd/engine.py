@@ -156,9 +156,12 @@ class InProcessGrid(Grid):
 
 
 def run_inprocess(cfg: Any, run_dir: Path) -> Any:
+    """Server and clients in this process (no Ray); returns the ServerRun."""
     from fedbgmd.clients.honest import make_client_app, runtime_for
+    from fedbgmd.config import to_typed
     from fedbgmd.server import ServerRun
 
+    cfg = to_typed(cfg)  # the checked config, typed once for the server and the clients
     set_server_identity()
     by_reference = bool(cfg.engine.device_resident)  # model and replies (decided once, here)
     batch_fn = None
@@ -183,8 +186,10 @@ def run_ray_simulation(cfg: Any, run_dir: Path) -> Any:
     from flwr.simulation import run_simulation
 
     from fedbgmd.clients.honest import make_client_app
+    from fedbgmd.config import to_typed
     from fedbgmd.server import make_server_app
 
+    cfg = to_typed(cfg)  # pickled to the Ray workers as plain dataclasses
     cpus = os.cpu_count() or 1
     parallelism = max(1, min(cfg.num_clients, int(cpus // max(cfg.engine.num_cpus, 1e-9))))
     server_app, state = make_server_app(cfg, run_dir, parallelism)

@@ -90,12 +90,12 @@ def _two_panel(
 
 
 _DIAGNOSTICS: tuple[tuple[str, str, bool], ...] = (
-    ("gm_iterations", "GM iterations", False),
+    ("agg_iterations", "aggregator iterations", False),
     ("memory_norm", "memory norm ‖m‖", False),
     ("relative_residual", "relative residual", True),
     ("bytes_up", "bytes up", False),
 )
-_COUNTS = frozenset({"gm_iterations", "bytes_up"})  # integer ticks (no "2.5 iterations")
+_COUNTS = frozenset({"agg_iterations", "bytes_up"})  # integer ticks (no "2.5 iterations")
 
 
 def run_title(run_dir: Path | str) -> str:

@@ -71,15 +71,15 @@ METRIC_COLUMNS: tuple[str, ...] = (
     "bytes_down",
     "replies_accepted",
     "replies_rejected",
-    "gm_iterations",
-    "gm_converged",
+    "agg_iterations",
+    "agg_converged",
     "memory_norm",
     "relative_residual",
 )
 
 # Columns read back as int (falling back to float when a cell is not an integer literal, e.g. a
-# mean number of GM iterations over blocks). Every other column is read back as float.
-# Booleans (e.g. gm_converged=True) are written as 1/0.
+# mean number of aggregator iterations over blocks). Every other column is read back as float.
+# Booleans (e.g. agg_converged=True) are written as 1/0.
 INT_COLUMNS: frozenset[str] = frozenset(
     {
         "round",
@@ -87,8 +87,8 @@ INT_COLUMNS: frozenset[str] = frozenset(
         "bytes_down",
         "replies_accepted",
         "replies_rejected",
-        "gm_iterations",
-        "gm_converged",
+        "agg_iterations",
+        "agg_converged",
     }
 )
 

@@ -20,20 +20,11 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedbgmd.components import (
-    build_aggregator,
-    build_attack,
-    load_data,
-    model_kwargs,
-    optim_config,
-    partitions,
-    resolve_selector,
-    strategy_class,
-)
-from fedbgmd.config import clients_per_round
+from fedbgmd.config import clients_per_round, plain, to_typed
 from fedbgmd.core import all_finite_each
 from fedbgmd.integrity import stop_error, stop_status
 from fedbgmd.models import build_model, count_parameters
+from fedbgmd.plugins import build_aggregator, build_attack, locate, resolve_selector
 from fedbgmd.results import (
     RunWriter,
     environment_versions,
@@ -45,7 +36,9 @@ from fedbgmd.results import (
     utc_now_iso,
     with_segments,
 )
+from fedbgmd.strategies import RobustStrategy
 from fedbgmd.training import evaluate, get_device, lr_at
+from fedbgmd.workload import load_data, model_kwargs, optim_config, partitions
 
 log = logging.getLogger("fedbgmd")
 CHECKPOINT = "checkpoint.pt"
@@ -127,9 +120,10 @@ class ServerRun:
     def __init__(
         self, cfg: Any, run_dir: Path, parallelism: int = 1, model_by_reference: bool = False
     ) -> None:
-        """``model_by_reference``: the clients run in this process (the in-process engine with
+        """``cfg``: the run's checked config (typed here once when given as composed).
+        ``model_by_reference``: the clients run in this process (the in-process engine with
         ``engine.device_resident``), so the global model goes to them by reference."""
-        self.cfg = cfg
+        self.cfg = cfg = to_typed(cfg)
         self.parallelism = parallelism  # clients computing at once (for comm_time_s)
         self.run_dir = Path(run_dir)
         self.device = get_device(cfg.device)
@@ -144,19 +138,19 @@ class ServerRun:
         # taken now: the code that runs is the code imported at the start (a commit made while a
         # long run goes must not be credited with its results)
         self.versions = environment_versions(str(self.device))
-        self.dataset = load_data(cfg)
+        self.dataset = load_data(cfg.data, cfg.seed)
         self.model = build_model(
             cfg.model.name,
             self.dataset.num_classes,
             self.dataset.input_shape,
             seed=cfg.seed,
-            **model_kwargs(cfg),
+            **model_kwargs(cfg.model),
         ).to(self.device)
         test = self.dataset.test
         if cfg.max_eval_samples is not None:
             test = test.subset(torch.arange(min(len(test), cfg.max_eval_samples)))
         self.test = test.to(self.device)
-        self.attack = build_attack(cfg)
+        self.attack = build_attack(cfg.attack, cfg.seed, cfg.num_clients)
         self.rpe = rounds_per_epoch(cfg, len(self.dataset.train))
         self.strategy = build_strategy(cfg, self.device, self.attack, self.rpe)
         self.strategy.model_by_reference = model_by_reference
@@ -164,10 +158,11 @@ class ServerRun:
         # (the same seeded split the clients make; the weights when strategy.weighted) and the
         # quantizer; replies that claim otherwise are not trusted
         self.strategy.partition_sizes = [
-            len(part) for part in partitions(cfg, self.dataset.train.y)
+            len(part)
+            for part in partitions(cfg.data, cfg.num_clients, cfg.seed, self.dataset.train.y)
         ]
         q = cfg.client.quantization
-        bucket = q.get("bucket_size")
+        bucket = q.bucket_size
         self.strategy.expected_quantization = (
             str(q.method),
             int(q.bits),
@@ -386,19 +381,27 @@ class ServerRun:
         draw_plots(self.cfg, self.run_dir)
 
 
+def strategy_class(target: str) -> type[RobustStrategy]:
+    """The strategy class at dotted path ``target`` (``strategy.target``): a RobustStrategy."""
+    cls = locate(target)
+    if not (isinstance(cls, type) and issubclass(cls, RobustStrategy)):
+        raise TypeError(f"{target} must be a subclass of RobustStrategy")
+    return cls
+
+
 def build_strategy(cfg: Any, device: torch.device, attack: Any, rpe: float) -> Any:
     """The run's strategy object: aggregator, block step, memory kind, server optimiser,
     sampling, the client learning-rate schedule (epochs of ``rpe`` rounds) and the adversary.
     Single runs and fused sweeps build it alike."""
     s = cfg.strategy
-    opt = optim_config(cfg)
+    opt = optim_config(cfg.client.optimizer)
     per_epoch = cfg.client.optimizer.schedule_unit == "epoch"
 
     def client_lr(server_round: int) -> float:
         t = server_round - 1
         return lr_at(opt, int(t // rpe) if per_epoch else t)
 
-    cls = strategy_class(cfg)
+    cls = strategy_class(s.target)
     return cls(
         aggregator=build_aggregator(s.aggregator),
         num_clients=cfg.num_clients,
@@ -439,7 +442,7 @@ def metrics_row(
     strategy's round info and the evaluation; single runs and fused sweeps write it alike."""
     passed = (
         "train_loss", "client_time_s", "agg_time_s", "bytes_up", "bytes_down", "replies_accepted",
-        "replies_rejected", "gm_iterations", "gm_converged", "memory_norm", "relative_residual",
+        "replies_rejected", "agg_iterations", "agg_converged", "memory_norm", "relative_residual",
     )  # fmt: skip
     return {
         "round": rnd,
@@ -471,11 +474,8 @@ def summary_fields(
 ) -> dict[str, Any]:
     """The summary.json fields every run has (single or fused): the metrics' summary, labels,
     outcome, divergence, versions and the config."""
-    from omegaconf import OmegaConf
-
     summary = summarize(rows)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(config, dict)
+    config = plain(cfg)
     summary.update(run_labels(config))
     summary.update(
         status=status,
@@ -511,12 +511,7 @@ def _previous_summary(run_dir: Path) -> dict[str, Any] | None:
 
 def setting_of(cfg: Any) -> dict[str, Any]:
     """The config choices that define a run (see :func:`fedbgmd.results.setting_from_config`)."""
-    from omegaconf import DictConfig, OmegaConf
-
-    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    if not isinstance(plain, dict):
-        raise TypeError(f"setting_of: expected a mapping config, got {type(cfg).__name__}")
-    return setting_from_config({str(k): v for k, v in plain.items()})
+    return setting_from_config(plain(cfg))
 
 
 def _progress_line(row: dict[str, Any], num_rounds: int) -> str:

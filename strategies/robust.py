@@ -38,7 +38,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from fedbgmd.attacks.base import OmniscientAttack
-from fedbgmd.components import PluginFailed, generator
 from fedbgmd.core import (
     AggregationRefused,
     AggregationResult,
@@ -53,6 +52,8 @@ from fedbgmd.core import (
     stack_rows,
     unflatten_state,
 )
+from fedbgmd.plugins import PluginFailed
+from fedbgmd.seeding import generator
 from fedbgmd.wire import (
     DEVICE_STORE,
     MODEL_REF_KEY,
@@ -572,8 +573,8 @@ def _aggregator_state(agg: Any) -> dict[str, Any]:
 
 def _agg_diag(res: AggregationResult) -> dict[str, float]:
     diag: dict[str, float] = {
-        "gm_iterations": float(res.iterations),
-        "gm_converged": float(res.converged),
+        "agg_iterations": float(res.iterations),
+        "agg_converged": float(res.converged),
     }
     if res.n_dropped:  # accepted rows the aggregator still dropped (non-finite after weighting)
         diag["rows_dropped"] = float(res.n_dropped)

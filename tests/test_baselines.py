@@ -7,8 +7,9 @@ import logging
 import pytest
 from hydra import compose, initialize_config_module
 
-from fedbgmd.components import assumption_warnings, build_aggregator, check_components
+from fedbgmd.checks import assumption_warnings, check_components
 from fedbgmd.config import register_configs
+from fedbgmd.plugins import build_aggregator
 
 
 def compose_cfg(*overrides: str):
@@ -23,9 +24,9 @@ def compose_cfg(*overrides: str):
         (["strategy=krum", "attack=bit_flip", "attack.fraction=0.2"], "f=1"),
         (["strategy=bulyan", "num_clients=20", "attack=bit_flip", "attack.fraction=0.05"], None),
         (["strategy=krum", "attack=none"], "f=1"),
-        (["strategy=norm_filter", "attack=bit_flip", "attack.fraction=0.3"], "beta=0.2"),
+        (["strategy=norm_filter", "attack=bit_flip", "attack.fraction=0.3"], "trim=0.2"),
         (["strategy=norm_filter", "attack=bit_flip", "attack.fraction=0.2"], None),
-        (["strategy=ctm", "attack=bit_flip", "attack.fraction=0.2"], "beta=0.1"),
+        (["strategy=ctm", "attack=bit_flip", "attack.fraction=0.2"], "trim=0.1"),
         (["strategy=gm", "attack=bit_flip", "attack.fraction=0.2"], None),
     ],
 )
@@ -48,7 +49,7 @@ def test_presets_build_the_rules_as_documented() -> None:
     cc = build_aggregator(compose_cfg("strategy=cclip").strategy.aggregator)
     assert cc.center == "previous" and cc.stateful and cc.tau < 1.0
     nf = build_aggregator(compose_cfg("strategy=norm_filter").strategy.aggregator)
-    assert nf.name == "norm_filter" and nf.beta == 0.2
+    assert nf.name == "norm_filter" and nf.trim == 0.2
 
 
 # ----------------------------------------------------------------------------- bucketed QSGD wire

@@ -171,13 +171,13 @@ def test_setting_tells_the_table2_variants_apart():
 
 
 def test_an_attack_given_only_by_target_gets_its_byzantine_clients_and_its_name():
-    from fedbgmd.components import build_attack
+    from fedbgmd.plugins import build_attack
     from fedbgmd.server import setting_of
 
     target = "fedbgmd.attacks.update.BitFlipAttack"
     cfg = compose_cfg(f"attack.target={target}", "attack.fraction=0.3")
     assert cfg.attack.name == "none"
-    spec = build_attack(cfg)
+    spec = build_attack(cfg.attack, cfg.seed, cfg.num_clients)
     assert len(spec.byzantine_ids) == 3 and spec.client_attack is not None
     assert spec.name == target
     setting = setting_of(cfg)  # the report must not file it under the clean runs
@@ -185,7 +185,7 @@ def test_an_attack_given_only_by_target_gets_its_byzantine_clients_and_its_name(
 
 
 def test_byzantine_count_is_the_floor_of_the_decimal_fraction():
-    from fedbgmd.components import byzantine_ids
+    from fedbgmd.seeding import byzantine_ids
 
     # 0.29 * 100 is 28.999999999999996 in floating point
     assert len(byzantine_ids(0, 100, 0.29)) == 29

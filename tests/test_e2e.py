@@ -61,7 +61,7 @@ def test_inprocess_run_learns_and_writes_the_result_folder(tmp_path):
     summary = check_run_folder(run, 4)
     rows = read_metrics(run)
     assert summary["final_accuracy"] > rows[0]["test_accuracy"] + 0.2  # it learned
-    assert all(r["gm_converged"] == 1 for r in rows[1:])
+    assert all(r["agg_converged"] == 1 for r in rows[1:])
     assert all(0 < r["relative_residual"] < 1 for r in rows[1:])
 
 

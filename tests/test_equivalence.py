@@ -6,12 +6,13 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from fedbgmd.components import generator, load_data, optim_config
 from fedbgmd.config import register_configs
 from fedbgmd.core import flatten_state
 from fedbgmd.engine import run_inprocess
 from fedbgmd.models import build_model
+from fedbgmd.seeding import generator
 from fedbgmd.training import local_train
+from fedbgmd.workload import load_data, optim_config
 
 
 def cfg_for(*overrides: str):
@@ -29,7 +30,7 @@ def test_one_client_fedavg_equals_centralised_sgd(tmp_path):
     run_inprocess(cfg, tmp_path)
     federated = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
 
-    data = load_data(cfg)
+    data = load_data(cfg.data, cfg.seed)
     model = build_model(
         cfg.model.name, data.num_classes, data.input_shape, seed=cfg.seed, hidden=(200,)
     )
@@ -39,7 +40,7 @@ def test_one_client_fedavg_equals_centralised_sgd(tmp_path):
             data.train,
             steps=4,
             batch_size=cfg.client.batch_size,
-            optim=optim_config(cfg),
+            optim=optim_config(cfg.client.optimizer),
             lr=cfg.client.optimizer.lr,
             generator=generator(cfg.seed, rnd, 0, "batches", "honest"),
             device=torch.device("cpu"),

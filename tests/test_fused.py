@@ -68,7 +68,7 @@ def assert_same_run(fused: Path, alone: Path) -> None:
         assert (acc_a is None) == (acc_b is None), where
         if acc_a is not None:
             assert abs(acc_a - acc_b) <= 1.0 / n_test + 1e-12, (where, acc_a, acc_b)
-        for key in ("gm_iterations", "gm_converged", "replies_accepted", "replies_rejected"):
+        for key in ("agg_iterations", "agg_converged", "replies_accepted", "replies_rejected"):
             assert ra[key] == rb[key], (where, key, ra[key], rb[key])
         assert (ra["rejections"] or {}) == (rb["rejections"] or {}), where
         assert (ra["lr"] is None and rb["lr"] is None) or _close(ra["lr"], rb["lr"], rel=1e-12)
@@ -359,7 +359,7 @@ def test_runs_with_other_gm_settings_keep_them(tmp_path: Path) -> None:
     for i, c in enumerate(cfgs):
         run_alone(c, tmp_path / f"a{i}")
         assert_same_run(tmp_path / f"f{i}", tmp_path / f"a{i}")
-    assert {r["gm_iterations"] for r in read_metrics(tmp_path / "f1")[1:]} == {3}
+    assert {r["agg_iterations"] for r in read_metrics(tmp_path / "f1")[1:]} == {3}
 
 
 @pytest.mark.slow

@@ -53,8 +53,8 @@ def _rows_for(final: float, seed: int) -> list[dict[str, Any]]:
                 "agg_time_s": 0.01 * (seed + 1),
                 "wall_time_s": 1.5 * r,
                 "bytes_up": 1000 * r,
-                "gm_iterations": 5,
-                "gm_converged": True,
+                "agg_iterations": 5,
+                "agg_converged": True,
                 "memory_norm": 0.5 / r,
                 "relative_residual": 0.1 / r,
                 "rejections": {"nan": 0, "shape": r % 2},  # extra key -> jsonl only
@@ -117,8 +117,8 @@ def test_metrics_csv_roundtrip_types(tmp_path: Path) -> None:
             "test_accuracy": 0.5,
             "test_loss": float("nan"),
             "bytes_up": 123456789012,
-            "gm_converged": True,
-            "gm_iterations": 7,
+            "agg_converged": True,
+            "agg_iterations": 7,
             "wall_time_s": 0.25,
             "reasons": {"norm": 2},
         }
@@ -137,7 +137,7 @@ def test_metrics_csv_roundtrip_types(tmp_path: Path) -> None:
     r1, r2 = rows
     assert r1["round"] == 1 and type(r1["round"]) is int
     assert r1["bytes_up"] == 123456789012 and type(r1["bytes_up"]) is int
-    assert r1["gm_converged"] == 1 and r1["gm_iterations"] == 7
+    assert r1["agg_converged"] == 1 and r1["agg_iterations"] == 7
     assert r1["test_accuracy"] == 0.5 and type(r1["test_accuracy"]) is float
     assert math.isnan(r1["test_loss"])
     assert r1["train_loss"] is None  # empty cell

@@ -127,11 +127,11 @@ def test_schema_bases_are_not_options_of_their_group(group):
 
 
 def test_key_hints_come_from_the_chosen_plugin_not_the_default_one():
-    overrides = ["strategy=ctm", "strategy.aggregator.params.bta=0.1"]
+    overrides = ["strategy=ctm", "strategy.aggregator.params.trm=0.1"]
     with pytest.raises(ConfigCompositionException) as info:
         compose_cfg(*overrides)
     message = explain(info.value, overrides)
-    assert "did you mean beta?" in message
+    assert "did you mean trim?" in message
     assert "eps" not in message and "max_iter" not in message  # GM's, the default strategy's
 
 

@@ -117,7 +117,7 @@ def test_block_step_records_diagnostics_and_keeps_memory_per_partition():
     info = s.round_info[1]
     assert 0 < info["relative_residual"] < 1
     assert info["memory_norm"] > 0
-    assert info["gm_iterations"] >= 1
+    assert info["agg_iterations"] >= 1
     # the stored residual of every partition is its update with the applied block zeroed:
     # a zero column of the direction is outside the block (GM of random rows is nonzero)
     state = s.state_dict()["memory"]

@@ -5,6 +5,7 @@ Imports only torch and the standard library (no flwr, no hydra). See docs/core.m
 """
 
 from fedbgmd.core.aggregation import (
+    AGGREGATORS,
     AggregationResult,
     Aggregator,
     available_aggregators,
@@ -16,10 +17,12 @@ from fedbgmd.core.counts import block_size, fraction_ceil, fraction_floor
 from fedbgmd.core.errors import AggregationRefused
 from fedbgmd.core.flatten import FlatSpec, flatten_state, stack_rows, unflatten_state
 from fedbgmd.core.geometric_median import GMResult, geometric_median
-from fedbgmd.core.memory import MeanMemory, Memory, NoMemory, PerClientMemory, make_memory
+from fedbgmd.core.memory import MEMORIES, MeanMemory, Memory, NoMemory, PerClientMemory, make_memory
 from fedbgmd.core.nonfinite import all_finite, all_finite_each, drop_nonfinite_rows
-from fedbgmd.core.quantization import QuantizedTensor, dequantize, quantize
+from fedbgmd.core.quantization import QUANTIZERS, QuantizedTensor, dequantize, quantize
+from fedbgmd.core.registry import Registry
 from fedbgmd.core.selection import (
+    SELECTORS,
     available_selectors,
     column_sq_norms,
     register_selector,
@@ -27,6 +30,10 @@ from fedbgmd.core.selection import (
 )
 
 __all__ = [
+    "AGGREGATORS",
+    "MEMORIES",
+    "QUANTIZERS",
+    "SELECTORS",
     "AggregationRefused",
     "AggregationResult",
     "Aggregator",
@@ -38,6 +45,7 @@ __all__ = [
     "NoMemory",
     "PerClientMemory",
     "QuantizedTensor",
+    "Registry",
     "all_finite",
     "all_finite_each",
     "available_aggregators",

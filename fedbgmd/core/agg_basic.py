@@ -7,8 +7,8 @@ Notation: rows :math:`x_1..x_n \in \mathbb{R}^d` (finite rows only, see the non-
   (plain average without weights). Not robust: one row can move it arbitrarily.
 * ``cm`` — coordinate-wise median (Yin et al., ICML 2018): :math:`v_j = \mathrm{med}(x_{1j}..x_{nj})`;
   for even n the mean of the two middle order statistics. Unweighted.
-* ``ctm`` — coordinate-wise trimmed mean (Yin et al., ICML 2018), parameter β ∈ [0, 0.5):
-  with :math:`b = \lfloor \beta n \rfloor` and the sorted column :math:`x_{(1)j} \le .. \le x_{(n)j}`,
+* ``ctm`` — coordinate-wise trimmed mean (Yin et al., ICML 2018), parameter ``trim`` t ∈ [0, 0.5):
+  with :math:`b = \lfloor t n \rfloor` and the sorted column :math:`x_{(1)j} \le .. \le x_{(n)j}`,
   :math:`v_j = \frac{1}{n - 2b} \sum_{r=b+1}^{n-b} x_{(r)j}`. Unweighted.
 
 Example:
@@ -58,19 +58,19 @@ class TrimmedMean(Aggregator):
     """Coordinate-wise trimmed mean.
 
     Args:
-        beta: fraction cut from each end of every column, 0 <= beta < 0.5; ``floor(beta * n)``
-            values are removed on each side.
+        trim: fraction cut from each end of every column, 0 <= trim < 0.5; ``floor(trim * n)``
+            values are removed on each side (was ``beta``, the block fraction's name).
     """
 
     name = "ctm"
 
-    def __init__(self, beta: float = 0.1) -> None:
-        if not 0.0 <= beta < 0.5:
-            raise ValueError(f"ctm: beta must be in [0, 0.5), got {beta}")
-        self.beta = float(beta)
+    def __init__(self, trim: float = 0.1) -> None:
+        if not 0.0 <= trim < 0.5:
+            raise ValueError(f"ctm: trim must be in [0, 0.5), got {trim}")
+        self.trim = float(trim)
 
     def _aggregate(self, x: Tensor, weights: Tensor | None) -> AggregationResult:
-        b = fraction_floor(self.beta, x.shape[0])
+        b = fraction_floor(self.trim, x.shape[0])
         return AggregationResult(trimmed_mean(x, b), extra={"trimmed_per_side": float(b)})
 
 

@@ -5,7 +5,7 @@ r"""Norm-based rules: ``norm_filter`` (the seed's NC_β), ``nc`` (norm clipping)
 float64; :math:`\bar w_i = w_i / \sum_j w_j` (uniform without weights).
 
 * ``norm_filter`` — NC_β, the filtering rule of the seed's Table 1 (Ghosh et al. 2019; Gupta et
-  al. 2020): drop the :math:`b = \lfloor \beta n \rfloor` rows of largest norm (the decimal floor
+  al. 2020), parameter ``trim`` t: drop the :math:`b = \lfloor t n \rfloor` rows of largest norm (the decimal floor
   of :func:`fedbgmd.core.fraction_floor`, as for the Byzantine count; ties: the later rows go)
   and take the (weighted) mean of the other n − b.
 * ``nc`` — norm clipping (Sun et al., "Can you really backdoor FL?", 2019):
@@ -52,23 +52,24 @@ def _bar_w(weights: Tensor | None, n: int, device: torch.device) -> Tensor:
 
 
 class NormFilter(Aggregator):
-    """NC_β: drop the ⌊β·n⌋ rows of largest norm, average the rest.
+    """NC_β: drop the ⌊trim·n⌋ rows of largest norm, average the rest.
 
     Args:
-        beta: fraction of rows dropped, 0 <= beta < 1 (at least one row always stays).
+        trim: fraction of rows dropped, 0 <= trim < 1 (at least one row always stays; was
+            ``beta``, the block fraction's name).
     """
 
     name = "norm_filter"
     supports_weights = True
 
-    def __init__(self, beta: float = 0.1) -> None:
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"norm_filter: beta must be in [0, 1), got {beta}")
-        self.beta = float(beta)
+    def __init__(self, trim: float = 0.1) -> None:
+        if not 0.0 <= trim < 1.0:
+            raise ValueError(f"norm_filter: trim must be in [0, 1), got {trim}")
+        self.trim = float(trim)
 
     def _aggregate(self, x: Tensor, weights: Tensor | None) -> AggregationResult:
         n = x.shape[0]
-        b = fraction_floor(self.beta, n)
+        b = fraction_floor(self.trim, n)
         norms = row_norms(x)
         keep = torch.sort(torch.sort(norms, stable=True).indices[: n - b]).values
         coef = torch.zeros(n, dtype=torch.float64, device=x.device)

@@ -12,7 +12,7 @@ Notation: n finite rows :math:`x_i`, f = assumed number of Byzantine rows,
   scores; m defaults to n − f.
 * ``bulyan`` (requires n >= 4f + 3), the paper's Algorithm 1: select θ = n − 2f rows one at a
   time, each by Krum (same f, q = |R| − f − 2 clamped as above) on the rows R not chosen yet;
-  then for every coordinate j average the β = θ − 2f selected values closest to the
+  then for every coordinate j average the kept = θ − 2f selected values (the paper's β) closest to the
   coordinate-wise median of the selection.
 * ``bulyan_multikrum``: the vectorised variant: the θ rows of lowest Krum score on all n rows
   (one-shot Multi-Krum), then the same trimmed aggregate. Not the paper's rule: a row's score
@@ -170,10 +170,10 @@ class MultiKrum(Aggregator):
         )
 
 
-def _trimmed_around_median(s: Tensor, beta: int) -> Tensor:
-    """Per coordinate, the mean of the ``beta`` values of ``s`` closest to their median."""
+def _trimmed_around_median(s: Tensor, kept: int) -> Tensor:
+    """Per coordinate, the mean of the ``kept`` values of ``s`` closest to their median."""
     med = coordinate_median(s)
-    closest = torch.topk((s - med).abs(), beta, dim=0, largest=False).indices
+    closest = torch.topk((s - med).abs(), kept, dim=0, largest=False).indices
     return torch.gather(s, 0, closest).mean(dim=0, dtype=torch.float64).to(s.dtype)
 
 
@@ -196,11 +196,11 @@ class Bulyan(Aggregator):
     def _aggregate(self, x: Tensor, weights: Tensor | None) -> AggregationResult:
         n = x.shape[0]
         theta = n - 2 * self.f
-        beta = theta - 2 * self.f
+        kept = theta - 2 * self.f  # the paper's β: values averaged per coordinate
         sel = torch.sort(recursive_krum(x, self.f, theta)).values.to(x.device)
-        vec = _trimmed_around_median(x.index_select(0, sel), beta)
+        vec = _trimmed_around_median(x.index_select(0, sel), kept)
         return AggregationResult(
-            vec, selected=sel, extra={"theta": float(theta), "beta": float(beta)}
+            vec, selected=sel, extra={"theta": float(theta), "kept": float(kept)}
         )
 
 
@@ -213,15 +213,15 @@ class BulyanMultiKrum(Bulyan):
     def _aggregate(self, x: Tensor, weights: Tensor | None) -> AggregationResult:
         n = x.shape[0]
         theta = n - 2 * self.f
-        beta = theta - 2 * self.f
+        kept = theta - 2 * self.f  # the paper's β: values averaged per coordinate
         scores = krum_scores(x, self.f)
         sel = _lowest(scores, theta).to(x.device)
-        vec = _trimmed_around_median(x.index_select(0, sel), beta)
+        vec = _trimmed_around_median(x.index_select(0, sel), kept)
         return AggregationResult(
             vec,
             weights=scores.to(device=x.device, dtype=x.dtype),
             selected=sel,
-            extra={"theta": float(theta), "beta": float(beta)},
+            extra={"theta": float(theta), "kept": float(kept)},
         )
 
 

@@ -42,6 +42,7 @@ from fedbgmd.core.nonfinite import drop_nonfinite_rows, validate_weights
 from fedbgmd.core.registry import Registry
 
 __all__ = [
+    "AGGREGATORS",
     "AggregationResult",
     "Aggregator",
     "available_aggregators",
@@ -134,21 +135,27 @@ def _load_builtins(reg: Registry[Aggregator]) -> None:
     for module in (agg_basic, agg_gm, agg_krum, agg_clipping):
         for name, factory in module.BUILTINS.items():
             reg._add(name, factory)
+    # the trim fraction of ctm / norm_filter was called beta, the block fraction's name
+    reg.rename_param("ctm", "beta", "trim")
+    reg.rename_param("norm_filter", "beta", "trim")
 
 
-_REGISTRY: Registry[Aggregator] = Registry("aggregator", _load_builtins)
+AGGREGATORS: Registry[Aggregator] = Registry("aggregator", _load_builtins)
 
 
-def register_aggregator(name: str, factory: Callable[..., Aggregator]) -> None:
-    """Register ``factory(**params) -> Aggregator`` under ``name`` (duplicates raise ValueError)."""
-    _REGISTRY.register(name, factory)
+def register_aggregator(
+    name: str, factory: Callable[..., Aggregator], *, replace: bool = False
+) -> None:
+    """Register ``factory(**params) -> Aggregator`` under ``name`` (a taken name raises
+    ValueError unless ``replace=True``)."""
+    AGGREGATORS.register(name, factory, replace=replace)
 
 
 def get_aggregator(name: str, **params: Any) -> Aggregator:
     """Build the aggregator ``name``; unknown name -> ValueError, unknown parameter -> TypeError."""
-    return _REGISTRY.build(name, **params)
+    return AGGREGATORS.build(name, **params)
 
 
 def available_aggregators() -> list[str]:
     """Sorted names of all registered aggregators."""
-    return _REGISTRY.names()
+    return AGGREGATORS.names()

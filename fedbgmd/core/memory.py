@@ -28,8 +28,9 @@ import torch
 from torch import Tensor
 
 from fedbgmd.core.norms import row_norms, weighted_row_mean
+from fedbgmd.core.registry import Registry
 
-__all__ = ["MeanMemory", "Memory", "NoMemory", "PerClientMemory", "make_memory"]
+__all__ = ["MEMORIES", "MeanMemory", "Memory", "NoMemory", "PerClientMemory", "make_memory"]
 
 
 class Memory(ABC):
@@ -293,11 +294,14 @@ def _sq_norms(rows: Tensor) -> Tensor:
     return sq
 
 
-_KINDS: dict[str, type[Memory]] = {
-    "per_client": PerClientMemory,
-    "mean": MeanMemory,
-    "none": NoMemory,
-}
+def _load_builtins(reg: Registry[Memory]) -> None:
+    reg._add("per_client", PerClientMemory)
+    reg._add("mean", MeanMemory)
+    reg._add("none", NoMemory)
+
+
+# factory(dim, device=None, dtype=float32, **params) -> Memory; a user memory subclasses Memory
+MEMORIES: Registry[Memory] = Registry("memory", _load_builtins)
 
 
 def make_memory(
@@ -306,7 +310,6 @@ def make_memory(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Memory:
-    """Build a memory: ``"per_client"``, ``"mean"`` or ``"none"`` (unknown -> ValueError)."""
-    if kind not in _KINDS:
-        raise ValueError(f"unknown memory kind {kind!r}; valid: {sorted(_KINDS)}")
-    return _KINDS[kind](dim, device=device, dtype=dtype)
+    """Build the memory registered as ``kind`` (``"per_client"``, ``"mean"``, ``"none"`` or a
+    user's, see MEMORIES); unknown -> ValueError listing the valid kinds."""
+    return MEMORIES.build(kind, dim=dim, device=device, dtype=dtype)

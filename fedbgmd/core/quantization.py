@@ -23,6 +23,7 @@ bucket; sign quantization has one scale and ignores ``bucket_size``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -30,10 +31,9 @@ import torch
 from torch import Tensor
 
 from fedbgmd.core.nonfinite import all_finite
+from fedbgmd.core.registry import Registry
 
-__all__ = ["QuantizedTensor", "dequantize", "num_buckets", "quantize"]
-
-_METHODS = ("qsgd", "sign")
+__all__ = ["QUANTIZERS", "QuantizedTensor", "dequantize", "num_buckets", "quantize"]
 
 
 @dataclass(frozen=True)
@@ -118,42 +118,24 @@ def _per_coordinate(scale: Tensor, numel: int, bucket_size: int | None) -> Tenso
     return scale.repeat_interleave(bucket_size)[:numel]
 
 
-def quantize(
-    v: Tensor,
-    bits: int = 8,
-    method: str = "qsgd",
-    generator: torch.Generator | None = None,
-    bucket_size: int | None = None,
+def _sign(
+    v: Tensor, generator: torch.Generator | None, *, bits: int = 1, bucket_size: int | None = None
 ) -> QuantizedTensor:
-    """Quantize and pack ``v`` (any shape, finite floating); see the module docstring.
+    """Scaled sign, one scale for the whole tensor (``bucket_size`` does not apply)."""
+    flat = v.reshape(-1)
+    scale = torch.linalg.vector_norm(flat, ord=1, dtype=torch.float64) / max(flat.numel(), 1)
+    codes = (~(flat < 0)).to(torch.int32)
+    return QuantizedTensor(_pack(codes, 1), scale.float().cpu(), tuple(v.shape), 1, "sign")
 
-    Args:
-        v: tensor to quantize.
-        bits: bits per coordinate, 1..16 (``sign`` needs 1).
-        method: "qsgd" or "sign".
-        generator: torch.Generator on ``v.device`` for the stochastic rounding.
-        bucket_size: qsgd coordinates per norm (>= 1); None: one norm for all.
 
-    Raises:
-        ValueError: bits outside 1..16, unknown method, sign with bits != 1, non-finite input,
-            bucket_size < 1.
-    """
-    if bucket_size is not None and (not isinstance(bucket_size, int) or bucket_size < 1):
-        raise ValueError(f"bucket_size must be an int >= 1 or None, got {bucket_size!r}")
-    if method not in _METHODS:
-        raise ValueError(f"unknown quantization method {method!r}; valid: {list(_METHODS)}")
-    if not isinstance(bits, int) or not 1 <= bits <= 16:
-        raise ValueError(f"bits must be an int in 1..16, got {bits!r}")
-    if method == "sign" and bits != 1:
-        raise ValueError(f"sign quantization uses 1 bit, got bits={bits}")
-    if not v.is_floating_point() or not all_finite(v):
-        raise ValueError("quantize needs a finite floating tensor")
+def _qsgd(
+    v: Tensor, generator: torch.Generator | None, *, bits: int = 8, bucket_size: int | None = None
+) -> QuantizedTensor:
+    """QSGD with stochastic rounding; 1 bit falls back to the scaled sign (see the docstring)."""
+    if bits == 1:
+        return dataclasses.replace(_sign(v, generator), method="qsgd")
     flat = v.reshape(-1)
     neg = flat < 0
-    if bits == 1:
-        scale = torch.linalg.vector_norm(flat, ord=1, dtype=torch.float64) / max(flat.numel(), 1)
-        codes = (~neg).to(torch.int32)
-        return QuantizedTensor(_pack(codes, 1), scale.float().cpu(), tuple(v.shape), 1, method)
     s = 2 ** (bits - 1) - 1
     if bucket_size is None:
         norm = torch.linalg.vector_norm(flat, dtype=torch.float64)
@@ -167,8 +149,52 @@ def quantize(
     level = torch.floor(r + u).clamp_(0, s).to(torch.int32)
     codes = (neg.to(torch.int32) << (bits - 1)) | level
     return QuantizedTensor(
-        _pack(codes, bits), norm.float().cpu(), tuple(v.shape), bits, method, bucket_size
+        _pack(codes, bits), norm.float().cpu(), tuple(v.shape), bits, "qsgd", bucket_size
     )
+
+
+def _load_builtins(reg: Registry[QuantizedTensor]) -> None:
+    reg._add("qsgd", _qsgd)
+    reg._add("sign", _sign)
+
+
+# encoders fn(v, generator, *, bits, bucket_size) -> QuantizedTensor in the packed code format
+# :func:`dequantize` decodes; the config's method "none" (no quantization) is not one of them
+QUANTIZERS: Registry[QuantizedTensor] = Registry(
+    "quantizer", _load_builtins, call_args=("v", "generator")
+)
+
+
+def quantize(
+    v: Tensor,
+    bits: int = 8,
+    method: str = "qsgd",
+    generator: torch.Generator | None = None,
+    bucket_size: int | None = None,
+) -> QuantizedTensor:
+    """Quantize and pack ``v`` (any shape, finite floating); see the module docstring.
+
+    Args:
+        v: tensor to quantize.
+        bits: bits per coordinate, 1..16 (``sign`` needs 1).
+        method: a name in ``QUANTIZERS``: "qsgd" or "sign".
+        generator: torch.Generator on ``v.device`` for the stochastic rounding.
+        bucket_size: qsgd coordinates per norm (>= 1); None: one norm for all.
+
+    Raises:
+        ValueError: bits outside 1..16, unknown method, sign with bits != 1, non-finite input,
+            bucket_size < 1.
+    """
+    if bucket_size is not None and (not isinstance(bucket_size, int) or bucket_size < 1):
+        raise ValueError(f"bucket_size must be an int >= 1 or None, got {bucket_size!r}")
+    encode = QUANTIZERS.factory(method)
+    if not isinstance(bits, int) or not 1 <= bits <= 16:
+        raise ValueError(f"bits must be an int in 1..16, got {bits!r}")
+    if method == "sign" and bits != 1:
+        raise ValueError(f"sign quantization uses 1 bit, got bits={bits}")
+    if not v.is_floating_point() or not all_finite(v):
+        raise ValueError("quantize needs a finite floating tensor")
+    return encode(v, generator, bits=bits, bucket_size=bucket_size)  # type: ignore[no-any-return]
 
 
 def dequantize(q: QuantizedTensor) -> Tensor:

@@ -28,6 +28,7 @@ from torch import Tensor
 from fedbgmd.core.registry import Registry
 
 __all__ = [
+    "SELECTORS",
     "Selector",
     "available_selectors",
     "column_sq_norms",
@@ -97,30 +98,33 @@ def uniform_selector(s: Tensor, k: int, generator: torch.Generator | None) -> Te
     return torch.topk(_log_uniform(s, generator), k, sorted=False).indices
 
 
-def _load_builtins(reg: Registry[Tensor]) -> None:
+def _load_builtins(reg: Registry[Selector]) -> None:
     reg._add("sample", sample_selector)
     reg._add("topk", topk_selector)
     reg._add("uniform", uniform_selector)
 
 
-_REGISTRY: Registry[Tensor] = Registry("selector", _load_builtins)
+SELECTORS: Registry[Selector] = Registry(
+    "selector", _load_builtins, call_args=("col_sq_norms", "k", "generator")
+)
 
 
-def register_selector(name: str, fn: Selector) -> None:
-    """Register ``fn(col_sq_norms, k, generator) -> indices`` under ``name`` (duplicates raise)."""
-    _REGISTRY.register(name, fn)
+def register_selector(name: str, fn: Selector, *, replace: bool = False) -> None:
+    """Register ``fn(col_sq_norms, k, generator) -> indices`` under ``name`` (a taken name
+    raises ValueError unless ``replace=True``)."""
+    SELECTORS.register(name, fn, replace=replace)
 
 
 def available_selectors() -> list[str]:
     """Sorted names of all registered selectors."""
-    return _REGISTRY.names()
+    return SELECTORS.names()
 
 
 def select_from_norms(
     s: Tensor, k: int, method: str = "sample", generator: torch.Generator | None = None
 ) -> Tensor:
     """Select k columns given the column squared norms ``s`` (d,); sorted int64 indices."""
-    fn = _REGISTRY.factory(method)
+    fn = SELECTORS.factory(method)
     d = s.shape[0]
     if not 1 <= k <= d:
         raise ValueError(f"block size k must be in [1, d={d}], got {k}")

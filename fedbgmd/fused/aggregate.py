@@ -145,8 +145,8 @@ class _Aggregation:
         for j in alone:
             self._aggregate_alone(a, j)
         diag = {
-            "gm_iterations": a.iters,
-            "gm_converged": a.conv,
+            "agg_iterations": a.iters,
+            "agg_converged": a.conv,
             "memory_norm": a.mem_norm,
             "relative_residual": a.rel_res,
             "skipped": a.skipped,
@@ -207,8 +207,8 @@ class _Aggregation:
         Returns the runs left for the single-run path: those whose P = γG + M has a row that
         is not finite (bgmd_step drops, counts and forgets such rows; see _aggregate_alone).
         """
-        from fedbgmd.components import generator
         from fedbgmd.core.selection import select_from_norms
+        from fedbgmd.seeding import generator
 
         dev = self.device
         active = a.active
@@ -323,8 +323,8 @@ class _Aggregation:
     def _aggregate_alone(self, a: _Agg, j: int) -> None:
         """Run ``j`` this round through the single-run code on its accepted rows (rejected
         replies, or a block step whose P = γG + M overflowed)."""
-        from fedbgmd.components import generator
         from fedbgmd.core import bgmd_step
+        from fedbgmd.seeding import generator
 
         i = a.active[j]
         st = self.runs[i].strategy

@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call, grad_and_value, vmap
 
-from fedbgmd.components import derive_seed
 from fedbgmd.core import flatten_state
 from fedbgmd.fused.aggregate import _Aggregation
 from fedbgmd.fused.grouping import Unfusable
 from fedbgmd.fused.planner import _Planner
 from fedbgmd.fused.runs import _Bookkeeping, _Run
+from fedbgmd.seeding import derive_seed
 from fedbgmd.strategies.robust import median_of_claims
 
 log = logging.getLogger("fedbgmd")
@@ -42,11 +42,11 @@ class FusedGroup(_Aggregation):
     """
 
     def __init__(self, jobs: Sequence[tuple[Any, Path]], workers: int | None = 0) -> None:
-        from fedbgmd.components import load_data, model_kwargs, partitions
         from fedbgmd.models import build_model, count_parameters
         from fedbgmd.results import environment_versions
         from fedbgmd.server import rounds_per_epoch
         from fedbgmd.training import get_device
+        from fedbgmd.workload import load_data, model_kwargs, partitions
 
         if not jobs:
             raise ValueError("FusedGroup needs at least one job")
@@ -60,7 +60,7 @@ class FusedGroup(_Aggregation):
             cpus = os.cpu_count() or 1
             workers = min(16, max(0, cpus - 2)) if self.device.type == "cuda" else 0
         self.workers = int(workers)
-        self.dataset = load_data(cfg0)
+        self.dataset = load_data(cfg0.data, cfg0.seed)
         self.rpe = rounds_per_epoch(cfg0, len(self.dataset.train))
         self.train_x = self.dataset.train.x.to(self.device)
         self.train_y = self.dataset.train.y.to(self.device)
@@ -74,13 +74,16 @@ class FusedGroup(_Aggregation):
             cfg0.model.name,
             self.dataset.num_classes,
             self.dataset.input_shape,
-            **model_kwargs(cfg0),
+            **model_kwargs(cfg0.model),
         ).to(self.device)
         self.keys = [k for k, _ in self.model.named_parameters()]
         self.shapes = {k: p.shape for k, p in self.model.named_parameters()}
         self.numels = {k: p.numel() for k, p in self.model.named_parameters()}
         self.dim = sum(self.numels.values())
-        parts = [partitions(cfg, self.dataset.train.y) for cfg, _ in self.jobs]  # once a job
+        parts = [  # once a job
+            partitions(cfg.data, cfg.num_clients, cfg.seed, self.dataset.train.y)
+            for cfg, _ in self.jobs
+        ]
         self._check_fusable(parts)
         self.runs: list[_Run] = []
         xs = []
@@ -95,7 +98,7 @@ class FusedGroup(_Aggregation):
                 self.dataset.num_classes,
                 self.dataset.input_shape,
                 seed=cfg.seed,
-                **model_kwargs(cfg),
+                **model_kwargs(cfg.model),
             )
             flat, _ = flatten_state(model.state_dict())
             xs.append(flat.to(self.device, torch.float32))
@@ -334,7 +337,7 @@ class FusedGroup(_Aggregation):
 
     def _update_attacks(self, i: int, rnd: int, ids: list[int], rows: Tensor, lr: float) -> None:
         from fedbgmd.attacks.base import call_corrupt_update
-        from fedbgmd.components import generator
+        from fedbgmd.seeding import generator
 
         run = self.runs[i]
         attack = run.client_attack

@@ -37,7 +37,7 @@ def run_jobs(
     """
     if on_group_failure not in ("alone", "fail"):
         raise ValueError(f"on_group_failure must be 'alone' or 'fail', got {on_group_failure!r}")
-    from fedbgmd.cli import run as run_alone
+    from fedbgmd.runner import run as run_alone
 
     cfgs = [c for c, _ in jobs]
     groups, alone = plan_groups(cfgs)

@@ -68,7 +68,7 @@ class FusedLauncher(Launcher):
     def launch(
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
-        from fedbgmd.cli import check_config
+        from fedbgmd.checks import check_config
         from fedbgmd.config import ConfigError
         from fedbgmd.fused import run_jobs
         from fedbgmd.integrity import RunDirLocked, RunLock, lock_run_dir

@@ -16,7 +16,7 @@ def _plan_round(state: dict[str, Any], rnd: int) -> tuple[Tensor, Any, list[list
     """Every run's sampled clients, their mini-batch indices (global, (R, n, b)) and the
     data-attacked batches [(run, client position, x, y)], exactly as the single-run clients
     draw them (fedbgmd.clients.honest: generator(seed, round, pid, "batches"/"data", ...))."""
-    from fedbgmd.components import generator
+    from fedbgmd.seeding import generator
     from fedbgmd.training import batch_indices
 
     b = state["batch_size"]

@@ -56,7 +56,7 @@ class _Bookkeeping:
         rpe: float,
         versions: dict[str, str | None],
     ) -> None:
-        from fedbgmd.components import build_attack
+        from fedbgmd.plugins import build_attack
         from fedbgmd.results import RunWriter
         from fedbgmd.server import build_strategy
 
@@ -65,7 +65,7 @@ class _Bookkeeping:
         self.started = time.time()
         self.versions = versions
         self.writer = RunWriter(run_dir)
-        self.attack = build_attack(cfg)
+        self.attack = build_attack(cfg.attack, cfg.seed, cfg.num_clients)
         self.rpe = rpe
         self.diverged_at: int | None = None
         self.finished = False

@@ -287,7 +287,7 @@ def test_a_step_that_raises_leaves_the_memory_bitwise_unchanged(
     # issue 18: combine wrote P = γG + M into the stored rows when the present clients' rows
     # were contiguous (ids [0,1,2,3]), so a step raising before commit left P in the memory and
     # the cached norm stale; [3,1,0,2] (a copy) changed nothing. Id 4 is new to the memory.
-    from fedbgmd.core.selection import _REGISTRY as SELECTORS
+    from fedbgmd.core import SELECTORS
 
     if "wrong_shape" not in SELECTORS.names():
         SELECTORS.register("wrong_shape", lambda s, k, g: torch.arange(k + 1))

@@ -26,5 +26,5 @@ def test_ctm_trims_the_decimal_floor() -> None:
     # with 29 huge rows on each side the trimmed mean is the middle rows' mean
     mid = torch.arange(42, dtype=torch.float64).unsqueeze(1)
     x = torch.cat([torch.full((29, 1), -1e6), mid, torch.full((29, 1), 1e6)])
-    got = get_aggregator("ctm", beta=0.29)(x).vector
+    got = get_aggregator("ctm", trim=0.29)(x).vector
     torch.testing.assert_close(got, mid.mean(0))

@@ -23,8 +23,8 @@ def _columns(*values: float, d: int = 6) -> torch.Tensor:
         ("cm", {}, (FLT_MAX, FLT_MAX, FLT_MAX, 0.0), lambda a: np.median(a, axis=0)),
         ("cm", {}, (-FLT_MAX, -FLT_MAX, -FLT_MAX, 1.0), lambda a: np.median(a, axis=0)),
         # the trimmed mean of three FLT_MAX values summed to inf in float32
-        ("ctm", {"beta": 0.2}, (FLT_MAX,) * 4 + (0.0,), lambda a: np.sort(a, 0)[1:4].mean(0)),
-        ("ctm", {"beta": 0.0}, (FLT_MAX, FLT_MAX), lambda a: a.mean(0)),
+        ("ctm", {"trim": 0.2}, (FLT_MAX,) * 4 + (0.0,), lambda a: np.sort(a, 0)[1:4].mean(0)),
+        ("ctm", {"trim": 0.0}, (FLT_MAX, FLT_MAX), lambda a: a.mean(0)),
     ],
 )
 def test_coordinatewise_rules_do_not_overflow_in_float32(name, params, rows, reference) -> None:

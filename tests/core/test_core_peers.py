@@ -33,7 +33,7 @@ def test_closed_forms_match_byzfl(n: int) -> None:
     x = _rows(n, 7, n)
     f = 2
     _close(get_aggregator("cm")(x).vector, byzfl.Median()(x.clone()))
-    _close(get_aggregator("ctm", beta=f / n)(x).vector, byzfl.TrMean(f=f)(x.clone()))
+    _close(get_aggregator("ctm", trim=f / n)(x).vector, byzfl.TrMean(f=f)(x.clone()))
     _close(get_aggregator("krum", f=f)(x).vector, byzfl.Krum(f=f)(x.clone()))
     _close(get_aggregator("multikrum", f=f)(x).vector, byzfl.MultiKrum(f=f)(x.clone()))
     _close(get_aggregator("mean")(x).vector, byzfl.Average()(x.clone()))

@@ -138,14 +138,14 @@ def ref_cclip(x: Rows, tau: float = 1.0, iterations: int = 3) -> list[float]:
 CASES = {
     "mean": ({}, ref_mean),
     "cm": ({}, ref_cm),
-    "ctm": ({"beta": 0.2}, lambda x: ref_ctm(x, 0.2)),
+    "ctm": ({"trim": 0.2}, lambda x: ref_ctm(x, 0.2)),
     "gm": ({"eps": 1e-12}, ref_gm),
     "krum": ({"f": 2}, lambda x: ref_krum(x, 2)),
     "multikrum": ({"f": 2}, lambda x: ref_multikrum(x, 2)),
     "bulyan": ({"f": 2}, lambda x: ref_bulyan(x, 2)),
     "bulyan_multikrum": ({"f": 2}, lambda x: ref_bulyan_multikrum(x, 2)),
     "nc": ({}, ref_nc),
-    "norm_filter": ({"beta": 0.2}, ref_norm_filter),
+    "norm_filter": ({"trim": 0.2}, ref_norm_filter),
     "cclip": ({"tau": 1.0, "iterations": 3}, ref_cclip),
 }
 
@@ -199,7 +199,7 @@ def test_norm_filter_drops_the_decimal_floor_of_largest_norms(beta, n, dropped) 
     # row i has norm i + 1: the `dropped` last rows go, whatever the row order
     x = torch.arange(1, n + 1, dtype=torch.float64).unsqueeze(1) * torch.tensor([[0.6, 0.8]])
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(n))
-    res = get_aggregator("norm_filter", beta=beta)(x[perm])
+    res = get_aggregator("norm_filter", trim=beta)(x[perm])
     torch.testing.assert_close(res.vector, x[: n - dropped].mean(0))
     assert res.extra["dropped"] == dropped
 

@@ -33,7 +33,7 @@ def test_unknown_param_is_named() -> None:
 
 def test_invalid_params() -> None:
     with pytest.raises(ValueError):
-        get_aggregator("ctm", beta=0.5)
+        get_aggregator("ctm", trim=0.5)
     with pytest.raises(ValueError):
         get_aggregator("bulyan", f=2)(torch.randn(10, 3))
     with pytest.raises(ValueError, match="weights"):
@@ -60,7 +60,7 @@ def test_user_plugin_registration() -> None:
         out = get_aggregator("test_first_row")(torch.tensor([[1.0, 5.0], [2.0, 3.0]]))
         assert out.vector.tolist() == [1.0, 3.0]
     finally:  # do not leak the plug-in into other test modules of the session
-        aggregation._REGISTRY._entries.pop("test_first_row")
+        aggregation.AGGREGATORS.unregister("test_first_row")
     assert "test_first_row" not in core.available_aggregators()
 
 

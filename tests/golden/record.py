@@ -72,8 +72,8 @@ KEYS = (
     "bytes_down",
     "relative_residual",
     "memory_norm",
-    "gm_iterations",
-    "gm_converged",
+    "agg_iterations",
+    "agg_converged",
 )
 
 
