@@ -35,6 +35,7 @@ from fedbgmd.integrity import (
     stop_on_signals,
     stop_status,
 )
+from fedbgmd.reporting.writer import RunFolderInUseError, check_fresh_run_dir
 
 log = logging.getLogger("fedbgmd")
 CONFIG_MODULE = "fedbgmd.conf"
@@ -67,8 +68,14 @@ def check_config(cfg: Any) -> None:
 def run(cfg: Any, run_dir: Path) -> int:
     """Run one federation into ``run_dir``; return the exit status."""
     from fedbgmd.engine import run_inprocess, run_ray_simulation
-    from fedbgmd.results import read_summary
+    from fedbgmd.reporting.writer import read_summary
 
+    if not cfg.resume:  # refused before config.yaml or a failure summary would overwrite its own
+        try:
+            check_fresh_run_dir(run_dir)
+        except RunFolderInUseError as err:
+            print(f"fedbgmd: {err}", file=sys.stderr)
+            return EXIT_BAD_CONFIG
     _quiet_flower(cfg.engine.verbose)
     if cfg.engine.num_threads is not None:
         import torch
@@ -109,7 +116,7 @@ def run(cfg: Any, run_dir: Path) -> int:
 
 
 def _write_config(cfg: Any, run_dir: Path) -> None:
-    from fedbgmd.results import atomic_write_text
+    from fedbgmd.reporting.writer import atomic_write_text
 
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -117,7 +124,8 @@ def _write_config(cfg: Any, run_dir: Path) -> None:
 
 def _ensure_summary(run_dir: Path, since: float, status: str, error: str) -> None:
     """A summary.json for a run that stopped before its ServerApp wrote one (best effort)."""
-    from fedbgmd.results import SUMMARY_JSON, atomic_write_text, read_metrics, utc_now_iso
+    from fedbgmd.reporting.summary import utc_now_iso
+    from fedbgmd.reporting.writer import SUMMARY_JSON, atomic_write_text, read_metrics
 
     path = run_dir / SUMMARY_JSON
     try:
@@ -145,7 +153,7 @@ def report_failure(
     import traceback
 
     from fedbgmd.data import DatasetMissingError
-    from fedbgmd.results import read_summary, write_failure_summary
+    from fedbgmd.reporting.writer import read_summary, write_failure_summary
 
     try:
         summary = read_summary(run_dir)
@@ -244,26 +252,15 @@ def _claim(run_dir: Path, fresh: bool, sweep: bool) -> int | None:
     except OSError as err:
         print(f"fedbgmd: run failed: {err}", file=sys.stderr)
         return EXIT_RUN_FAILED
-    held = [f for f in ("metrics.csv", "summary.json") if (run_dir / f).exists()]
-    if fresh and held and _retry_failed(run_dir):
-        held = []
-    if fresh and held:
-        lock.release()
-        # a new run would append its rounds to that run's metrics.csv (resume's mechanism) and
-        # its summary would mix both
-        resumable = (run_dir / "checkpoint.pt").is_file()
-        print(
-            f"fedbgmd: {run_dir} already holds a run ({', '.join(held)}); not mixing a new run "
-            f"into it. Choose another hydra.run.dir / hydra.sweep.dir"
-            + (
-                f", move that folder away, or continue it with resume={run_dir}"
-                if resumable
-                else " or move that folder away"
-            )
-            + ("; skipping this job of the sweep" if sweep else ""),
-            file=sys.stderr,
-        )
-        return 0 if sweep else EXIT_BAD_CONFIG
+    if fresh:
+        try:  # RunWriter's rule, asked before anything (.hydra/, config.yaml) is written there
+            check_fresh_run_dir(run_dir)
+        except RunFolderInUseError as err:
+            if not _retry_failed(run_dir):
+                lock.release()
+                skip = "; skipping this job of the sweep" if sweep else ""
+                print(f"fedbgmd: {err}{skip}", file=sys.stderr)
+                return 0 if sweep else EXIT_BAD_CONFIG
     _LOCK = lock
     return None
 
@@ -356,7 +353,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 def _retry_failed(run_dir: Path) -> bool:
     """A run that failed and left nothing to resume from is run again: its partial files are
     set aside (``*.interrupted``), as the fused launcher does. True when so."""
-    from fedbgmd.results import read_summary
+    from fedbgmd.reporting.writer import read_summary
 
     try:
         failed = read_summary(run_dir).get("status") == "failed"
@@ -591,7 +588,7 @@ def usage() -> str:
 def versions() -> str:
     """``fedbgmd --version``: fedbgmd and the libraries whose versions change results."""
     from fedbgmd import __version__
-    from fedbgmd.results import environment_versions
+    from fedbgmd.reporting.summary import environment_versions
 
     v = environment_versions()
     hydra_version = getattr(hydra, "__version__", None)
@@ -623,7 +620,7 @@ def entry(argv: list[str] | None = None) -> None:
     if _identity(args):
         return
     if args and args[0] == "report":
-        from fedbgmd import report
+        from fedbgmd.reporting import report
 
         sys.exit(report.main(args[1:]))
     register_configs()

@@ -28,7 +28,7 @@ from fedbgmd.core import (
     register_selector,
 )
 from fedbgmd.data import Dataset, load_dataset, partition
-from fedbgmd.results import attack_label
+from fedbgmd.reporting.setting import attack_label
 from fedbgmd.training import OptimConfig
 
 

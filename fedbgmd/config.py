@@ -21,7 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from fedbgmd.core.counts import fraction_floor
-from fedbgmd.results import attack_label
+from fedbgmd.reporting.setting import attack_label
 
 
 class ConfigError(ValueError):

@@ -249,7 +249,7 @@ class FusedGroup:
     def __init__(self, jobs: Sequence[tuple[Any, Path]], workers: int | None = 0) -> None:
         from fedbgmd.components import load_data, model_kwargs, partitions
         from fedbgmd.models import build_model, count_parameters
-        from fedbgmd.results import environment_versions
+        from fedbgmd.reporting.summary import environment_versions
         from fedbgmd.server import rounds_per_epoch
         from fedbgmd.training import get_device
 
@@ -1075,7 +1075,7 @@ class _Bookkeeping:
         versions: dict[str, str | None],
     ) -> None:
         from fedbgmd.components import build_attack
-        from fedbgmd.results import RunWriter
+        from fedbgmd.reporting.writer import RunWriter
         from fedbgmd.server import build_strategy
 
         self.cfg = cfg

@@ -21,7 +21,7 @@ import pytest
 from flwr.app import Message, MetricRecord, RecordDict
 
 from fedbgmd.integrity import LOCK_FILE, lock_run_dir
-from fedbgmd.results import RunWriter, read_metrics, read_metrics_jsonl
+from fedbgmd.reporting.writer import RunWriter, read_metrics, read_metrics_jsonl
 
 SMOKE = ["experiment=smoke", "plots=false", "strategy.server_momentum=0.5"]
 CLI = [sys.executable, "-c", "from fedbgmd.cli import entry; entry()"]
@@ -157,7 +157,7 @@ def test_a_torn_last_line_is_dropped_when_the_folder_is_reopened(tmp_path):
         fh.write("2,0.5,0.3")  # a crash mid-write: no newline
     with (tmp_path / "metrics.jsonl").open("a") as fh:
         fh.write('{"round": 2, "test_acc')
-    writer = RunWriter(tmp_path)
+    writer = RunWriter(tmp_path, resume=True)
     writer.log_round({"round": 2, "test_accuracy": 0.3})
     assert [(r["round"], r["test_accuracy"]) for r in read_metrics(tmp_path)] == [
         (0, 0.1),
