@@ -433,9 +433,9 @@ def test_identical_runs_in_one_group_are_counted_once(tmp_path: Path) -> None:
         w.write_summary({"seed": seed, "setting": {"strategy": "gm", "attack": "none"}})
     group = runs.group_runs(runs.collect_runs(tmp_path)[0])[0]
     assert len(group.runs) == 3 and len(group.completed) == 2
-    assert stats.mean_std(r.summary["final_accuracy"] for r in group.completed)[
-        0
-    ] == pytest.approx(0.6)
+    assert stats.mean_std(r.summary["final_accuracy"] for r in group.completed)[0] == pytest.approx(
+        0.6
+    )
 
 
 def test_old_runs_get_missing_setting_keys_from_their_config(tmp_path: Path) -> None:
@@ -800,9 +800,7 @@ def test_accuracy_curve_carries_a_diverged_run_forward_and_drops_its_stop_round(
             for r, a in accs.items()
         ]
         summary = {"seed": seed, "status": "completed", "diverged_at": diverged_at}
-        return runs.Run(
-            Path(f"/nonexistent/{seed}"), summary, {"strategy": "fedavg"}, metrics=rows
-        )
+        return runs.Run(Path(f"/nonexistent/{seed}"), summary, {"strategy": "fedavg"}, metrics=rows)
 
     g = runs.Group({"strategy": "fedavg"})
     g.runs = [
