@@ -982,3 +982,55 @@ def test_cell_n_counts_the_accuracies_averaged_and_a_whole_epoch_is_not_reduced(
     assert not stats.is_reduced(s)
     assert stats.is_reduced({**s, "target_epochs": 50.0})
     assert not stats.is_reduced({**s, "epochs_min": 49.92, "target_epochs": 50.0})
+
+
+def test_the_named_setting_and_the_rest_follow_one_rule() -> None:
+    # no key that cannot change what a run learns moves either part of the setting; a key
+    # that can moves it
+    import copy
+
+    from fedbgmd.reporting.setting import NO_OUTCOME_KEYS, outcome_config, setting_from_config
+
+    config: dict[str, Any] = {
+        "seed": 1,
+        "engine": {"name": "inprocess", "num_threads": 1},
+        "device": "cpu",
+        "plots": True,
+        "progress": True,
+        "resume": None,
+        "eval_every": 1,
+        "checkpoint_every": 0,
+        "checkpoint_last": False,
+        "eval_batch_size": 256,
+        "data": {"name": "synthetic", "root": "data", "download": True},
+        "model": {"name": "mlp"},
+        "strategy": {
+            "name": "fedbgmd",
+            "block": {"enabled": True, "beta": 0.1, "selector": "sample", "memory": "per_client"},
+        },
+        "attack": {"name": "sign_flip", "fraction": 0.2, "params": {"mode": "negate"}},
+        "client": {"optimizer": {"lr": 0.1}},
+        "num_clients": 5,
+        "num_rounds": 3,
+    }
+
+    def changed(path: str, value: Any) -> dict[str, Any]:
+        out = copy.deepcopy(config)
+        *parents, leaf = path.split(".")
+        node = out
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+        return out
+
+    named, rest = setting_from_config(config), outcome_config(config)
+    for key in NO_OUTCOME_KEYS:
+        other = changed(key, "something else")
+        assert setting_from_config(other) == named, key
+        assert outcome_config(other) == rest, key
+    for key, value in [("strategy.block.beta", 0.3), ("attack.params.mode", "scale")]:
+        other = changed(key, value)
+        assert setting_from_config(other) != named, key
+        assert outcome_config(other) != rest, key
+    assert setting_from_config(changed("client.optimizer.lr", 0.05)) == named  # not named,
+    assert outcome_config(changed("client.optimizer.lr", 0.05)) != rest  # but a setting key
