@@ -27,7 +27,7 @@ for rep in $(seq 1 "$repeats"); do
 import statistics as st
 import sys
 
-from fedbgmd.results import read_metrics
+from fedbgmd.reporting.writer import read_metrics
 
 out, version, rep, wall = sys.argv[1:]
 rows = [r for r in read_metrics(out)[1:] if r["test_accuracy"] is None]

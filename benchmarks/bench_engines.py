@@ -45,7 +45,7 @@ def run(engine: str, overrides: list[str], out: Path) -> dict:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{engine} failed:\n{proc.stderr[-2000:]}")
-    from fedbgmd.results import read_metrics
+    from fedbgmd.reporting.writer import read_metrics
 
     rows = read_metrics(out)[1:]  # skip round 0 (initial evaluation)
     med = {

@@ -93,7 +93,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from fedbgmd.fused import group_key
-from fedbgmd.results import read_summary
+from fedbgmd.reporting.writer import read_summary
 
 root, repeats = Path(sys.argv[1]), int(sys.argv[2])
 

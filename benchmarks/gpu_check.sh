@@ -51,7 +51,7 @@ import statistics as st
 import sys
 import time
 
-from fedbgmd.results import read_metrics, read_summary
+from fedbgmd.reporting.writer import read_metrics, read_summary
 
 run, start = sys.argv[1], float(sys.argv[2])
 rows = read_metrics(run)[1:]

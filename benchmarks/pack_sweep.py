@@ -14,7 +14,7 @@ import gzip
 import json
 from pathlib import Path
 
-from fedbgmd.results import read_metrics, read_summary
+from fedbgmd.reporting.writer import read_metrics, read_summary
 
 
 def main() -> None:

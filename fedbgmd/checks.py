@@ -11,7 +11,7 @@ from fedbgmd.attacks import ATTACKS, OMNISCIENT_ATTACKS
 from fedbgmd.config import ConfigError, byzantine_count, clients_per_round, validate
 from fedbgmd.core import AGGREGATORS
 from fedbgmd.plugins import build_aggregator, build_attack, resolve_selector
-from fedbgmd.results import attack_label
+from fedbgmd.reporting.setting import attack_label
 
 __all__ = ["assumption_warnings", "check_components", "check_config", "plugin_params"]
 

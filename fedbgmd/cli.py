@@ -31,13 +31,13 @@ from fedbgmd.integrity import (
     lock_run_dir,
     stop_on_signals,
 )
-from fedbgmd.runner import EXIT_RUN_FAILED, report_failure, run
+from fedbgmd.reporting.writer import RunFolderInUseError, check_fresh_run_dir
+from fedbgmd.runner import EXIT_BAD_CONFIG, EXIT_RUN_FAILED, report_failure, run
 
 __all__ = ["check_config", "entry", "explain", "report_failure", "run"]
 
 log = logging.getLogger("fedbgmd")
 CONFIG_MODULE = "fedbgmd.conf"
-EXIT_BAD_CONFIG = 2
 # what ``resume=DIR`` may change: nothing that alters the experiment's results (num_rounds only
 # upwards: more rounds of the same run)
 CONTINUATION_KEYS = (
@@ -124,26 +124,15 @@ def _claim(run_dir: Path, fresh: bool, sweep: bool) -> int | None:
     except OSError as err:
         print(f"fedbgmd: run failed: {err}", file=sys.stderr)
         return EXIT_RUN_FAILED
-    held = [f for f in ("metrics.csv", "summary.json") if (run_dir / f).exists()]
-    if fresh and held and _retry_failed(run_dir):
-        held = []
-    if fresh and held:
-        lock.release()
-        # a new run would append its rounds to that run's metrics.csv (resume's mechanism) and
-        # its summary would mix both
-        resumable = (run_dir / "checkpoint.pt").is_file()
-        print(
-            f"fedbgmd: {run_dir} already holds a run ({', '.join(held)}); not mixing a new run "
-            f"into it. Choose another hydra.run.dir / hydra.sweep.dir"
-            + (
-                f", move that folder away, or continue it with resume={run_dir}"
-                if resumable
-                else " or move that folder away"
-            )
-            + ("; skipping this job of the sweep" if sweep else ""),
-            file=sys.stderr,
-        )
-        return 0 if sweep else EXIT_BAD_CONFIG
+    if fresh:
+        try:  # RunWriter's rule, asked before anything (.hydra/, config.yaml) is written there
+            check_fresh_run_dir(run_dir)
+        except RunFolderInUseError as err:
+            if not _retry_failed(run_dir):
+                lock.release()
+                skip = "; skipping this job of the sweep" if sweep else ""
+                print(f"fedbgmd: {err}{skip}", file=sys.stderr)
+                return 0 if sweep else EXIT_BAD_CONFIG
     _LOCK = lock
     return None
 
@@ -228,7 +217,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 def _retry_failed(run_dir: Path) -> bool:
     """A run that failed and left nothing to resume from is run again: its partial files are
     set aside (``*.interrupted``), as the fused launcher does. True when so."""
-    from fedbgmd.results import read_summary
+    from fedbgmd.reporting.writer import read_summary
 
     try:
         failed = read_summary(run_dir).get("status") == "failed"
@@ -463,7 +452,7 @@ def usage() -> str:
 def versions() -> str:
     """``fedbgmd --version``: fedbgmd and the libraries whose versions change results."""
     from fedbgmd import __version__
-    from fedbgmd.results import environment_versions
+    from fedbgmd.reporting.summary import environment_versions
 
     v = environment_versions()
     hydra_version = getattr(hydra, "__version__", None)
@@ -495,7 +484,7 @@ def entry(argv: list[str] | None = None) -> None:
     if _identity(args):
         return
     if args and args[0] == "report":
-        from fedbgmd import report
+        from fedbgmd.reporting import report
 
         sys.exit(report.main(args[1:]))
     register_configs()

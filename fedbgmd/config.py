@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedbgmd.core.counts import fraction_floor
-from fedbgmd.results import attack_label
+from fedbgmd.reporting.setting import attack_label
 
 # omegaconf.MISSING, spelt out: the schemas are plain dataclasses that the Flower-side code
 # (engines, clients, strategies) reads without loading omegaconf or hydra; only composing a

@@ -164,7 +164,7 @@ def _flwr_executable() -> str:
 def run_deployment(cfg: Any, run_dir: Path) -> dict[str, Any]:
     """Submit the run to the SuperLink ``cfg.engine.superlink`` and wait for it (at most
     ``cfg.engine.timeout_s``); return the run's summary, raise if it did not complete."""
-    from fedbgmd.results import read_summary
+    from fedbgmd.reporting.writer import read_summary
 
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ import torch
 from fedbgmd.attacks import get_attack, get_omniscient_attack
 from fedbgmd.attacks.base import ClientAttack, OmniscientAttack
 from fedbgmd.core import SELECTORS, AggregationResult, get_aggregator
-from fedbgmd.results import attack_label
+from fedbgmd.reporting.setting import attack_label
 from fedbgmd.seeding import byzantine_ids
 
 __all__ = [

@@ -15,17 +15,24 @@ from typing import Any
 from fedbgmd.config import plain
 from fedbgmd.integrity import stop_error, stop_status
 
-__all__ = ["EXIT_RUN_FAILED", "report_failure", "run"]
+__all__ = ["EXIT_BAD_CONFIG", "EXIT_RUN_FAILED", "report_failure", "run"]
 
 log = logging.getLogger("fedbgmd")
 EXIT_RUN_FAILED = 1
+EXIT_BAD_CONFIG = 2
 
 
 def run(cfg: Any, run_dir: Path) -> int:
     """Run one federation into ``run_dir``; return the exit status."""
     from fedbgmd.engine import run_inprocess, run_ray_simulation
-    from fedbgmd.results import read_summary
+    from fedbgmd.reporting.writer import RunFolderInUseError, check_fresh_run_dir, read_summary
 
+    if not cfg.resume:  # refused before config.yaml or a failure summary would overwrite its own
+        try:
+            check_fresh_run_dir(run_dir)
+        except RunFolderInUseError as err:
+            print(f"fedbgmd: {err}", file=sys.stderr)
+            return EXIT_BAD_CONFIG
     _quiet_flower(cfg.engine.verbose)
     if cfg.engine.num_threads is not None:
         import torch
@@ -76,7 +83,7 @@ def _quiet_flower(verbose: bool) -> None:
 def _write_config(cfg: Any, run_dir: Path) -> None:
     from omegaconf import OmegaConf  # the config as composed (a DictConfig)
 
-    from fedbgmd.results import atomic_write_text
+    from fedbgmd.reporting.writer import atomic_write_text
 
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -84,7 +91,8 @@ def _write_config(cfg: Any, run_dir: Path) -> None:
 
 def _ensure_summary(run_dir: Path, since: float, status: str, error: str) -> None:
     """A summary.json for a run that stopped before its ServerApp wrote one (best effort)."""
-    from fedbgmd.results import SUMMARY_JSON, atomic_write_text, read_metrics, utc_now_iso
+    from fedbgmd.reporting.summary import utc_now_iso
+    from fedbgmd.reporting.writer import SUMMARY_JSON, atomic_write_text, read_metrics
 
     path = run_dir / SUMMARY_JSON
     try:
@@ -112,7 +120,7 @@ def report_failure(
     import traceback
 
     from fedbgmd.data import DatasetMissingError
-    from fedbgmd.results import read_summary, write_failure_summary
+    from fedbgmd.reporting.writer import read_summary, write_failure_summary
 
     try:
         summary = read_summary(run_dir)

@@ -3,7 +3,7 @@
 The same ServerApp runs under every engine (Flower's simulation runtime, the in-process grid).
 It writes only into its run folder: ``metrics.csv``/``metrics.jsonl`` row by row as the run
 goes, ``summary.json`` at the end (status ``failed`` with the error when something broke), and
-the plots. See :mod:`fedbgmd.results` for the file formats.
+the plots. See :mod:`fedbgmd.reporting.writer` for the file formats.
 """
 
 from __future__ import annotations
@@ -25,17 +25,9 @@ from fedbgmd.core import all_finite_each
 from fedbgmd.integrity import stop_error, stop_status
 from fedbgmd.models import build_model, count_parameters
 from fedbgmd.plugins import build_aggregator, build_attack, locate, resolve_selector
-from fedbgmd.results import (
-    RunWriter,
-    environment_versions,
-    fs_error,
-    read_summary,
-    run_labels,
-    setting_from_config,
-    summarize,
-    utc_now_iso,
-    with_segments,
-)
+from fedbgmd.reporting.setting import run_labels, setting_from_config
+from fedbgmd.reporting.summary import environment_versions, summarize, utc_now_iso, with_segments
+from fedbgmd.reporting.writer import RunWriter, fs_error, read_summary
 from fedbgmd.strategies import RobustStrategy
 from fedbgmd.training import evaluate, get_device, lr_at
 from fedbgmd.workload import load_data, model_kwargs, optim_config, partitions
@@ -129,7 +121,7 @@ class ServerRun:
         self.device = get_device(cfg.device)
         # a resumed run's earlier segments, read before this one writes anything
         self.previous = _previous_summary(self.run_dir) if cfg.resume else None
-        self.writer = RunWriter(self.run_dir)
+        self.writer = RunWriter(self.run_dir, resume=bool(cfg.resume))  # refuses a used folder
         self.started = time.time()
         self.started_at = utc_now_iso()
         self.wall_offset = 0.0  # a resumed run's rows go on from the checkpoint row's time
@@ -438,7 +430,7 @@ def metrics_row(
     eval_s: float,
     wall: float,
 ) -> dict[str, Any]:
-    """One round's metrics row (fedbgmd.results.METRIC_COLUMNS and the jsonl extras) from the
+    """One round's metrics row (reporting.writer.METRIC_COLUMNS and the jsonl extras) from the
     strategy's round info and the evaluation; single runs and fused sweeps write it alike."""
     passed = (
         "train_loss", "client_time_s", "agg_time_s", "bytes_up", "bytes_down", "replies_accepted",
@@ -495,7 +487,7 @@ def draw_plots(cfg: Any, run_dir: Path) -> None:
     if not cfg.plots:
         return
     try:
-        from fedbgmd import plots  # matplotlib only when plots are drawn
+        from fedbgmd.reporting import plots  # matplotlib only when plots are drawn
 
         plots.plot_run(run_dir)
     except Exception as err:
@@ -510,7 +502,7 @@ def _previous_summary(run_dir: Path) -> dict[str, Any] | None:
 
 
 def setting_of(cfg: Any) -> dict[str, Any]:
-    """The config choices that define a run (see :func:`fedbgmd.results.setting_from_config`)."""
+    """The config choices that define a run (see :mod:`fedbgmd.reporting.setting`)."""
     return setting_from_config(plain(cfg))
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from fedbgmd.results import read_metrics
+from fedbgmd.reporting.writer import read_metrics
 
 BIN = Path(sys.executable).parent
 NUM_NODES = 3

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fedbgmd.results import METRIC_COLUMNS, read_metrics
+from fedbgmd.reporting.writer import METRIC_COLUMNS, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 

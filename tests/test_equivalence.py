@@ -67,7 +67,7 @@ def test_fedbgmd_with_full_block_and_no_memory_equals_gmd(tmp_path):
 
 
 def _metrics(path):
-    from fedbgmd.results import read_metrics
+    from fedbgmd.reporting.writer import read_metrics
 
     return read_metrics(path)
 

@@ -25,7 +25,7 @@ from fedbgmd.cli import check_config
 from fedbgmd.cli import run as run_alone
 from fedbgmd.config import register_configs
 from fedbgmd.fused import fuse_reason, plan_groups, run_jobs
-from fedbgmd.results import read_metrics, read_metrics_jsonl, read_summary
+from fedbgmd.reporting.writer import read_metrics, read_metrics_jsonl, read_summary
 
 BASE = [
     "experiment=smoke",

@@ -21,7 +21,12 @@ import pytest
 from flwr.app import Message, MetricRecord, RecordDict
 
 from fedbgmd.integrity import LOCK_FILE, lock_run_dir
-from fedbgmd.results import RunWriter, read_metrics, read_metrics_jsonl
+from fedbgmd.reporting.writer import (
+    RunFolderInUseError,
+    RunWriter,
+    read_metrics,
+    read_metrics_jsonl,
+)
 
 SMOKE = ["experiment=smoke", "plots=false", "strategy.server_momentum=0.5"]
 CLI = [sys.executable, "-c", "from fedbgmd.cli import entry; entry()"]
@@ -137,6 +142,31 @@ def test_a_folder_in_use_is_refused_and_left_unchanged(tmp_path, existing):
     assert not (run / LOCK_FILE).exists()
 
 
+def test_a_direct_caller_cannot_mix_a_new_run_into_a_folder_that_holds_one(tmp_path, capsys):
+    # the rule is RunWriter's: callers of cli.run() and ServerRun meet it, not only the CLI's
+    from hydra import compose, initialize_config_module
+
+    from fedbgmd.cli import run
+    from fedbgmd.config import register_configs
+    from fedbgmd.server import ServerRun
+
+    register_configs()
+    with initialize_config_module("fedbgmd.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[*SMOKE, "num_rounds=1", "checkpoint_last=true"])
+    folder = tmp_path / "run"
+    assert run(cfg, folder) == 0
+    before = snapshot(folder)
+    with pytest.raises(RunFolderInUseError, match="already holds a run"):
+        ServerRun(cfg, folder)
+    capsys.readouterr()
+    assert run(cfg, folder) == 2
+    assert f"continue it with resume={folder}" in capsys.readouterr().err
+    assert snapshot(folder) == before  # config.yaml and summary.json included
+    cfg.resume, cfg.num_rounds = str(folder), 2  # what resumed_config gives: it appends
+    assert run(cfg, folder) == 0
+    assert [r["round"] for r in read_metrics(folder)] == [0, 1, 2]
+
+
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -157,7 +187,7 @@ def test_a_torn_last_line_is_dropped_when_the_folder_is_reopened(tmp_path):
         fh.write("2,0.5,0.3")  # a crash mid-write: no newline
     with (tmp_path / "metrics.jsonl").open("a") as fh:
         fh.write('{"round": 2, "test_acc')
-    writer = RunWriter(tmp_path)
+    writer = RunWriter(tmp_path, resume=True)
     writer.log_round({"round": 2, "test_accuracy": 0.3})
     assert [(r["round"], r["test_accuracy"]) for r in read_metrics(tmp_path)] == [
         (0, 0.1),

@@ -12,14 +12,15 @@ from typing import Any
 
 import pytest
 
-from fedbgmd import plots, report
-from fedbgmd.results import (
+from fedbgmd.reporting import plots, reference, report, runs, stats, tables
+from fedbgmd.reporting.summary import summarize
+from fedbgmd.reporting.writer import (
     METRIC_COLUMNS,
+    RunFolderInUseError,
     RunWriter,
     read_metrics,
     read_metrics_jsonl,
     read_summary,
-    summarize,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -158,7 +159,7 @@ def test_log_round_is_flushed_each_round_and_reopen_appends(tmp_path: Path) -> N
     w.log_round({"round": 1, "test_accuracy": 0.3, "wall_time_s": 1.0})
     # readable by another reader right away (no close needed)
     assert [r["test_accuracy"] for r in read_metrics(run)] == [0.3]
-    w2 = RunWriter(run)  # e.g. a resumed run
+    w2 = RunWriter(run, resume=True)  # a resumed run appends
     assert len(w2.rows()) == 1
     w2.log_round({"round": 2, "test_accuracy": 0.4, "wall_time_s": 2.0})
     assert [r["round"] for r in read_metrics(run)] == [1, 2]
@@ -166,6 +167,29 @@ def test_log_round_is_flushed_each_round_and_reopen_appends(tmp_path: Path) -> N
     with (run / "metrics.csv").open("a") as fh:
         fh.write("3,1.5,0.")
     assert [r["round"] for r in read_metrics(run)] == [1, 2]
+
+
+def test_a_new_writer_refuses_a_folder_that_holds_a_run(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    RunWriter(run).log_round({"round": 1, "test_accuracy": 0.3})
+    before = (run / "metrics.csv").read_bytes()
+    with pytest.raises(RunFolderInUseError, match=r"already holds a run \(metrics\.csv\)"):
+        RunWriter(run)
+    assert (run / "metrics.csv").read_bytes() == before  # nothing appended or rewritten
+    # a summary alone (a run that failed before its first round) holds the folder too
+    (tmp_path / "failed").mkdir()
+    (tmp_path / "failed" / "summary.json").write_text('{"status": "failed"}')
+    with pytest.raises(RunFolderInUseError, match=r"summary\.json"):
+        RunWriter(tmp_path / "failed")
+    # a checkpoint makes the message point at resume
+    (run / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(RunFolderInUseError, match=r"resume="):
+        RunWriter(run)
+    # a folder with only config.yaml (written before a run starts) is fresh
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "config.yaml").write_text("seed: 0\n")
+    RunWriter(tmp_path / "fresh").log_round({"round": 0})
+    assert [r["round"] for r in read_metrics(tmp_path / "fresh")] == [0]
 
 
 def test_wall_time_filled_when_missing(tmp_path: Path) -> None:
@@ -407,11 +431,11 @@ def test_identical_runs_in_one_group_are_counted_once(tmp_path: Path) -> None:
         w.log_round({"round": 1, "test_accuracy": acc})
         seed = 0 if job < 2 else 1  # jobs 0 and 1: the same setting and seed (a repeated run)
         w.write_summary({"seed": seed, "setting": {"strategy": "gm", "attack": "none"}})
-    group = report.group_runs(report.collect_runs(tmp_path)[0])[0]
+    group = runs.group_runs(runs.collect_runs(tmp_path)[0])[0]
     assert len(group.runs) == 3 and len(group.completed) == 2
-    assert report.mean_std(r.summary["final_accuracy"] for r in group.completed)[
-        0
-    ] == pytest.approx(0.6)
+    assert stats.mean_std(r.summary["final_accuracy"] for r in group.completed)[0] == pytest.approx(
+        0.6
+    )
 
 
 def test_old_runs_get_missing_setting_keys_from_their_config(tmp_path: Path) -> None:
@@ -434,7 +458,7 @@ def test_old_runs_get_missing_setting_keys_from_their_config(tmp_path: Path) -> 
     new = dict(old, **{"strategy.block.selector": "sample", "strategy.block.memory": "per_client"})
     new["attack.params"] = {"scale": 100.0}
     w.write_summary({"seed": 1, "setting": new})
-    groups = report.group_runs(report.collect_runs(tmp_path)[0])
+    groups = runs.group_runs(runs.collect_runs(tmp_path)[0])
     by_memory = {g.setting["strategy.block.memory"]: len(g.runs) for g in groups}
     assert by_memory == {"mean": 1, "per_client": 2}  # same seed 0, different memory: not merged
     assert all(g.setting["attack.params"] == {"scale": 100.0} for g in groups)
@@ -717,12 +741,12 @@ def test_reference_file_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert report.main([str(root), "--reference", str(tmp_path / "absent.csv")]) == 2
     assert "cannot read reference file" in capsys.readouterr().err
     assert not (root / "report").exists()  # nothing written on a bad reference
-    with pytest.raises(report.ReferenceFileError):
-        report.load_reference(tmp_path / "unknown.csv")
+    with pytest.raises(reference.ReferenceFileError):
+        reference.load_reference(tmp_path / "unknown.csv")
 
 
 def test_shipped_table2_reference() -> None:
-    refs = report.load_reference(REFERENCE_CSV)
+    refs = reference.load_reference(REFERENCE_CSV)
     assert len(refs) == 37
     assert {r.epochs for r in refs.values()} == {50.0}
     assert refs[("fedbgmd", "bit_flip", 0.2)].accuracy_pct == 88.42
@@ -770,51 +794,49 @@ def test_accuracy_curve_carries_a_diverged_run_forward_and_drops_its_stop_round(
     """A run that diverged at round 3 (evaluated there, nobody else is) counts with its last value
     at the later rounds, so the curve ends at the table's mean; round 3 is not a point."""
 
-    def run(seed: int, accs: dict[int, float], diverged_at: int | None) -> report.Run:
+    def run(seed: int, accs: dict[int, float], diverged_at: int | None) -> runs.Run:
         rows = [
             {"round": r, "test_accuracy": a, "epoch": r / 6, "wall_time_s": r}
             for r, a in accs.items()
         ]
         summary = {"seed": seed, "status": "completed", "diverged_at": diverged_at}
-        return report.Run(
-            Path(f"/nonexistent/{seed}"), summary, {"strategy": "fedavg"}, metrics=rows
-        )
+        return runs.Run(Path(f"/nonexistent/{seed}"), summary, {"strategy": "fedavg"}, metrics=rows)
 
-    g = report.Group({"strategy": "fedavg"})
+    g = runs.Group({"strategy": "fedavg"})
     g.runs = [
         run(0, {0: 0.1, 2: 0.5, 4: 0.7, 6: 0.8}, None),
         run(1, {0: 0.1, 2: 0.6, 4: 0.8, 6: 0.9}, None),
         run(2, {0: 0.1, 2: 0.4, 3: 0.1}, 3),
     ]
-    s = report._series(g, "test_accuracy", report._pct, carry_diverged=True)
+    s = stats.series(g, "test_accuracy", stats.pct, carry_diverged=True)
     assert s.rounds.tolist() == [0, 2, 4, 6]
     assert s.n.tolist() == [3, 3, 3, 3]
     assert s.mean.tolist() == pytest.approx([10.0, 50.0, (70 + 80 + 10) / 3, (80 + 90 + 10) / 3])
     assert s.time.tolist() == pytest.approx([0.0, 2.0, 4.0, 6.0])  # carried points add no time
     # without carrying (e.g. the residual), every logged round is a point of its own
-    raw = report._series(g, "test_accuracy", report._pct)
+    raw = stats.series(g, "test_accuracy", stats.pct)
     assert raw.rounds.tolist() == [0, 2, 3, 4, 6]
     assert raw.mean[2] == pytest.approx(10.0) and raw.n[2] == 1
     # every run diverged: each is carried to the last stopping round, where the curve ends at
     # the mean of their final values (it used to draw each run's stop as a point of n = 1)
     g.runs = [run(0, {0: 0.1, 3: 0.2}, 3), run(1, {0: 0.1, 5: 0.1}, 5)]
-    alld = report._series(g, "test_accuracy", report._pct, carry_diverged=True)
+    alld = stats.series(g, "test_accuracy", stats.pct, carry_diverged=True)
     assert alld.rounds.tolist() == [0, 5] and alld.n.tolist() == [2, 2]
     assert alld.mean.tolist() == pytest.approx([10.0, 15.0])
 
 
 def test_accuracy_curve_keeps_the_rounds_every_run_evaluated() -> None:
     # one run evaluated every 2 rounds, one every 3: the mean used to alternate between them
-    def run(seed: int, every: int) -> report.Run:
+    def run(seed: int, every: int) -> runs.Run:
         rows = [
             {"round": r, "test_accuracy": r / 12, "epoch": r / 6, "wall_time_s": r}
             for r in range(0, 13, every)
         ]
-        return report.Run(Path(f"/x/{seed}"), {"seed": seed}, {"strategy": "gm"}, metrics=rows)
+        return runs.Run(Path(f"/x/{seed}"), {"seed": seed}, {"strategy": "gm"}, metrics=rows)
 
-    g = report.Group({"strategy": "gm"})
+    g = runs.Group({"strategy": "gm"})
     g.runs = [run(0, 2), run(1, 3)]
-    s = report._series(g, "test_accuracy", report._pct, carry_diverged=True)
+    s = stats.series(g, "test_accuracy", stats.pct, carry_diverged=True)
     assert s.rounds.tolist() == [0, 6, 12] and s.n.tolist() == [2, 2, 2]
 
 
@@ -838,7 +860,7 @@ def test_source_commit_names_the_code_and_whether_it_was_modified(tmp_path):
     import shutil
     import subprocess
 
-    from fedbgmd.results import environment_versions, source_commit
+    from fedbgmd.reporting.summary import environment_versions, source_commit
 
     assert source_commit(tmp_path) is None  # not a checkout (e.g. an installed wheel)
     if shutil.which("git") is None:
@@ -911,8 +933,8 @@ def test_runs_that_differ_in_any_outcome_relevant_config_are_not_merged(tmp_path
     for seed in range(3):
         _sweep_run(tmp_path, f"a{seed}", seed, 0.8)
         _sweep_run(tmp_path, f"b{seed}", seed, 0.3, client__optimizer__lr=0.1)
-    runs, _ = report.collect_runs(tmp_path)
-    groups = report.group_runs(runs)
+    found, _ = runs.collect_runs(tmp_path)
+    groups = runs.group_runs(found)
     assert len(groups) == 2
     assert sorted(len(g.completed) for g in groups) == [3, 3]
     assert {g.setting["client.optimizer.lr"] for g in groups} == {0.01, 0.1}
@@ -932,12 +954,12 @@ def test_repeats_and_retried_failures(tmp_path: Path) -> None:
     s = json.loads((failed / "summary.json").read_text())
     s.update(status="failed", final_accuracy=None)
     (failed / "summary.json").write_text(json.dumps(s))
-    runs, _ = report.collect_runs(tmp_path)
-    (g,) = report.group_runs(runs)
+    found, _ = runs.collect_runs(tmp_path)
+    (g,) = runs.group_runs(found)
     assert sorted(r.path.name for r in g.completed) == ["r0-again", "r1", "r2"]
     assert g.failed == [] and g.repeats == 2
-    stats = report._group_stats(g)
-    assert stats["final_acc_mean"] == pytest.approx((90 + 71 + 72) / 3)
+    s = stats.group_stats(g)
+    assert s["final_acc_mean"] == pytest.approx((90 + 71 + 72) / 3)
     report.build_report(tmp_path, out_dir=tmp_path / "out")
     text = (tmp_path / "out" / "report.md").read_text()
     assert "- runs: 5 (3 completed, 0 failed, 0 diverged, 2 not counted" in text
@@ -955,8 +977,60 @@ def test_cell_n_counts_the_accuracies_averaged_and_a_whole_epoch_is_not_reduced(
         "epochs_max": 0.9984,
         "target_epochs": 1.0,
     }
-    cell = report._pivot_cell(s, "final", None, bold=False)
+    cell = tables.pivot_cell(s, "final", None, bold=False)
     assert "n=2" in cell and "1.0 ep" in cell and "/1 ep" not in cell
-    assert not report._is_reduced(s)
-    assert report._is_reduced({**s, "target_epochs": 50.0})
-    assert not report._is_reduced({**s, "epochs_min": 49.92, "target_epochs": 50.0})
+    assert not stats.is_reduced(s)
+    assert stats.is_reduced({**s, "target_epochs": 50.0})
+    assert not stats.is_reduced({**s, "epochs_min": 49.92, "target_epochs": 50.0})
+
+
+def test_the_named_setting_and_the_rest_follow_one_rule() -> None:
+    # no key that cannot change what a run learns moves either part of the setting; a key
+    # that can moves it
+    import copy
+
+    from fedbgmd.reporting.setting import NO_OUTCOME_KEYS, outcome_config, setting_from_config
+
+    config: dict[str, Any] = {
+        "seed": 1,
+        "engine": {"name": "inprocess", "num_threads": 1},
+        "device": "cpu",
+        "plots": True,
+        "progress": True,
+        "resume": None,
+        "eval_every": 1,
+        "checkpoint_every": 0,
+        "checkpoint_last": False,
+        "eval_batch_size": 256,
+        "data": {"name": "synthetic", "root": "data", "download": True},
+        "model": {"name": "mlp"},
+        "strategy": {
+            "name": "fedbgmd",
+            "block": {"enabled": True, "beta": 0.1, "selector": "sample", "memory": "per_client"},
+        },
+        "attack": {"name": "sign_flip", "fraction": 0.2, "params": {"mode": "negate"}},
+        "client": {"optimizer": {"lr": 0.1}},
+        "num_clients": 5,
+        "num_rounds": 3,
+    }
+
+    def changed(path: str, value: Any) -> dict[str, Any]:
+        out = copy.deepcopy(config)
+        *parents, leaf = path.split(".")
+        node = out
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+        return out
+
+    named, rest = setting_from_config(config), outcome_config(config)
+    for key in NO_OUTCOME_KEYS:
+        other = changed(key, "something else")
+        assert setting_from_config(other) == named, key
+        assert outcome_config(other) == rest, key
+    for key, value in [("strategy.block.beta", 0.3), ("attack.params.mode", "scale")]:
+        other = changed(key, value)
+        assert setting_from_config(other) != named, key
+        assert outcome_config(other) != rest, key
+    assert setting_from_config(changed("client.optimizer.lr", 0.05)) == named  # not named,
+    assert outcome_config(changed("client.optimizer.lr", 0.05)) != rest  # but a setting key

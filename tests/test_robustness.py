@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_module
 
 from fedbgmd.cli import check_config
 from fedbgmd.config import register_configs
-from fedbgmd.results import read_metrics
+from fedbgmd.reporting.writer import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

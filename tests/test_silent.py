@@ -16,7 +16,7 @@ from hydra.errors import ConfigCompositionException
 
 from fedbgmd.cli import check_config, explain, run
 from fedbgmd.config import ConfigError, register_configs, validate
-from fedbgmd.results import read_metrics
+from fedbgmd.reporting.writer import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -206,7 +206,7 @@ def test_a_crashing_plugin_fails_the_run_with_its_traceback(
 
 
 def test_a_refused_round_is_skipped_counted_and_reported(tmp_path, plugins):
-    from fedbgmd.report import build_report
+    from fedbgmd.reporting.report import build_report
 
     module, _ = plugins
     cfg = compose_cfg(
@@ -329,7 +329,7 @@ def test_rejected_replies_are_summarised_once_per_round(tmp_path, caplog):
 
 
 def test_plots_are_titled_by_the_run_and_skip_constant_panels(tmp_path):
-    from fedbgmd import plots
+    from fedbgmd.reporting import plots
 
     cfg = compose_cfg(*SMOKE, "attack=sign_flip", "attack.fraction=0.2", "seed=3")
     assert run(cfg, tmp_path / "run") == 0
@@ -345,7 +345,7 @@ def test_plots_are_titled_by_the_run_and_skip_constant_panels(tmp_path):
 
 # 10 ---------------------------------------------------------------------------- custom labels
 def test_custom_targets_label_the_run(plugins):
-    from fedbgmd.results import run_labels
+    from fedbgmd.reporting.setting import run_labels
 
     labels = run_labels(
         {

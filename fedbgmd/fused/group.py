@@ -43,7 +43,7 @@ class FusedGroup(_Aggregation):
 
     def __init__(self, jobs: Sequence[tuple[Any, Path]], workers: int | None = 0) -> None:
         from fedbgmd.models import build_model, count_parameters
-        from fedbgmd.results import environment_versions
+        from fedbgmd.reporting.summary import environment_versions
         from fedbgmd.server import rounds_per_epoch
         from fedbgmd.training import get_device
         from fedbgmd.workload import load_data, model_kwargs, partitions

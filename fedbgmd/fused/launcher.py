@@ -164,7 +164,7 @@ class FusedLauncher(Launcher):
         """Write a job's .hydra/ files as Hydra's launcher does; False (and ``k`` in
         ``skipped``) when its folder already holds a completed run."""
         from fedbgmd.fused import set_aside_partial
-        from fedbgmd.results import read_summary
+        from fedbgmd.reporting.writer import read_summary
 
         try:
             done = read_summary(out).get("status") == "completed"

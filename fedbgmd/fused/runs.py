@@ -57,7 +57,7 @@ class _Bookkeeping:
         versions: dict[str, str | None],
     ) -> None:
         from fedbgmd.plugins import build_attack
-        from fedbgmd.results import RunWriter
+        from fedbgmd.reporting.writer import RunWriter
         from fedbgmd.server import build_strategy
 
         self.cfg = cfg

@@ -85,7 +85,7 @@ def run_case(overrides: list[str], folder: Path) -> list[dict]:
     from fedbgmd.cli import check_config
     from fedbgmd.config import compose_config
     from fedbgmd.engine import run_inprocess
-    from fedbgmd.results import read_metrics
+    from fedbgmd.reporting.writer import read_metrics
 
     cfg = compose_config([*COMMON, *overrides])
     check_config(cfg)  # raises on a config the CLI would refuse

@@ -22,7 +22,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fedbgmd.results import is_missing, read_metrics, read_summary
+from fedbgmd.reporting.summary import is_missing
+from fedbgmd.reporting.writer import read_metrics, read_summary
 
 __all__ = ["Curve", "plot_comparison", "plot_run"]
 

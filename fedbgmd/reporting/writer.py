@@ -1,4 +1,4 @@
-"""Run output folder: per-round metrics (CSV + JSONL), final summary, and readers.
+"""A run's output folder: the file formats, the writer and the readers.
 
 One run writes one folder, as the run goes::
 
@@ -8,28 +8,30 @@ One run writes one folder, as the run goes::
       metrics.jsonl    the same rows plus any extra keys (strict JSON: NaN/inf become null)
       summary.json     final summary, written atomically (tmp file + os.replace)
 
+A folder that holds a run (metrics.csv or summary.json) is only ever appended to by that run's
+resume: :class:`RunWriter` refuses it otherwise (:func:`check_fresh_run_dir`, the one place of
+that rule; the CLI asks it before it writes anything).
+
 Conventions: accuracies are fractions in [0, 1]; times are seconds; bytes are integers.
-Plain python + numpy only: no flwr, hydra or torch imports here.
+Plain python only: no flwr, hydra or torch imports here.
 """
 
 from __future__ import annotations
 
 import csv
-import datetime as _dt
 import io
 import json
 import logging
 import math
 import os
-import platform
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from importlib import metadata
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from fedbgmd.reporting.setting import run_labels
+from fedbgmd.reporting.summary import completed_status, is_missing, summarize, utc_now_iso
 
 log = logging.getLogger("fedbgmd")
 
@@ -39,16 +41,15 @@ __all__ = [
     "METRICS_JSONL",
     "METRIC_COLUMNS",
     "SUMMARY_JSON",
+    "RunFolderInUseError",
     "RunWriter",
     "atomic_write_text",
-    "environment_versions",
-    "is_missing",
+    "check_fresh_run_dir",
+    "fs_error",
     "read_metrics",
     "read_metrics_jsonl",
     "read_summary",
-    "summarize",
-    "utc_now_iso",
-    "with_segments",
+    "write_failure_summary",
 ]
 
 METRICS_CSV = "metrics.csv"
@@ -91,22 +92,6 @@ INT_COLUMNS: frozenset[str] = frozenset(
         "agg_converged",
     }
 )
-
-
-def utc_now_iso() -> str:
-    """Current UTC time as ISO 8601 with seconds precision, e.g. 2024-05-01T12:00:00+00:00."""
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def is_missing(value: object) -> bool:
-    """True for None, empty strings and non-finite floats (NaN): values summaries skip."""
-    if value is None:
-        return True
-    if isinstance(value, str):
-        return value.strip() == ""
-    if isinstance(value, float):
-        return math.isnan(value)
-    return False
 
 
 def _to_python(value: object) -> object:
@@ -262,18 +247,52 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+# the files whose presence says a folder holds a run (config.yaml alone does not: it is written
+# before the run starts)
+RUN_FILES: tuple[str, ...] = (METRICS_CSV, SUMMARY_JSON)
+
+
+class RunFolderInUseError(FileExistsError):
+    """A new run was asked to write into a folder that holds another run."""
+
+
+def check_fresh_run_dir(run_dir: str | Path) -> None:
+    """Raise RunFolderInUseError when ``run_dir`` holds a run (RUN_FILES): a new run would append
+    its rounds to that run's metrics.csv (resume's mechanism) and its summary would mix both.
+    The message says what to do instead (continue it with resume= when it has a checkpoint)."""
+    run_dir = Path(run_dir)
+    held = [f for f in RUN_FILES if (run_dir / f).exists()]
+    if not held:
+        return
+    resumable = (run_dir / "checkpoint.pt").is_file()
+    raise RunFolderInUseError(
+        f"{run_dir} already holds a run ({', '.join(held)}); not mixing a new run into it. "
+        "Choose another folder (hydra.run.dir / hydra.sweep.dir)"
+        + (
+            f", move that folder away, or continue it with resume={run_dir}"
+            if resumable
+            else " or move that folder away"
+        )
+    )
+
+
 class RunWriter:
     """Writes one run's metrics and summary into ``run_dir`` (and never outside it).
 
     ``log_round`` appends one row to metrics.csv (known columns, empty cells for missing values)
     and to metrics.jsonl (all keys) and flushes both, so a crash loses at most the round in
     progress. If ``wall_time_s`` is absent from a row it is filled with the seconds elapsed since
-    this writer was created. Reopening an existing run folder appends to it (the CSV header must
-    match METRIC_COLUMNS).
+    this writer was created.
+
+    A folder that already holds a run is refused (RunFolderInUseError, nothing written) unless
+    ``resume``: then the writer appends to that run's metrics (the CSV header must match
+    METRIC_COLUMNS), as a resumed run does.
     """
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, resume: bool = False) -> None:
         self.run_dir = Path(run_dir)
+        if not resume:
+            check_fresh_run_dir(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_csv = self.run_dir / METRICS_CSV
         self.metrics_jsonl = self.run_dir / METRICS_JSONL
@@ -355,180 +374,9 @@ class RunWriter:
         return [dict(r) for r in self._rows]
 
 
-def _last(values: Iterable[object]) -> object:
-    out: object = None
-    for v in values:
-        if not is_missing(v):
-            out = v
-    return out
-
-
-def summarize(rows: list[dict[str, Any]] | list[Mapping[str, Any]]) -> dict[str, Any]:
-    """Final/best accuracy, final loss, rounds and wall time from per-round rows.
-
-    Missing values (None, empty, NaN) are skipped: final_accuracy is the last non-missing
-    test_accuracy, final_loss the test_loss of that row (None when not finite), best_round the round of the first maximum, rounds the largest round number
-    (number of rows when no row has a round), wall_time_s the last non-missing wall_time_s.
-    """
-    best_acc: float | None = None
-    best_round: int | None = None
-    for i, r in enumerate(rows):
-        acc = r.get("test_accuracy")
-        if is_missing(acc):
-            continue
-        acc_f = float(acc)  # type: ignore[arg-type]
-        if best_acc is None or acc_f > best_acc:
-            best_acc = acc_f
-            rnd = r.get("round")
-            best_round = int(rnd) if not is_missing(rnd) else i + 1  # type: ignore[arg-type]
-    final_acc = _last(r.get("test_accuracy") for r in rows)
-    # the loss of that same last evaluation: NaN/Inf there (a diverged model) gives None, not an
-    # older finite loss
-    evaluated = [r for r in rows if not is_missing(r.get("test_accuracy"))]
-    final_loss = evaluated[-1].get("test_loss") if evaluated else None
-    if final_loss is not None and (is_missing(final_loss) or not math.isfinite(float(final_loss))):
-        final_loss = None
-    wall = _last(r.get("wall_time_s") for r in rows)
-    rounds_seen = [int(r["round"]) for r in rows if not is_missing(r.get("round"))]
-    skipped = [r for r in rows if r.get("skipped")]
-    return {
-        "skipped_rounds": len(skipped),
-        "first_skip_reason": str(skipped[0]["skipped"]) if skipped else None,
-        "final_accuracy": None if final_acc is None else float(final_acc),  # type: ignore[arg-type]
-        "best_accuracy": best_acc,
-        "best_round": best_round,
-        "final_loss": None if final_loss is None else float(final_loss),  # type: ignore[arg-type]
-        "rounds": max(rounds_seen) if rounds_seen else len(rows),
-        "wall_time_s": None if wall is None else float(wall),  # type: ignore[arg-type]
-    }
-
-
-def with_segments(
-    summary: dict[str, Any], previous: Mapping[str, Any] | None, current: Mapping[str, Any]
-) -> dict[str, Any]:
-    """Add the run's segments to ``summary`` (a run resumed n times has n + 1 segments).
-
-    ``current`` is this process's segment: started_at, finished_at, status, resumed_after_round
-    (None for the first), last_round, wall_time_s. ``previous`` is the summary.json the run
-    folder held when this segment began (None for a fresh run); a segment that wrote none
-    (killed by SIGKILL) is absent. ``started_at`` becomes the first segment's and
-    ``wall_time_s`` the sum over segments.
-    """
-    prior: list[dict[str, Any]] = []
-    if previous:
-        prior = [dict(s) for s in previous.get("segments") or []]
-        if not prior:  # written before summaries recorded segments
-            prior = [
-                {
-                    "started_at": previous.get("started_at"),
-                    "finished_at": previous.get("finished_at"),
-                    "status": previous.get("status"),
-                    "resumed_after_round": None,
-                    "last_round": previous.get("rounds"),
-                    "wall_time_s": previous.get("wall_time_s"),
-                }
-            ]
-    segments = [*prior, dict(current)]
-    summary["segments"] = segments
-    summary["started_at"] = segments[0].get("started_at") or current.get("started_at")
-    summary["wall_time_s"] = sum(float(s.get("wall_time_s") or 0.0) for s in segments)
-    return summary
-
-
-def completed_status(summary: Mapping[str, Any]) -> dict[str, Any]:
-    """``status``/``error`` of a summary, where a "completed" run none of whose rounds aggregated
-    (every one skipped: too few replies, or the aggregator refused each) is a failed run: it
-    trained nothing, so its accuracy is the initial model's and must not be reported as a result."""
-    status, error = summary.get("status"), summary.get("error")
-    rounds, skipped = summary.get("rounds") or 0, summary.get("skipped_rounds") or 0
-    if status == "completed" and rounds >= 1 and skipped >= rounds:
-        status = "failed"
-        error = (
-            f"every round was skipped ({skipped}); the first: {summary.get('first_skip_reason')}"
-        )
-    return {"status": status, "error": error}
-
-
 def _metrics_path(run_dir: str | Path, name: str) -> Path:
     p = Path(run_dir)
     return p if p.is_file() else p / name
-
-
-def setting_from_config(config: Mapping[Any, Any]) -> dict[str, Any]:
-    """The config choices that define a run, for grouping runs across seeds in reports.
-
-    ``config`` is a resolved config as plain nested dicts (what summary.json keeps under
-    ``"config"``), so reports can recompute settings of old runs without Hydra. The block and
-    attack keys are what tell the seed's "paper" variant from "as_run" (memory, selector,
-    attack scale): runs that differ there are never averaged together or deduplicated as repeats.
-    """
-
-    def section(node: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-        value = node.get(key)
-        return value if isinstance(value, Mapping) else {}
-
-    strategy, attack = section(config, "strategy"), section(config, "attack")
-    block = section(strategy, "block")
-    enabled = bool(block.get("enabled"))
-    label = attack_label(attack.get("name", "none"), attack.get("target"))
-    attacked = label != "none"  # no Byzantine clients without an attack
-    targets = plugin_targets(config)
-    custom = [f"{role}={targets[role]}" for role in ("strategy", "aggregator") if role in targets]
-    return {
-        # a user's strategy class or aggregator runs under the preset's name: the label says
-        # which code ran, so it is never grouped with (or read as) the built-in
-        "strategy": (
-            f"{strategy.get('name')}[{', '.join(custom)}]" if custom else strategy.get("name")
-        ),
-        "attack": label,
-        "attack.fraction": float(attack.get("fraction", 0.0)) if attacked else 0.0,
-        "data": section(config, "data").get("name"),
-        "model": section(config, "model").get("name"),
-        "strategy.block.beta": _number(block.get("beta"), float) if enabled else None,
-        "strategy.block.selector": str(block.get("selector")) if enabled else None,
-        "strategy.block.memory": str(block.get("memory")) if enabled else None,
-        "attack.params": dict(sorted(dict(attack.get("params") or {}).items())) if attacked else {},
-        "num_clients": _number(config.get("num_clients"), int),
-        "num_rounds": _number(config.get("num_rounds"), int),
-    }
-
-
-DEFAULT_STRATEGY_TARGET = "fedbgmd.strategies.RobustStrategy"
-
-
-def plugin_targets(config: Mapping[Any, Any]) -> dict[str, str]:
-    """The user plug-ins a run used, by role (strategy, aggregator, selector, attack): their
-    dotted paths. Empty when only built-ins ran."""
-
-    def section(node: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-        value = node.get(key)
-        return value if isinstance(value, Mapping) else {}
-
-    strategy = section(config, "strategy")
-    found = {
-        "strategy": strategy.get("target"),
-        "aggregator": section(strategy, "aggregator").get("target"),
-        "selector": section(strategy, "block").get("selector"),
-        "attack": section(config, "attack").get("target"),
-    }
-    if found["strategy"] == DEFAULT_STRATEGY_TARGET:
-        found["strategy"] = None
-    if "." not in str(found["selector"] or ""):  # a registered name, not a user function
-        found["selector"] = None
-    return {role: str(path) for role, path in found.items() if path}
-
-
-def run_labels(config: Mapping[Any, Any]) -> dict[str, Any]:
-    """What summary.json says ran (every writer of a summary uses this one function)."""
-    setting = setting_from_config(config)
-    return {
-        "strategy": setting["strategy"],
-        "attack": setting["attack"],
-        "fraction": setting["attack.fraction"],
-        "setting": setting,
-        "targets": plugin_targets(config),
-        "seed": config.get("seed"),
-    }
 
 
 def write_failure_summary(
@@ -550,16 +398,6 @@ def write_failure_summary(
         summary["traceback"] = traceback
     text = json.dumps(_json_safe(summary), indent=2, sort_keys=True) + "\n"
     atomic_write_text(Path(run_dir) / SUMMARY_JSON, text)
-
-
-def attack_label(name: Any, target: Any) -> str:
-    """The attack a run used: a user class given by ``attack.target`` wins over the registry name
-    (it is what gets built), so a target-only attack never reads as the clean run ``"none"``."""
-    return str(target) if target else str(name)
-
-
-def _number(value: Any, kind: Callable[[Any], Any]) -> Any:
-    return None if value is None else kind(value)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -613,54 +451,3 @@ def read_summary(run_dir: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{run_dir}: summary.json is not a JSON object")
     return data
-
-
-def _pkg_version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def source_commit(root: Path | None = None) -> str | None:
-    """The git commit of fedbgmd's source tree (``+dirty`` if tracked files differ from it), or
-    None when it is not a git checkout (an installed wheel) or git is unavailable.
-
-    Why: the package version does not change between commits; a run's result must say which code
-    produced it.
-    """
-    root = Path(__file__).resolve().parents[1] if root is None else root
-    if not (root / ".git").exists():
-        return None
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return f"{head}+dirty" if dirty else head or None
-
-
-def environment_versions(device: str | None = None) -> dict[str, str | None]:
-    """Versions for summary.json's ``versions`` field, without importing torch or flwr."""
-    return {
-        "python": sys.version.split()[0],
-        "torch": _pkg_version("torch"),
-        "flwr": _pkg_version("flwr"),
-        "fedbgmd": _pkg_version("fedbgmd"),
-        "fedbgmd_commit": source_commit(),
-        "numpy": _pkg_version("numpy"),
-        "platform": platform.platform(),
-        "device": device,
-    }
