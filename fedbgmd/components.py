@@ -286,13 +286,14 @@ def load_data(cfg: Any) -> Dataset:
 
 
 def partitions(cfg: Any, labels: torch.Tensor) -> list[torch.Tensor]:
+    """The clients' index sets: data.partition or data.partitioner through Flower Datasets."""
     d = cfg.data
     return partition(
         labels,
         cfg.num_clients,
         d.partition,
-        alpha=d.alpha,
-        shards_per_client=d.shards_per_client,
+        target=d.partitioner.target,
+        params=d.partitioner.params,
         seed=cfg.seed,
     )
 

@@ -33,15 +33,27 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class PartitionerConfig:
+    """A Flower Datasets partitioner class by ``target`` (dotted path; it replaces
+    ``data.partition``) and its constructor parameters, named as in Flower Datasets
+    (``alpha``, ``num_shards_per_partition``, ``num_classes_per_partition``, ...); fedbgmd sets
+    ``num_partitions``, ``partition_by`` and ``seed`` itself."""
+
+    target: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class DataConfig:
     """Which data set, where it lives, and how it is split among clients."""
 
     name: str = MISSING  # fashion_mnist | mnist | cifar10 | synthetic
     root: str | None = None  # explicit folder; None searches the known places
     download: bool = False  # let torchvision download (needs internet)
-    partition: str = "iid"  # iid | dirichlet | shards
-    alpha: float = 0.5  # Dirichlet concentration (partition=dirichlet)
-    shards_per_client: int = 2  # partition=shards
+    # iid | dirichlet | shards: Flower Datasets' Iid/Dirichlet/ShardPartitioner (fedbgmd.data
+    # PARTITION_SCHEMES: dirichlet's alpha defaults to 0.5, shards' num_shards_per_partition to 2)
+    partition: str = "iid"
+    partitioner: PartitionerConfig = field(default_factory=PartitionerConfig)
     # synthetic task only
     num_train: int = 2000
     num_test: int = 500
@@ -222,7 +234,6 @@ def register_configs() -> None:
 
 _CHOICES = {
     "data.name": ("fashion_mnist", "mnist", "cifar10", "synthetic"),
-    "data.partition": ("iid", "dirichlet", "shards"),
     "model.name": ("cnn", "resnet18", "mlp", "logreg"),
     "client.optimizer.name": ("sgd", "adam", "adamw"),
     "client.optimizer.schedule": ("constant", "step", "cosine"),
@@ -238,6 +249,7 @@ _CHOICES = {
 # models that need images; each data group's preset brings a model that fits (conf/data/*.yaml)
 _IMAGE_SHAPES = {"fashion_mnist": (1, 28, 28), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 _IMAGE_MODELS = ("cnn", "resnet18")
+_NUM_CLASSES = {"fashion_mnist": 10, "mnist": 10, "cifar10": 10}
 
 
 def _model_data_problem(cfg: Any) -> str | None:
@@ -252,6 +264,18 @@ def _model_data_problem(cfg: Any) -> str | None:
         f"{shape[0]} features; use model=mlp or model=logreg (data={d.name} brings mlp when "
         f"model is not given), or give the synthetic task an image shape "
         f"(data.image_shape=[1,16,16])"
+    )
+
+
+def _partitioner_problems(cfg: Any) -> list[str]:
+    """data.partition / data.partitioner checked by fedbgmd.data (which constructs the Flower
+    Datasets partitioner), with the class count the data set is known to have."""
+    from fedbgmd.data import partitioner_problems
+
+    d = cfg.data
+    num_classes = d.num_classes if d.name == "synthetic" else _NUM_CLASSES.get(d.name)
+    return partitioner_problems(
+        d.partition, d.partitioner.target, d.partitioner.params, cfg.num_clients, num_classes
     )
 
 
@@ -323,6 +347,8 @@ def validate(cfg: Any) -> None:
             p.append(mismatch)
     if cfg.num_clients < 1:
         p.append(f"num_clients={cfg.num_clients} must be >= 1")
+    else:
+        p += _partitioner_problems(cfg)
     if cfg.num_rounds < 1:
         p.append(f"num_rounds={cfg.num_rounds} must be >= 1")
     if cfg.checkpoint_every < 0:

@@ -250,7 +250,7 @@ class FusedGroup:
         from fedbgmd.components import load_data, model_kwargs, partitions
         from fedbgmd.models import build_model, count_parameters
         from fedbgmd.results import environment_versions
-        from fedbgmd.server import rounds_per_epoch
+        from fedbgmd.server import rounds_per_epoch, write_partition_report
         from fedbgmd.training import get_device
 
         if not jobs:
@@ -294,6 +294,7 @@ class FusedGroup:
         n_params = count_parameters(self.model)
         for (cfg, run_dir), job_parts in zip(self.jobs, parts):
             server = _Bookkeeping(cfg, Path(run_dir), job_parts, self.device, self.rpe, versions)
+            write_partition_report(cfg, Path(run_dir), job_parts, self.dataset)
             server.num_parameters = n_params
             model = build_model(
                 cfg.model.name,

@@ -8,6 +8,7 @@ the plots. See :mod:`fedbgmd.results` for the file formats.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -32,10 +33,12 @@ from fedbgmd.components import (
 )
 from fedbgmd.config import clients_per_round
 from fedbgmd.core import all_finite_each
+from fedbgmd.data import Dataset, partition_report, partitioner_spec
 from fedbgmd.integrity import stop_error, stop_status
 from fedbgmd.models import build_model, count_parameters
 from fedbgmd.results import (
     RunWriter,
+    atomic_write_text,
     environment_versions,
     fs_error,
     read_summary,
@@ -163,9 +166,9 @@ class ServerRun:
         # what honest clients send, known here without asking them: the sizes of the partitions
         # (the same seeded split the clients make; the weights when strategy.weighted) and the
         # quantizer; replies that claim otherwise are not trusted
-        self.strategy.partition_sizes = [
-            len(part) for part in partitions(cfg, self.dataset.train.y)
-        ]
+        parts = partitions(cfg, self.dataset.train.y)
+        self.strategy.partition_sizes = [len(part) for part in parts]
+        write_partition_report(cfg, self.run_dir, parts, self.dataset)
         q = cfg.client.quantization
         bucket = q.get("bucket_size")
         self.strategy.expected_quantization = (
@@ -498,8 +501,32 @@ def draw_plots(cfg: Any, run_dir: Path) -> None:
         from fedbgmd import plots  # matplotlib only when plots are drawn
 
         plots.plot_run(run_dir)
+        if (run_dir / PARTITIONS_JSON).is_file():
+            plots.plot_partitions(run_dir)
     except Exception as err:
         log.warning("could not draw plots: %s", err)
+
+
+PARTITIONS_JSON = "partitions.json"
+
+
+def write_partition_report(
+    cfg: Any, run_dir: Path, parts: list[torch.Tensor], dataset: Dataset
+) -> None:
+    """``run_dir/partitions.json``: each client's sample count and class histogram, the
+    partitioner and its parameters, and how many samples no client holds (logged when some)."""
+    d = cfg.data
+    target, params = partitioner_spec(d.partition, d.partitioner.target, d.partitioner.params)
+    report = partition_report(parts, dataset.train.y, dataset.num_classes, target, params)
+    if report["unassigned"]:
+        log.warning(
+            "%s leaves %d of %d training samples to no client (see %s)",
+            target.rpartition(".")[2],
+            report["unassigned"],
+            report["num_samples"],
+            PARTITIONS_JSON,
+        )
+    atomic_write_text(Path(run_dir) / PARTITIONS_JSON, json.dumps(report) + "\n")
 
 
 def _previous_summary(run_dir: Path) -> dict[str, Any] | None:
