@@ -204,6 +204,34 @@ class Config:
     stop_on_divergence: bool = True
 
 
+#: DataConfig keys that runs saved before partitions went through Flower Datasets carry
+_PRE_FLOWER_DATASETS_KEYS = ("alpha", "shards_per_client")
+
+
+def drop_pre_flower_datasets_keys(saved: Any) -> None:
+    """Make a config.yaml saved before Flower Datasets' partitioners loadable by the schema, or
+    raise ConfigError. An iid run's ``data.alpha`` / ``data.shards_per_client`` never had an
+    effect and iid partitions are unchanged: they are dropped. A dirichlet / shards run was split
+    by fedbgmd's own partitioner, which Flower Datasets' replaced with different partitions: a
+    resume would continue it on other clients' data, so it is refused."""
+    data = saved.get("data") if hasattr(saved, "get") else None
+    old = [k for k in _PRE_FLOWER_DATASETS_KEYS if data is not None and k in data]
+    if not old:
+        return
+    if data.get("partition", "iid") != "iid":
+        raise ConfigError(
+            [
+                f"data.partition={data.get('partition')} with data.{' / data.'.join(old)}: this "
+                "run was split by fedbgmd's own partitioner, which Flower Datasets' replaced "
+                "(other partitions for the same seed); resuming would continue it on other "
+                "clients' data. Start a new run (data.partitioner.params.alpha / "
+                "num_shards_per_partition name those parameters now)"
+            ]
+        )
+    for k in old:
+        data.pop(k)
+
+
 def compose_config(overrides: list[str]) -> Any:
     """The resolved-on-access config fedbgmd would run for ``overrides`` (a single job), for
     scripts and benchmarks that build configs without the CLI; not checked (cli.check_config)."""

@@ -644,9 +644,12 @@ def partition(
     partitioner = _build_partitioner(_import_partitioner(path), kwargs, num_partitions, seed)
     y = labels.detach().to("cpu", torch.int64)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(int(seed)))
+    # arrow format: a column read is then a pyarrow array; in datasets' default format it is a
+    # Column, which numpy (the partitioners' np.array(dataset[col])) reads one row at a time:
+    # DirichletPartitioner took 4 s instead of 0.1 s on 60 000 labels. Same values, same result.
     partitioner.dataset = datasets.Dataset.from_dict(
         {LABEL_COLUMN: y[order].numpy(), INDEX_COLUMN: order.numpy()}
-    )
+    ).with_format("arrow")
     with warnings.catch_warnings():
         # pyarrow deprecates an option datasets' sort (ShardPartitioner) still passes; not ours
         warnings.filterwarnings("ignore", "Specifying null_placement", FutureWarning)
@@ -664,11 +667,8 @@ def partition(
 def _index_sets(partitioner: Any) -> list[Tensor]:
     """Each partition's train-split indices (the ``INDEX_COLUMN`` of its rows), sorted."""
     return [
-        torch.sort(
-            torch.as_tensor(
-                partitioner.load_partition(i).with_format("numpy")[INDEX_COLUMN], dtype=torch.int64
-            )
-        ).values
+        # a copy: arrow's buffers are read-only
+        torch.sort(torch.tensor(partitioner.load_partition(i)[INDEX_COLUMN].to_numpy())).values
         for i in range(partitioner.num_partitions)
     ]
 

@@ -329,3 +329,23 @@ def test_partition_report_and_plot(tmp_path: Path):
     # 500 // 12 = 41 per shard, 12 shards dealt: 8 samples belong to no client
     assert report["unassigned"] == 500 - 12 * 41 == 8
     assert plot_partitions(tmp_path).stat().st_size > 0
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
+def test_resuming_a_run_saved_before_flower_datasets(tmp_path: Path, scheme: str):
+    from omegaconf import OmegaConf
+
+    from fedbgmd.cli import resumed_config
+
+    saved = OmegaConf.to_container(compose_cfg(f"data.partition={scheme}"), resolve=True)
+    assert isinstance(saved, dict)
+    saved["data"].pop("partitioner")
+    saved["data"].update(alpha=0.5, shards_per_client=2)  # the keys such a config.yaml holds
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    if scheme == "iid":  # the keys never acted on an iid split, which is unchanged: dropped
+        cfg, _ = resumed_config([f"resume={tmp_path}"])
+        assert "alpha" not in cfg.data and cfg.data.partitioner.target is None
+    else:  # other partitions now: continuing would train on other clients' data
+        with pytest.raises(ConfigError, match=r"data\.partition=dirichlet with data\.alpha"):
+            resumed_config([f"resume={tmp_path}"])
