@@ -215,7 +215,9 @@ def drop_pre_flower_datasets_keys(saved: Any) -> None:
     by fedbgmd's own partitioner, which Flower Datasets' replaced with different partitions: a
     resume would continue it on other clients' data, so it is refused."""
     data = saved.get("data") if hasattr(saved, "get") else None
-    old = [k for k in _PRE_FLOWER_DATASETS_KEYS if data is not None and k in data]
+    if data is None:
+        return
+    old = [k for k in _PRE_FLOWER_DATASETS_KEYS if k in data]
     if not old:
         return
     if data.get("partition", "iid") != "iid":
