@@ -27,7 +27,7 @@ from fedbgmd.core import (
     get_aggregator,
     register_selector,
 )
-from fedbgmd.data import Dataset, load_dataset, partition
+from fedbgmd.data import Dataset, load_dataset, load_hf_dataset, partition
 from fedbgmd.results import attack_label
 from fedbgmd.training import OptimConfig
 
@@ -271,6 +271,17 @@ def optim_config(cfg: Any) -> OptimConfig:
 def load_data(cfg: Any) -> Dataset:
     """The configured data set (never silently replaced: a missing one raises DatasetMissingError)."""
     d = cfg.data
+    if d.name == "hf":
+        h = d.hf
+        return load_hf_dataset(
+            h.dataset,
+            h.subset,
+            h.feature_key,
+            h.label_key,
+            h.train_split,
+            h.test_split,
+            cache_dir=d.root,
+        )
     extra: dict[str, Any] = {}
     if d.name == "synthetic":
         extra = {

@@ -44,16 +44,29 @@ class PartitionerConfig:
 
 
 @dataclass
+class HFDataConfig:
+    """data=hf: a Hugging Face data set loaded by flwr_datasets.FederatedDataset."""
+
+    dataset: str = "ylecun/mnist"  # a hub name (needs internet once) or a local data folder
+    subset: str | None = None
+    feature_key: str = "image"
+    label_key: str = "label"
+    train_split: str = "train"
+    test_split: str = "test"
+
+
+@dataclass
 class DataConfig:
     """Which data set, where it lives, and how it is split among clients."""
 
-    name: str = MISSING  # fashion_mnist | mnist | cifar10 | synthetic
+    name: str = MISSING  # fashion_mnist | mnist | cifar10 | synthetic | hf
     root: str | None = None  # explicit folder; None searches the known places
     download: bool = False  # let torchvision download (needs internet)
     # iid | dirichlet | shards: Flower Datasets' Iid/Dirichlet/ShardPartitioner (fedbgmd.data
     # PARTITION_SCHEMES: dirichlet's alpha defaults to 0.5, shards' num_shards_per_partition to 2)
     partition: str = "iid"
     partitioner: PartitionerConfig = field(default_factory=PartitionerConfig)
+    hf: HFDataConfig = field(default_factory=HFDataConfig)  # data=hf only (data.root: its cache)
     # synthetic task only
     num_train: int = 2000
     num_test: int = 500
@@ -263,7 +276,7 @@ def register_configs() -> None:
 
 
 _CHOICES = {
-    "data.name": ("fashion_mnist", "mnist", "cifar10", "synthetic"),
+    "data.name": ("fashion_mnist", "mnist", "cifar10", "synthetic", "hf"),
     "model.name": ("cnn", "resnet18", "mlp", "logreg"),
     "client.optimizer.name": ("sgd", "adam", "adamw"),
     "client.optimizer.schedule": ("constant", "step", "cosine"),
@@ -284,6 +297,8 @@ _NUM_CLASSES = {"fashion_mnist": 10, "mnist": 10, "cifar10": 10}
 
 def _model_data_problem(cfg: Any) -> str | None:
     d, model = cfg.data, cfg.model.name
+    if d.name == "hf":  # its shape is known once loaded; a model that cannot take it fails then
+        return None
     shape = _IMAGE_SHAPES.get(d.name) or (
         tuple(d.image_shape) if d.image_shape else (d.num_features,)
     )

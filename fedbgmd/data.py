@@ -13,6 +13,8 @@ Data sets (``load_dataset``):
 * ``mnist`` — same format (no Debian package exists); torchvision layout ``MNIST/raw``.
 * ``cifar10`` — through ``torchvision.datasets.CIFAR10`` (python pickle batches).
 * ``synthetic`` — :func:`make_synthetic`, a tiny learnable task for tests.
+* ``hf`` — any Hugging Face data set through Flower Datasets' ``FederatedDataset``
+  (:func:`load_hf_dataset`; the hub needs internet).
 
 A real data set is never silently replaced by synthetic data: if the files are absent a
 :class:`DatasetMissingError` lists every place looked in and how to get the data.
@@ -50,6 +52,7 @@ __all__ = [
     "TensorData",
     "class_counts",
     "load_dataset",
+    "load_hf_dataset",
     "make_synthetic",
     "partition",
     "partitioner_problems",
@@ -350,6 +353,97 @@ def make_synthetic(
     train = TensorData(((x_tr - mu) / sd).reshape(num_train, *out_shape), y_tr)
     test = TensorData(((x_te - mu) / sd).reshape(num_test, *out_shape), y_te)
     return Dataset(train, test, num_classes, out_shape, "synthetic")
+
+
+# --------------------------------------------------------------------------------------------
+# Any Hugging Face data set, through Flower Datasets' FederatedDataset (data=hf)
+# --------------------------------------------------------------------------------------------
+
+
+def load_hf_dataset(
+    dataset: str,
+    subset: str | None = None,
+    feature_key: str = "image",
+    label_key: str = "label",
+    train_split: str = "train",
+    test_split: str = "test",
+    cache_dir: str | None = None,
+) -> Dataset:
+    """A Hugging Face data set loaded by ``flwr_datasets.FederatedDataset``, held as tensors.
+
+    Why: any data set a Flower user loads with ``FederatedDataset(dataset=...)`` runs here too;
+    it is then split among the clients like every other (:func:`partition`), so
+    ``FederatedDataset`` is asked for whole splits, unshuffled (the seeded shuffle is the
+    partition's).
+
+    ``dataset`` is a hub name (``ylecun/mnist``; needs internet the first time, then datasets'
+    cache) or a local folder of data files ``datasets.load_dataset`` reads (e.g.
+    ``train.parquet`` and ``test.parquet``). Features: images (``H×W`` or ``H×W×C``) become
+    ``N×C×H×W``, vectors ``N×F``; integer pixels are scaled by 1/255; every channel (vectors: all
+    features) is standardised with the train split's mean and std. Labels must be integers
+    (a ``ClassLabel`` gives ``num_classes``, else ``max + 1``).
+
+    Raises:
+        DatasetMissingError: it could not be loaded (offline, unknown name, missing split); the
+            message says why and what to do.
+        ValueError: a column missing or of a kind that is not images, vectors or int labels.
+    """
+    from flwr_datasets import FederatedDataset
+
+    kwargs = {"cache_dir": str(Path(cache_dir).expanduser())} if cache_dir else {}
+    fds = FederatedDataset(
+        dataset=dataset, subset=subset, partitioners={train_split: 1}, shuffle=False, **kwargs
+    )
+    try:
+        splits = [fds.load_split(s) for s in (train_split, test_split)]
+    except Exception as err:  # offline (ConnectionError), unknown name, a missing split
+        raise DatasetMissingError(
+            f"data=hf: flwr_datasets.FederatedDataset could not load {dataset!r} "
+            f"(subset {subset!r}, splits {train_split!r}/{test_split!r}): "
+            f"{type(err).__name__}: {err}\nThe Hugging Face hub needs internet the first time "
+            "(later runs read datasets' cache, also with HF_HUB_OFFLINE=1); without it, give a "
+            "local folder of data files (train.parquet, test.parquet) as data.hf.dataset"
+        ) from err
+    for key in (feature_key, label_key):
+        if key not in splits[0].column_names:
+            raise ValueError(
+                f"data=hf: {dataset!r} has no column {key!r} (columns: "
+                f"{', '.join(splits[0].column_names)}); set data.hf.feature_key / label_key"
+            )
+    label_feature = splits[0].features[label_key]
+    xs, ys = [], []
+    for split in splits:
+        batch = split.with_format("numpy", columns=[feature_key, label_key])[:]
+        xs.append(torch.as_tensor(batch[feature_key]))
+        ys.append(torch.as_tensor(batch[label_key]))
+    if any(y.dim() != 1 or y.is_floating_point() for y in ys):
+        raise ValueError(f"data=hf: column {label_key!r} must hold one integer label a sample")
+    num_classes = getattr(label_feature, "num_classes", None) or int(max(y.max() for y in ys)) + 1
+    x_tr, x_te = (_as_model_input(x, feature_key) for x in xs)
+    if x_tr.dim() == 2:  # vectors: over all features, as make_synthetic does
+        mean, std = x_tr.mean(), x_tr.std()
+    else:  # images: per channel
+        mean, std = x_tr.mean(dim=(0, 2, 3), keepdim=True), x_tr.std(dim=(0, 2, 3), keepdim=True)
+    std = std.clamp_min(1e-12)
+    train = TensorData((x_tr - mean) / std, ys[0].to(torch.int64))
+    test = TensorData((x_te - mean) / std, ys[1].to(torch.int64))
+    return Dataset(train, test, num_classes, tuple(x_tr.shape[1:]), f"hf:{dataset}")
+
+
+def _as_model_input(x: Tensor, key: str) -> Tensor:
+    """``N×H×W`` / ``N×H×W×C`` images → float ``N×C×H×W``; ``N×F`` vectors → float ``N×F``."""
+    scale = 1 / 255 if not x.is_floating_point() and x.dtype != torch.bool else 1.0
+    x = x.to(torch.float32) * scale
+    if x.dim() == 2:
+        return x
+    if x.dim() == 3:
+        return x.unsqueeze(1).contiguous()
+    if x.dim() == 4 and x.shape[-1] in (1, 3, 4):
+        return x.permute(0, 3, 1, 2).contiguous()
+    raise ValueError(
+        f"data=hf: column {key!r} gives samples of shape {tuple(x.shape[1:])}; expected images "
+        "(H×W or H×W×C with C in 1, 3, 4) or feature vectors"
+    )
 
 
 # --------------------------------------------------------------------------------------------
