@@ -23,7 +23,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fedbgmd.results import is_missing, read_metrics, read_summary
+from fedbgmd.results import PARTITIONS_JSON, is_missing, read_metrics, read_summary
 
 __all__ = ["Curve", "plot_comparison", "plot_partitions", "plot_run"]
 
@@ -131,7 +131,7 @@ def plot_partitions(run_dir: Path | str) -> Path:
     Why: whether a split is iid, Dirichlet-skewed or a few classes per client shows at a glance.
     """
     run_dir = Path(run_dir)
-    report = json.loads((run_dir / "partitions.json").read_text(encoding="utf-8"))
+    report = json.loads((run_dir / PARTITIONS_JSON).read_text(encoding="utf-8"))
     counts = np.asarray(report["class_counts"], dtype=float).reshape(len(report["sizes"]), -1)
     num_parts, num_classes = counts.shape
     fig = Figure(figsize=(min(12.0, 3.0 + 0.25 * num_parts), 3.6))

@@ -38,6 +38,7 @@ __all__ = [
     "METRICS_CSV",
     "METRICS_JSONL",
     "METRIC_COLUMNS",
+    "PARTITIONS_JSON",
     "SUMMARY_JSON",
     "RunWriter",
     "atomic_write_text",
@@ -54,6 +55,7 @@ __all__ = [
 METRICS_CSV = "metrics.csv"
 METRICS_JSONL = "metrics.jsonl"
 SUMMARY_JSON = "summary.json"
+PARTITIONS_JSON = "partitions.json"  # each client's sample count and class histogram
 
 METRIC_COLUMNS: tuple[str, ...] = (
     "round",

@@ -37,6 +37,7 @@ from fedbgmd.data import Dataset, partition_report, partitioner_spec
 from fedbgmd.integrity import stop_error, stop_status
 from fedbgmd.models import build_model, count_parameters
 from fedbgmd.results import (
+    PARTITIONS_JSON,
     RunWriter,
     atomic_write_text,
     environment_versions,
@@ -505,9 +506,6 @@ def draw_plots(cfg: Any, run_dir: Path) -> None:
             plots.plot_partitions(run_dir)
     except Exception as err:
         log.warning("could not draw plots: %s", err)
-
-
-PARTITIONS_JSON = "partitions.json"
 
 
 def write_partition_report(
