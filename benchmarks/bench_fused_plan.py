@@ -1,6 +1,6 @@
 """CPU cost of planning one fused round of the seed's as_run Table 2 (132 jobs): every client's
 mini-batch indices from its own generator and every data-attacked batch, exactly as the single
-runs draw them (fedbgmd.fused._plan_round). This is the work the planner processes
+runs draw them (fedbgmd.fused.planner._plan_round). This is the work the planner processes
 (hydra.launcher.workers) take off the device loop.
 
     python benchmarks/bench_fused_plan.py [--rounds 5]
@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from fedbgmd.config import compose_config
-from fedbgmd.fused import FusedGroup, _plan_round
+from fedbgmd.fused import FusedGroup
+from fedbgmd.fused.planner import _plan_round
 
 ROWS = ("clean bitflip20 bitflip40 additive20 additive40 impulse20 impulse40 featnoise20 "
         "featnoise40 backdoor20 backdoor40").split()  # fmt: skip

@@ -635,7 +635,7 @@ def entry(argv: list[str] | None = None) -> None:
 
         sys.exit(report.main(args[1:]))
     register_configs()
-    from fedbgmd.fused_launcher import register_launcher
+    from fedbgmd.fused.launcher import register_launcher
 
     register_launcher()  # hydra/launcher=fused
     stop_on_signals()  # SIGTERM as SIGINT: the run records "interrupted" and exits 128 + N

@@ -148,8 +148,8 @@ def test_fused_jobs_equal_the_same_jobs_run_alone(tmp_path: Path, monkeypatch) -
     """One fused sweep over strategies, block selectors and memories, update/data/omniscient
     attacks, rejected replies, partial participation, server and client momentum (all seed 0:
     the synthetic data depend on the seed); gradients and evaluation by chunks of runs."""
-    monkeypatch.setattr(fused, "GRAD_RUNS", 5)
-    monkeypatch.setattr(fused, "EVAL_RUNS", 3)
+    monkeypatch.setattr("fedbgmd.fused.group.GRAD_RUNS", 5)  # where the round reads them
+    monkeypatch.setattr("fedbgmd.fused.group.EVAL_RUNS", 3)
     names = list(VARIANTS)
     cfgs = [cfg_for(*VARIANTS[n]) for n in names]
     groups, alone = plan_groups(cfgs)

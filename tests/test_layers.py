@@ -17,11 +17,11 @@ PURE = [
     ],
     *sorted((ROOT / "attacks").glob("*.py")),
 ]
-# config and CLI compose with Hydra; fused_launcher *is* a Hydra plugin (hydra/launcher=fused)
+# config and CLI compose with Hydra; fused/launcher.py *is* a Hydra plugin (hydra/launcher=fused)
 HYDRA_OK = {
     ROOT / "fedbgmd" / "config.py",
     ROOT / "fedbgmd" / "cli.py",
-    ROOT / "fedbgmd" / "fused_launcher.py",
+    ROOT / "fedbgmd" / "fused" / "launcher.py",
 }
 ALL_SOURCES = [
     p

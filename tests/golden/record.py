@@ -78,6 +78,10 @@ KEYS = (
 
 
 def run_case(overrides: list[str], folder: Path) -> list[dict]:
+    """One case's rows, on one CPU thread: float sums are reduced in a thread-count-dependent order
+    (a suite that ran cli.run before, which sets engine.num_threads, would otherwise differ)."""
+    import torch
+
     from fedbgmd.cli import check_config
     from fedbgmd.config import compose_config
     from fedbgmd.engine import run_inprocess
@@ -85,7 +89,12 @@ def run_case(overrides: list[str], folder: Path) -> list[dict]:
 
     cfg = compose_config([*COMMON, *overrides])
     check_config(cfg)  # raises on a config the CLI would refuse
-    run_inprocess(cfg, folder)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_inprocess(cfg, folder)
+    finally:
+        torch.set_num_threads(threads)
     return [{k: row[k] for k in KEYS if k in row} for row in read_metrics(folder)]
 
 

@@ -241,7 +241,7 @@ def register_launcher() -> None:
         parent = types.ModuleType("hydra_plugins")
         parent.__path__ = []
         sys.modules["hydra_plugins"] = parent
-    module = types.ModuleType(PLUGIN_MODULE, "fedbgmd's fused launcher (fedbgmd.fused_launcher)")
+    module = types.ModuleType(PLUGIN_MODULE, "fedbgmd's fused launcher (fedbgmd.fused.launcher)")
     module.FusedLauncher = FusedLauncher  # type: ignore[attr-defined]
     module.FusedLauncherConf = FusedLauncherConf  # type: ignore[attr-defined]
     sys.modules[PLUGIN_MODULE] = module
