@@ -132,8 +132,8 @@ def test_every_sample_in_exactly_one_partition(method, target, params):
 
 @pytest.mark.parametrize("shards", [1, 2, 3])
 def test_shards_leave_out_exactly_the_remainder_flower_drops(shards):
-    # ShardPartitioner cuts shards of floor(N / (P·s)) samples and deals P·s of them: the last
-    # N mod (P·s)... samples are dropped, never one twice
+    # ShardPartitioner cuts shards of floor(N / (P·s)) samples and deals P·s of them: the
+    # remaining N mod (P·s) samples go to no client, and no sample goes to two
     parts = partition(_labels(), P, "shards", params={"num_shards_per_partition": shards}, seed=1)
     joined = torch.cat(parts)
     shard = N // (P * shards)
