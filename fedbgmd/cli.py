@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from fedbgmd.checks import check_config
-from fedbgmd.config import Config, ConfigError, register_configs
+from fedbgmd.config import Config, ConfigError, drop_pre_flower_datasets_keys, register_configs
 from fedbgmd.integrity import (
     RunDirLocked,
     RunLock,
@@ -82,7 +82,9 @@ def resumed_config(args: list[str]) -> tuple[Any, Path]:
                 f"{', '.join(CONTINUATION_KEYS)}; num_rounds no fewer than saved)"
             ]
         )
-    saved = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved_path))
+    raw = OmegaConf.load(saved_path)
+    drop_pre_flower_datasets_keys(raw)
+    saved = OmegaConf.merge(OmegaConf.structured(Config), raw)
     try:
         cfg = OmegaConf.merge(saved, OmegaConf.from_dotlist(given))
     except OmegaConfBaseException as err:

@@ -35,15 +35,40 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class PartitionerConfig:
+    """A Flower Datasets partitioner class by ``target`` (dotted path; it replaces
+    ``data.partition``) and its constructor parameters, named as in Flower Datasets
+    (``alpha``, ``num_shards_per_partition``, ``num_classes_per_partition``, ...); fedbgmd sets
+    ``num_partitions``, ``partition_by`` and ``seed`` itself."""
+
+    target: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class HFDataConfig:
+    """data=hf: a Hugging Face data set loaded by flwr_datasets.FederatedDataset."""
+
+    dataset: str = "ylecun/mnist"  # a hub name (needs internet once) or a local data folder
+    subset: str | None = None
+    feature_key: str = "image"
+    label_key: str = "label"
+    train_split: str = "train"
+    test_split: str = "test"
+
+
+@dataclass
 class DataConfig:
     """Which data set, where it lives, and how it is split among clients."""
 
-    name: str = MISSING  # fashion_mnist | mnist | cifar10 | synthetic
+    name: str = MISSING  # fashion_mnist | mnist | cifar10 | synthetic | hf
     root: str | None = None  # explicit folder; None searches the known places
     download: bool = False  # let torchvision download (needs internet)
-    partition: str = "iid"  # iid | dirichlet | shards
-    alpha: float = 0.5  # Dirichlet concentration (partition=dirichlet)
-    shards_per_client: int = 2  # partition=shards
+    # iid | dirichlet | shards: Flower Datasets' Iid/Dirichlet/ShardPartitioner (fedbgmd.data
+    # PARTITION_SCHEMES: dirichlet's alpha defaults to 0.5, shards' num_shards_per_partition to 2)
+    partition: str = "iid"
+    partitioner: PartitionerConfig = field(default_factory=PartitionerConfig)
+    hf: HFDataConfig = field(default_factory=HFDataConfig)  # data=hf only (data.root: its cache)
     # synthetic task only
     num_train: int = 2000
     num_test: int = 500
@@ -223,6 +248,36 @@ def plain(cfg: Any) -> dict[str, Any]:
     return {str(k): v for k, v in out.items()}
 
 
+#: DataConfig keys that runs saved before partitions went through Flower Datasets carry
+_PRE_FLOWER_DATASETS_KEYS = ("alpha", "shards_per_client")
+
+
+def drop_pre_flower_datasets_keys(saved: Any) -> None:
+    """Make a config.yaml saved before Flower Datasets' partitioners loadable by the schema, or
+    raise ConfigError. An iid run's ``data.alpha`` / ``data.shards_per_client`` never had an
+    effect and iid partitions are unchanged: they are dropped. A dirichlet / shards run was split
+    by fedbgmd's own partitioner, which Flower Datasets' replaced with different partitions: a
+    resume would continue it on other clients' data, so it is refused."""
+    data = saved.get("data") if hasattr(saved, "get") else None
+    if data is None:
+        return
+    old = [k for k in _PRE_FLOWER_DATASETS_KEYS if k in data]
+    if not old:
+        return
+    if data.get("partition", "iid") != "iid":
+        raise ConfigError(
+            [
+                f"data.partition={data.get('partition')} with data.{' / data.'.join(old)}: this "
+                "run was split by fedbgmd's own partitioner, which Flower Datasets' replaced "
+                "(other partitions for the same seed); resuming would continue it on other "
+                "clients' data. Start a new run (data.partitioner.params.alpha / "
+                "num_shards_per_partition name those parameters now)"
+            ]
+        )
+    for k in old:
+        data.pop(k)
+
+
 def compose_config(overrides: list[str]) -> Any:
     """The resolved-on-access config fedbgmd would run for ``overrides`` (a single job), for
     scripts and benchmarks that build configs without the CLI; not checked (cli.check_config)."""
@@ -262,13 +317,12 @@ def choices() -> dict[str, tuple[str, ...]]:
     """The valid values of each closed-choice key, read from where each choice is defined (the
     registries, the data / model / training modules), not repeated here."""
     from fedbgmd.core import MEMORIES, QUANTIZERS
-    from fedbgmd.data import DATASET_NAMES, PARTITION_METHODS
+    from fedbgmd.data import DATASET_NAMES
     from fedbgmd.models import MODEL_NAMES
     from fedbgmd.training import OPTIMIZERS, SCHEDULES
 
     return {
-        "data.name": DATASET_NAMES,
-        "data.partition": PARTITION_METHODS,
+        "data.name": (*DATASET_NAMES, "hf"),  # hf: any Hugging Face data set (data.hf)
         "model.name": MODEL_NAMES,
         "client.optimizer.name": OPTIMIZERS,
         "client.optimizer.schedule": SCHEDULES,
@@ -284,10 +338,13 @@ def choices() -> dict[str, tuple[str, ...]]:
 # models that need images; each data group's preset brings a model that fits (conf/data/*.yaml)
 _IMAGE_SHAPES = {"fashion_mnist": (1, 28, 28), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 _IMAGE_MODELS = ("cnn", "resnet18")
+_NUM_CLASSES = {"fashion_mnist": 10, "mnist": 10, "cifar10": 10}
 
 
 def _model_data_problem(cfg: Any) -> str | None:
     d, model = cfg.data, cfg.model.name
+    if d.name == "hf":  # its shape is known once loaded; a model that cannot take it fails then
+        return None
     shape = _IMAGE_SHAPES.get(d.name) or (
         tuple(d.image_shape) if d.image_shape else (d.num_features,)
     )
@@ -298,6 +355,18 @@ def _model_data_problem(cfg: Any) -> str | None:
         f"{shape[0]} features; use model=mlp or model=logreg (data={d.name} brings mlp when "
         f"model is not given), or give the synthetic task an image shape "
         f"(data.image_shape=[1,16,16])"
+    )
+
+
+def _partitioner_problems(cfg: Any) -> list[str]:
+    """data.partition / data.partitioner checked by fedbgmd.data (which constructs the Flower
+    Datasets partitioner), with the class count the data set is known to have."""
+    from fedbgmd.data import partitioner_problems
+
+    d = cfg.data
+    num_classes = d.num_classes if d.name == "synthetic" else _NUM_CLASSES.get(d.name)
+    return partitioner_problems(
+        d.partition, d.partitioner.target, d.partitioner.params, cfg.num_clients, num_classes
     )
 
 
@@ -370,6 +439,8 @@ def validate(cfg: Any) -> None:
             p.append(mismatch)
     if cfg.num_clients < 1:
         p.append(f"num_clients={cfg.num_clients} must be >= 1")
+    else:
+        p += _partitioner_problems(cfg)
     if cfg.num_rounds < 1:
         p.append(f"num_rounds={cfg.num_rounds} must be >= 1")
     if cfg.checkpoint_every < 0:

@@ -1,4 +1,5 @@
-"""Data sets as in-memory tensors and client partitions (pure torch; no flwr, no hydra).
+"""Data sets as in-memory tensors and client partitions (torch, and Flower Datasets'
+partitioners for the split; no flwr, no hydra).
 
 Why: every simulated client slices one shared, already-normalised tensor, so loading happens once
 and a round never touches the disk.
@@ -12,6 +13,8 @@ Data sets (``load_dataset``):
 * ``mnist`` — same format (no Debian package exists); torchvision layout ``MNIST/raw``.
 * ``cifar10`` — through ``torchvision.datasets.CIFAR10`` (python pickle batches).
 * ``synthetic`` — :func:`make_synthetic`, a tiny learnable task for tests.
+* ``hf`` — any Hugging Face data set through Flower Datasets' ``FederatedDataset``
+  (:func:`load_hf_dataset`; the hub needs internet).
 
 A real data set is never silently replaced by synthetic data: if the files are absent a
 :class:`DatasetMissingError` lists every place looked in and how to get the data.
@@ -19,7 +22,7 @@ A real data set is never silently replaced by synthetic data: if the files are a
 Example::
 
     >>> ds = load_dataset("synthetic", num_train=100, num_test=20)
-    >>> parts = partition(ds.train.y, 4, "dirichlet", alpha=0.5, seed=1)
+    >>> parts = partition(ds.train.y, 4, "dirichlet", params={"alpha": 0.5}, seed=1)
     >>> sum(len(p) for p in parts)
     100
 """
@@ -29,7 +32,8 @@ from __future__ import annotations
 import gzip
 import math
 import os
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,16 +46,20 @@ __all__ = [
     "DEBIAN_FASHION_MNIST_DIR",
     "DEFAULT_ROOT",
     "PARTITION_METHODS",
+    "PARTITION_SCHEMES",
     "Dataset",
     "DatasetMissingError",
     "TensorData",
+    "class_counts",
     "load_dataset",
+    "load_hf_dataset",
     "make_synthetic",
     "partition",
+    "partitioner_problems",
+    "partitioner_spec",
 ]
 
 DATASET_NAMES: tuple[str, ...] = ("fashion_mnist", "mnist", "cifar10", "synthetic")
-PARTITION_METHODS: tuple[str, ...] = ("iid", "dirichlet", "shards")
 
 #: Where Debian's ``dataset-fashion-mnist`` package installs the idx files.
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -348,6 +356,97 @@ def make_synthetic(
 
 
 # --------------------------------------------------------------------------------------------
+# Any Hugging Face data set, through Flower Datasets' FederatedDataset (data=hf)
+# --------------------------------------------------------------------------------------------
+
+
+def load_hf_dataset(
+    dataset: str,
+    subset: str | None = None,
+    feature_key: str = "image",
+    label_key: str = "label",
+    train_split: str = "train",
+    test_split: str = "test",
+    cache_dir: str | None = None,
+) -> Dataset:
+    """A Hugging Face data set loaded by ``flwr_datasets.FederatedDataset``, held as tensors.
+
+    Why: any data set a Flower user loads with ``FederatedDataset(dataset=...)`` runs here too;
+    it is then split among the clients like every other (:func:`partition`), so
+    ``FederatedDataset`` is asked for whole splits, unshuffled (the seeded shuffle is the
+    partition's).
+
+    ``dataset`` is a hub name (``ylecun/mnist``; needs internet the first time, then datasets'
+    cache) or a local folder of data files ``datasets.load_dataset`` reads (e.g.
+    ``train.parquet`` and ``test.parquet``). Features: images (``H×W`` or ``H×W×C``) become
+    ``N×C×H×W``, vectors ``N×F``; integer pixels are scaled by 1/255; every channel (vectors: all
+    features) is standardised with the train split's mean and std. Labels must be integers
+    (a ``ClassLabel`` gives ``num_classes``, else ``max + 1``).
+
+    Raises:
+        DatasetMissingError: it could not be loaded (offline, unknown name, missing split); the
+            message says why and what to do.
+        ValueError: a column missing or of a kind that is not images, vectors or int labels.
+    """
+    from flwr_datasets import FederatedDataset
+
+    kwargs = {"cache_dir": str(Path(cache_dir).expanduser())} if cache_dir else {}
+    fds = FederatedDataset(
+        dataset=dataset, subset=subset, partitioners={train_split: 1}, shuffle=False, **kwargs
+    )
+    try:
+        splits = [fds.load_split(s) for s in (train_split, test_split)]
+    except Exception as err:  # offline (ConnectionError), unknown name, a missing split
+        raise DatasetMissingError(
+            f"data=hf: flwr_datasets.FederatedDataset could not load {dataset!r} "
+            f"(subset {subset!r}, splits {train_split!r}/{test_split!r}): "
+            f"{type(err).__name__}: {err}\nThe Hugging Face hub needs internet the first time "
+            "(later runs read datasets' cache, also with HF_HUB_OFFLINE=1); without it, give a "
+            "local folder of data files (train.parquet, test.parquet) as data.hf.dataset"
+        ) from err
+    for key in (feature_key, label_key):
+        if key not in splits[0].column_names:
+            raise ValueError(
+                f"data=hf: {dataset!r} has no column {key!r} (columns: "
+                f"{', '.join(splits[0].column_names)}); set data.hf.feature_key / label_key"
+            )
+    label_feature = splits[0].features[label_key]
+    xs, ys = [], []
+    for split in splits:
+        batch = split.with_format("numpy", columns=[feature_key, label_key])[:]
+        xs.append(torch.as_tensor(batch[feature_key]))
+        ys.append(torch.as_tensor(batch[label_key]))
+    if any(y.dim() != 1 or y.is_floating_point() for y in ys):
+        raise ValueError(f"data=hf: column {label_key!r} must hold one integer label a sample")
+    num_classes = getattr(label_feature, "num_classes", None) or int(max(y.max() for y in ys)) + 1
+    x_tr, x_te = (_as_model_input(x, feature_key) for x in xs)
+    if x_tr.dim() == 2:  # vectors: over all features, as make_synthetic does
+        mean, std = x_tr.mean(), x_tr.std()
+    else:  # images: per channel
+        mean, std = x_tr.mean(dim=(0, 2, 3), keepdim=True), x_tr.std(dim=(0, 2, 3), keepdim=True)
+    std = std.clamp_min(1e-12)
+    train = TensorData((x_tr - mean) / std, ys[0].to(torch.int64))
+    test = TensorData((x_te - mean) / std, ys[1].to(torch.int64))
+    return Dataset(train, test, num_classes, tuple(x_tr.shape[1:]), f"hf:{dataset}")
+
+
+def _as_model_input(x: Tensor, key: str) -> Tensor:
+    """``N×H×W`` / ``N×H×W×C`` images → float ``N×C×H×W``; ``N×F`` vectors → float ``N×F``."""
+    scale = 1 / 255 if not x.is_floating_point() and x.dtype != torch.bool else 1.0
+    x = x.to(torch.float32) * scale
+    if x.dim() == 2:
+        return x
+    if x.dim() == 3:
+        return x.unsqueeze(1).contiguous()
+    if x.dim() == 4 and x.shape[-1] in (1, 3, 4):
+        return x.permute(0, 3, 1, 2).contiguous()
+    raise ValueError(
+        f"data=hf: column {key!r} gives samples of shape {tuple(x.shape[1:])}; expected images "
+        "(H×W or H×W×C with C in 1, 3, 4) or feature vectors"
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------
 
@@ -412,8 +511,181 @@ def load_dataset(
 
 
 # --------------------------------------------------------------------------------------------
-# Partitions
+# Partitions, through Flower Datasets' partitioners
 # --------------------------------------------------------------------------------------------
+
+_FDS = "flwr_datasets.partitioner."
+#: ``data.partition`` names -> (the Flower Datasets partitioner they stand for, fedbgmd's
+#: defaults for its parameters; ``data.partitioner.params`` overrides them, same names)
+PARTITION_SCHEMES: dict[str, tuple[str, dict[str, Any]]] = {
+    "iid": (_FDS + "IidPartitioner", {}),
+    "dirichlet": (_FDS + "DirichletPartitioner", {"alpha": 0.5}),
+    "shards": (_FDS + "ShardPartitioner", {"num_shards_per_partition": 2}),
+}
+PARTITION_METHODS: tuple[str, ...] = tuple(PARTITION_SCHEMES)
+#: The columns of the label-only dataset a partitioner sees: ``partition_by`` is ``"label"``;
+#: ``"index"`` carries each row's position in the train split back out of the partition.
+LABEL_COLUMN, INDEX_COLUMN = "label", "index"
+#: Constructor parameters fedbgmd sets itself (the number of clients, the label column, the run's
+#: seed); a value for them in ``data.partitioner.params`` is refused, not silently replaced.
+_FILLED = {
+    "num_partitions": "num_clients",
+    "partition_by": f"the {LABEL_COLUMN!r} column",
+    "seed": "the run's seed",
+}
+
+
+def partitioner_spec(
+    method: str = "iid", target: str | None = None, params: Mapping[str, Any] | None = None
+) -> tuple[str, dict[str, Any]]:
+    """The partitioner class (dotted path) and its parameters that ``method`` / ``target`` and
+    ``params`` name: ``target`` when given, else the class ``method`` maps to, with that scheme's
+    defaults under ``params``. Conflicts are :func:`partitioner_problems`' to report."""
+    given = _plain(params or {})
+    if target:
+        return target, given
+    cls, defaults = PARTITION_SCHEMES.get(method, PARTITION_SCHEMES["iid"])
+    return cls, {**defaults, **given}
+
+
+def _plain(value: Any) -> Any:
+    """Plain dicts and lists for any mapping / sequence (a config's DictConfig / ListConfig):
+    the partitioner classes test ``isinstance(alpha, list)``."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def partitioner_problems(
+    method: str = "iid",
+    target: str | None = None,
+    params: Mapping[str, Any] | None = None,
+    num_partitions: int = 1,
+    num_classes: int | None = None,
+    key: str = "data",
+) -> list[str]:
+    """Every problem of a partitioner choice, each naming its config key (under ``key``).
+
+    Why: a bad α or class count must stop the run at startup with the key to fix, not fail
+    deep in a client process. Checks the scheme name, that the target imports and is a Flower
+    Datasets ``Partitioner``, that every parameter is one the class takes (and none that fedbgmd
+    sets itself), the values of the parameters the mapped schemes use (α > 0, at most
+    ``num_classes`` classes per partition, ...), and finally constructs the partitioner.
+    """
+    import inspect
+
+    pk = f"{key}.partitioner"
+    problems: list[str] = []
+    if method not in PARTITION_SCHEMES:
+        problems.append(
+            f"{key}.partition={method!r} is not one of {', '.join(PARTITION_METHODS)} "
+            f"(or name any Flower Datasets partitioner with {pk}.target)"
+        )
+    if target and method != "iid":
+        problems.append(
+            f"{key}.partition={method} and {pk}.target={target} name two partitioners; "
+            f"give {pk}.target alone (it replaces {key}.partition)"
+        )
+    if problems:
+        return problems
+    path, kwargs = partitioner_spec(method, target, params)
+    try:
+        cls = _import_partitioner(path)
+    except (ImportError, AttributeError, TypeError, ValueError) as err:
+        return [f"{pk}.target={path}: {err}"]
+    sig = inspect.signature(cls)
+    takes = list(sig.parameters)
+    open_kwargs = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    for name in kwargs:
+        if name in _FILLED:
+            problems.append(
+                f"{pk}.params.{name}: fedbgmd sets it ({_FILLED[name]}); remove it"
+                + (" and set seed=... instead" if name == "seed" else "")
+            )
+        elif name not in takes and not open_kwargs:
+            problems.append(
+                f"{pk}.params.{name}: {cls.__name__} takes no such parameter "
+                f"(it takes: {', '.join(n for n in takes if n not in _FILLED)})"
+            )
+    for name, p in sig.parameters.items():
+        if (
+            name not in _FILLED
+            and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+            and p.default is p.empty
+            and name not in kwargs
+        ):
+            problems.append(f"{pk}.params.{name}: {cls.__name__} needs it; none given")
+    problems += _value_problems(kwargs, num_classes, pk)
+    if not isinstance(num_partitions, int) or num_partitions < 1:
+        problems.append(f"num_partitions={num_partitions!r} must be an int >= 1")
+    if problems:
+        return problems
+    try:
+        _build_partitioner(cls, kwargs, num_partitions, seed=0)
+    except (ValueError, TypeError) as err:
+        problems.append(f"{pk}.params: {cls.__name__} refuses them: {err}")
+    return problems
+
+
+def _value_problems(kwargs: Mapping[str, Any], num_classes: int | None, pk: str) -> list[str]:
+    """Range checks of the parameters the mapped schemes (and PathologicalPartitioner) take."""
+    out: list[str] = []
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if "alpha" in kwargs:
+        a = kwargs["alpha"]
+        values = list(a) if isinstance(a, (list, tuple)) else [a]
+        if not values or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and _finite_positive(v)
+            for v in values
+        ):
+            out.append(f"{pk}.params.alpha={a!r} must be a finite number > 0 (or a list of them)")
+    for name, lo in (("num_shards_per_partition", 1), ("shard_size", 1), ("min_partition_size", 0)):
+        v = kwargs.get(name)
+        if v is not None and not (is_int(v) and v >= lo):
+            out.append(f"{pk}.params.{name}={v!r} must be an int >= {lo}")
+    c = kwargs.get("num_classes_per_partition")
+    if c is not None:
+        if not (is_int(c) and c >= 1):
+            out.append(f"{pk}.params.num_classes_per_partition={c!r} must be an int >= 1")
+        elif num_classes is not None and c > num_classes:
+            out.append(
+                f"{pk}.params.num_classes_per_partition={c} exceeds the data set's "
+                f"{num_classes} classes"
+            )
+    return out
+
+
+def _finite_positive(v: float) -> bool:
+    return math.isfinite(v) and v > 0
+
+
+def _import_partitioner(path: str) -> type:
+    """The class at dotted ``path``, which must subclass Flower Datasets' ``Partitioner``."""
+    import importlib
+
+    from flwr_datasets.partitioner import Partitioner
+
+    module_name, _, attr = path.rpartition(".")
+    if not module_name:
+        raise ValueError("give a dotted path, e.g. flwr_datasets.partitioner.DirichletPartitioner")
+    cls = getattr(importlib.import_module(module_name), attr)
+    if not (isinstance(cls, type) and issubclass(cls, Partitioner)):
+        raise TypeError(f"{path} is not a subclass of flwr_datasets.partitioner.Partitioner")
+    return cls
+
+
+def _build_partitioner(cls: type, kwargs: Mapping[str, Any], num_partitions: int, seed: int) -> Any:
+    """``cls`` constructed with ``kwargs`` plus what fedbgmd fills in (those it takes)."""
+    import inspect
+
+    takes = inspect.signature(cls).parameters
+    filled = {"num_partitions": num_partitions, "partition_by": LABEL_COLUMN, "seed": int(seed)}
+    return cls(**{k: v for k, v in filled.items() if k in takes}, **kwargs)
 
 
 def partition(
@@ -421,147 +693,121 @@ def partition(
     num_partitions: int,
     method: str = "iid",
     *,
-    alpha: float = 0.5,
-    shards_per_client: int = 2,
+    target: str | None = None,
+    params: Mapping[str, Any] | None = None,
     seed: int = 0,
-    min_size: int = 1,
-    max_retries: int = 1000,
 ) -> list[Tensor]:
-    """Split the indices ``0..N-1`` of ``labels`` into ``num_partitions`` disjoint index tensors.
+    """Split the indices ``0..N-1`` of ``labels`` into ``num_partitions`` disjoint index tensors
+    with a Flower Datasets partitioner.
 
-    Why: iid and label-skewed (non-iid) client shares are the data side of every FL experiment.
+    Why: the partitioners Flower users know (``DirichletPartitioner(alpha=0.3)`` of a Flower
+    paper), applied to tensors held in memory: no hub access, no copy of the features.
 
-    Methods (every index lands in exactly one part; each part sorted ascending, int64):
+    ``method`` names a scheme of :data:`PARTITION_SCHEMES` (``iid`` → ``IidPartitioner``,
+    ``dirichlet`` → ``DirichletPartitioner``, ``shards`` → ``ShardPartitioner``); ``target``
+    (a dotted path) any other partitioner class; ``params`` its constructor parameters, named as
+    in Flower Datasets. fedbgmd fills ``num_partitions``, ``partition_by`` and ``seed``.
 
-    * ``iid`` — a seeded random permutation cut into near-equal parts.
-    * ``dirichlet`` — for each class ``c``, proportions ``p_c ~ Dir(α·1_P)`` split that class's
-      shuffled indices among the parts (Hsu et al. 2019); resampled until every part holds at
-      least ``min_size`` indices (at most ``max_retries`` tries). Small ``α`` → strong skew.
-    * ``shards`` — indices sorted by label (random order within a class), cut into
-      ``P·shards_per_client`` near-equal shards, shards dealt at random, ``shards_per_client``
-      each (McMahan et al. 2017).
+    The partitioner sees a label-only ``datasets.Dataset`` built in memory, in the order of
+    ``torch.randperm(N)`` under ``seed`` — the shuffle ``FederatedDataset`` makes before
+    partitioning, here with torch's generator, which keeps ``iid`` exactly the partition
+    fedbgmd made before Flower Datasets (a seeded permutation cut into near-equal runs). Each
+    part is returned sorted ascending (int64): a partition is a set; a client's batch order
+    comes from its own generator. A partitioner may leave samples out (``ShardPartitioner``
+    drops the remainder of ``N / (shards · P)``; ``PathologicalPartitioner`` unused classes).
 
     Raises:
-        ValueError: bad arguments (message says which and why), or Dirichlet resampling failed.
+        ValueError: bad arguments or parameters (:func:`partitioner_problems`), overlapping or
+            empty partitions, or the partitioner's own refusal (e.g. Dirichlet resampling failed).
     """
-    _check_partition_args(
-        labels, num_partitions, method, alpha, shards_per_client, min_size, max_retries
-    )
-    g = torch.Generator().manual_seed(int(seed))
-    y = labels.detach().to("cpu", torch.int64)
-    if method == "iid":
-        parts = list(torch.tensor_split(torch.randperm(len(y), generator=g), num_partitions))
-    elif method == "shards":
-        parts = _shards(y, num_partitions, shards_per_client, g)
-    else:
-        parts = _dirichlet(y, num_partitions, alpha, min_size, max_retries, g)
-    return [torch.sort(p).values for p in parts]
-
-
-def _check_partition_args(
-    labels: Tensor,
-    num_partitions: int,
-    method: str,
-    alpha: float,
-    shards_per_client: int,
-    min_size: int,
-    max_retries: int,
-) -> None:
-    """Collect every argument error of :func:`partition` and raise once."""
-    errors: list[str] = []
+    problems: list[str] = []
     if not isinstance(labels, Tensor) or labels.dim() != 1:
-        errors.append("labels must be a 1-D tensor")
+        problems.append("labels must be a 1-D tensor")
     elif labels.is_floating_point() or labels.is_complex():
-        errors.append(f"labels must be an integer tensor, got {labels.dtype}")
+        problems.append(f"labels must be an integer tensor, got {labels.dtype}")
     elif len(labels) > 0 and int(labels.min()) < 0:
-        errors.append("labels must be >= 0")
-    n = len(labels) if isinstance(labels, Tensor) and labels.dim() == 1 else 0
-    if method not in PARTITION_METHODS:
-        errors.append(f"unknown method {method!r}; valid: {', '.join(PARTITION_METHODS)}")
-    if not isinstance(num_partitions, int) or num_partitions < 1:
-        errors.append(f"num_partitions must be an int >= 1, got {num_partitions!r}")
-    elif num_partitions * max(min_size, 1) > n:
-        errors.append(
-            f"{n} labels cannot fill {num_partitions} partitions with min_size={min_size}"
-        )
-    if min_size < 0:
-        errors.append(f"min_size must be >= 0, got {min_size}")
-    if method == "dirichlet" and not (alpha > 0 and math.isfinite(alpha)):
-        errors.append(f"alpha must be finite and > 0, got {alpha}")
-    if method == "dirichlet" and max_retries < 1:
-        errors.append(f"max_retries must be >= 1, got {max_retries}")
-    if method == "shards":
-        if shards_per_client < 1:
-            errors.append(f"shards_per_client must be >= 1, got {shards_per_client}")
-        elif isinstance(num_partitions, int) and num_partitions * shards_per_client > n:
-            errors.append(
-                f"{num_partitions} partitions x {shards_per_client} shards exceed {n} labels"
+        problems.append("labels must be >= 0")
+    elif isinstance(num_partitions, int) and num_partitions > len(labels):
+        problems.append(f"{len(labels)} labels cannot fill {num_partitions} partitions")
+    problems += partitioner_problems(method, target, params, num_partitions)
+    if problems:
+        raise ValueError("partition: " + "; ".join(problems))
+    import datasets
+
+    path, kwargs = partitioner_spec(method, target, params)
+    partitioner = _build_partitioner(_import_partitioner(path), kwargs, num_partitions, seed)
+    y = labels.detach().to("cpu", torch.int64)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(int(seed)))
+    # arrow format: a column read is then a pyarrow array; in datasets' default format it is a
+    # Column, which numpy (the partitioners' np.array(dataset[col])) reads one row at a time:
+    # DirichletPartitioner took 4 s instead of 0.1 s on 60 000 labels. Same values, same result.
+    partitioner.dataset = datasets.Dataset.from_dict(
+        {LABEL_COLUMN: y[order].numpy(), INDEX_COLUMN: order.numpy()}
+    ).with_format("arrow")
+    with warnings.catch_warnings():
+        # pyarrow deprecates an option datasets' sort (ShardPartitioner) still passes; not ours
+        warnings.filterwarnings("ignore", "Specifying null_placement", FutureWarning)
+        made = partitioner.num_partitions  # partitions the dataset (most partitioners)
+        if made != num_partitions:
+            raise ValueError(
+                f"partition: {type(partitioner).__name__} made {made} partitions, not the "
+                f"{num_partitions} clients"
             )
-    if errors:
-        raise ValueError("partition: " + "; ".join(errors))
+        parts = _index_sets(partitioner)
+    _check_disjoint_nonempty(parts, len(y), type(partitioner).__name__)
+    return parts
 
 
-def _shards(y: Tensor, parts: int, per_client: int, g: torch.Generator) -> list[Tensor]:
-    """Label-sorted shards dealt ``per_client`` at a time."""
-    perm = torch.randperm(len(y), generator=g)
-    order = perm[torch.sort(y[perm], stable=True).indices]
-    shards = torch.tensor_split(order, parts * per_client)
-    deal = torch.randperm(parts * per_client, generator=g).view(parts, per_client)
-    return [torch.cat([shards[int(s)] for s in row]) for row in deal]
+def _index_sets(partitioner: Any) -> list[Tensor]:
+    """Each partition's train-split indices (the ``INDEX_COLUMN`` of its rows), sorted."""
+    return [
+        # a copy: arrow's buffers are read-only
+        torch.sort(torch.tensor(partitioner.load_partition(i)[INDEX_COLUMN].to_numpy())).values
+        for i in range(partitioner.num_partitions)
+    ]
 
 
-def _dirichlet(
-    y: Tensor, parts: int, alpha: float, min_size: int, max_retries: int, g: torch.Generator
-) -> list[Tensor]:
-    """Per-class Dirichlet proportions, resampled until every part has ``min_size`` indices."""
-    classes = torch.unique(y)
-    for _ in range(max_retries):
-        buckets: list[list[Tensor]] = [[] for _ in range(parts)]
-        for c in classes:
-            idx = torch.nonzero(y == c).flatten()
-            idx = idx[torch.randperm(len(idx), generator=g)]
-            props = _sample_dirichlet(alpha, parts, g)
-            cuts = torch.round(torch.cumsum(props, 0) * len(idx)).to(torch.int64)[:-1]
-            for i, chunk in enumerate(torch.tensor_split(idx, cuts)):
-                buckets[i].append(chunk)
-        out = [torch.cat(b) for b in buckets]
-        if min(len(p) for p in out) >= min_size:
-            return out
-    raise ValueError(
-        f"partition: Dirichlet(alpha={alpha}) left a partition with fewer than "
-        f"min_size={min_size} indices in {max_retries} tries; raise alpha, lower min_size "
-        "or use fewer partitions"
-    )
+def _check_disjoint_nonempty(parts: Sequence[Tensor], n: int, name: str) -> None:
+    """Refuse partitions that share a sample or that are empty (a client with nothing to train)."""
+    counts = torch.bincount(torch.cat(list(parts)), minlength=n) if parts else torch.zeros(0)
+    shared = int((counts > 1).sum())
+    empty = [i for i, p in enumerate(parts) if len(p) == 0]
+    if shared or empty:
+        raise ValueError(
+            f"partition: {name} gave "
+            + "; ".join(
+                ([f"{shared} samples to more than one partition"] if shared else [])
+                + ([f"no samples to partitions {empty}"] if empty else [])
+            )
+        )
 
 
-def _sample_gamma(shape: float, n: int, g: torch.Generator) -> Tensor:
-    """``n`` draws of Gamma(shape, 1) with an explicit generator (Marsaglia & Tsang 2000).
+def class_counts(parts: Sequence[Tensor], labels: Tensor, num_classes: int) -> Tensor:
+    """``P × num_classes`` int64: how many samples of each class each partition holds."""
+    y = labels.detach().to("cpu", torch.int64)
+    rows = [torch.bincount(y[p.to("cpu")], minlength=num_classes) for p in parts]
+    return torch.stack(rows) if rows else torch.zeros(0, num_classes, dtype=torch.int64)
 
-    Why: ``torch.distributions`` samplers cannot take a ``torch.Generator``.
-    For ``shape < 1`` uses ``Gamma(a) = Gamma(a + 1) · U^{1/a}``.
+
+def partition_report(
+    parts: Sequence[Tensor],
+    labels: Tensor,
+    num_classes: int,
+    partitioner: str,
+    params: Mapping[str, Any],
+) -> dict[str, Any]:
+    """What each client holds (sample count, class histogram) and what no client holds.
+
+    Why: a non-iid run cannot be read without its partition; this is the run folder's record of
+    it (``partitions.json``, drawn as ``partitions.png``).
     """
-    boost = shape < 1.0
-    a = shape + 1.0 if boost else shape
-    d = a - 1.0 / 3.0
-    c = 1.0 / math.sqrt(9.0 * d)
-    out = torch.empty(n, dtype=torch.float64)
-    filled = 0
-    while filled < n:
-        m = 2 * (n - filled) + 8
-        z = torch.randn(m, generator=g, dtype=torch.float64)
-        u = torch.rand(m, generator=g, dtype=torch.float64)
-        v = (1.0 + c * z) ** 3
-        ok = (v > 0) & (torch.log(u) < 0.5 * z * z + d - d * v + d * torch.log(v.clamp_min(1e-300)))
-        acc = (d * v)[ok][: n - filled]
-        out[filled : filled + len(acc)] = acc
-        filled += len(acc)
-    if boost:
-        u = torch.rand(n, generator=g, dtype=torch.float64)
-        out = out * u.pow(1.0 / shape)
-    return out
-
-
-def _sample_dirichlet(alpha: float, k: int, g: torch.Generator) -> Tensor:
-    """One draw of Dirichlet(alpha·1_k) as float64 proportions summing to 1."""
-    gam = _sample_gamma(alpha, k, g).clamp_min(1e-300)
-    return gam / gam.sum()
+    counts = class_counts(parts, labels, num_classes)
+    sizes = [len(p) for p in parts]
+    return {
+        "partitioner": partitioner,
+        "params": _plain(dict(params)),
+        "num_samples": len(labels),
+        "unassigned": len(labels) - sum(sizes),
+        "sizes": sizes,
+        "class_counts": counts.tolist(),
+    }

@@ -8,6 +8,7 @@ the plots. See :mod:`fedbgmd.reporting.writer` for the file formats.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -22,12 +23,19 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedbgmd.config import clients_per_round, plain, to_typed
 from fedbgmd.core import all_finite_each
+from fedbgmd.data import Dataset, partition_report, partitioner_spec
 from fedbgmd.integrity import stop_error, stop_status
 from fedbgmd.models import build_model, count_parameters
 from fedbgmd.plugins import build_aggregator, build_attack, locate, resolve_selector
 from fedbgmd.reporting.setting import run_labels, setting_from_config
 from fedbgmd.reporting.summary import environment_versions, summarize, utc_now_iso, with_segments
-from fedbgmd.reporting.writer import RunWriter, fs_error, read_summary
+from fedbgmd.reporting.writer import (
+    PARTITIONS_JSON,
+    RunWriter,
+    atomic_write_text,
+    fs_error,
+    read_summary,
+)
 from fedbgmd.strategies import RobustStrategy
 from fedbgmd.training import evaluate, get_device, lr_at
 from fedbgmd.workload import load_data, model_kwargs, optim_config, partitions
@@ -149,10 +157,9 @@ class ServerRun:
         # what honest clients send, known here without asking them: the sizes of the partitions
         # (the same seeded split the clients make; the weights when strategy.weighted) and the
         # quantizer; replies that claim otherwise are not trusted
-        self.strategy.partition_sizes = [
-            len(part)
-            for part in partitions(cfg.data, cfg.num_clients, cfg.seed, self.dataset.train.y)
-        ]
+        parts = partitions(cfg.data, cfg.num_clients, cfg.seed, self.dataset.train.y)
+        self.strategy.partition_sizes = [len(part) for part in parts]
+        write_partition_report(cfg, self.run_dir, parts, self.dataset)
         q = cfg.client.quantization
         bucket = q.bucket_size
         self.strategy.expected_quantization = (
@@ -490,8 +497,29 @@ def draw_plots(cfg: Any, run_dir: Path) -> None:
         from fedbgmd.reporting import plots  # matplotlib only when plots are drawn
 
         plots.plot_run(run_dir)
+        if (run_dir / PARTITIONS_JSON).is_file():
+            plots.plot_partitions(run_dir)
     except Exception as err:
         log.warning("could not draw plots: %s", err)
+
+
+def write_partition_report(
+    cfg: Any, run_dir: Path, parts: list[torch.Tensor], dataset: Dataset
+) -> None:
+    """``run_dir/partitions.json``: each client's sample count and class histogram, the
+    partitioner and its parameters, and how many samples no client holds (logged when some)."""
+    d = cfg.data
+    target, params = partitioner_spec(d.partition, d.partitioner.target, d.partitioner.params)
+    report = partition_report(parts, dataset.train.y, dataset.num_classes, target, params)
+    if report["unassigned"]:
+        log.warning(
+            "%s leaves %d of %d training samples to no client (see %s)",
+            target.rpartition(".")[2],
+            report["unassigned"],
+            report["num_samples"],
+            PARTITIONS_JSON,
+        )
+    atomic_write_text(Path(run_dir) / PARTITIONS_JSON, json.dumps(report) + "\n")
 
 
 def _previous_summary(run_dir: Path) -> dict[str, Any] | None:

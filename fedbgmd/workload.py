@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from fedbgmd.data import Dataset, load_dataset, partition
+from fedbgmd.data import Dataset, load_dataset, load_hf_dataset, partition
 from fedbgmd.training import OptimConfig
 
 __all__ = ["load_data", "model_kwargs", "optim_config", "partitions"]
@@ -16,6 +16,17 @@ __all__ = ["load_data", "model_kwargs", "optim_config", "partitions"]
 def load_data(d: Any, seed: int) -> Dataset:
     """The data set of the ``data`` sub-config ``d`` (never silently replaced: a missing one
     raises DatasetMissingError); ``seed`` draws the synthetic task."""
+    if d.name == "hf":
+        h = d.hf
+        return load_hf_dataset(
+            h.dataset,
+            h.subset,
+            h.feature_key,
+            h.label_key,
+            h.train_split,
+            h.test_split,
+            cache_dir=d.root,
+        )
     extra: dict[str, Any] = {}
     if d.name == "synthetic":
         extra = {
@@ -31,13 +42,14 @@ def load_data(d: Any, seed: int) -> Dataset:
 
 
 def partitions(d: Any, num_clients: int, seed: int, labels: torch.Tensor) -> list[torch.Tensor]:
-    """Each client's sample indices, split as the ``data`` sub-config ``d`` says."""
+    """Each client's sample indices, split as the ``data`` sub-config ``d`` says
+    (data.partition or data.partitioner, through Flower Datasets)."""
     return partition(
         labels,
         num_clients,
         d.partition,
-        alpha=d.alpha,
-        shards_per_client=d.shards_per_client,
+        target=d.partitioner.target,
+        params=d.partitioner.params,
         seed=seed,
     )
 

@@ -1,4 +1,5 @@
-"""Tests of fedbgmd.data: synthetic task, partitions, real-data loading and its errors."""
+"""Tests of fedbgmd.data: synthetic task, real-data loading and its errors (partitions:
+tests/test_partitions.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from fedbgmd.data import (
     TensorData,
     load_dataset,
     make_synthetic,
-    partition,
 )
 
 # ----------------------------------------------------------------------------- synthetic
@@ -70,91 +70,6 @@ def test_tensor_data_checks_lengths() -> None:
     td = TensorData(torch.arange(6.0).view(3, 2), torch.tensor([0, 1, 0]))
     sub = td.subset(torch.tensor([2, 0]))
     assert torch.equal(sub.y, torch.tensor([0, 0])) and len(sub) == 2
-
-
-# ----------------------------------------------------------------------------- partitions
-
-METHODS = ["iid", "dirichlet", "shards"]
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_partition_disjoint_covering_seeded(method: str) -> None:
-    labels = torch.randint(0, 10, (1000,), generator=torch.Generator().manual_seed(0))
-    parts = partition(labels, 7, method, seed=5)
-    assert len(parts) == 7 and all(len(p) >= 1 for p in parts)
-    joined = torch.cat(parts)
-    assert joined.dtype == torch.int64
-    assert len(joined) == 1000 and torch.equal(torch.sort(joined).values, torch.arange(1000))
-    again = partition(labels, 7, method, seed=5)
-    assert all(torch.equal(p, q) for p, q in zip(parts, again))
-    other = partition(labels, 7, method, seed=6)
-    assert not all(torch.equal(p, q) for p, q in zip(parts, other))
-
-
-def test_partition_iid_sizes_balanced() -> None:
-    parts = partition(torch.zeros(103, dtype=torch.int64), 10, "iid")
-    assert sorted(len(p) for p in parts) == [10] * 7 + [11] * 3
-
-
-def _label_skew(labels: torch.Tensor, parts: list[torch.Tensor]) -> float:
-    """Mean over parts of the largest class share (1/C for iid, 1 for one class per part)."""
-    shares = [labels[p].bincount(minlength=10).float() / len(p) for p in parts]
-    return float(torch.stack([s.max() for s in shares]).mean())
-
-
-def test_dirichlet_small_alpha_is_skewed() -> None:
-    labels = torch.arange(2000) % 10
-    iid = _label_skew(labels, partition(labels, 10, "iid", seed=0))
-    mild = _label_skew(labels, partition(labels, 10, "dirichlet", alpha=100.0, seed=0))
-    skew = _label_skew(labels, partition(labels, 10, "dirichlet", alpha=0.05, seed=0))
-    assert iid < 0.2 and mild < 0.25
-    assert skew > 0.6
-
-
-def test_dirichlet_min_size_respected() -> None:
-    labels = torch.arange(500) % 5
-    parts = partition(labels, 20, "dirichlet", alpha=0.3, min_size=5, seed=1)
-    assert min(len(p) for p in parts) >= 5
-
-
-def test_dirichlet_impossible_min_size_raises() -> None:
-    labels = torch.arange(40) % 2
-    with pytest.raises(ValueError, match="min_size"):
-        partition(labels, 4, "dirichlet", alpha=0.01, min_size=10, max_retries=5)
-
-
-def test_shards_few_labels_per_client() -> None:
-    labels = torch.arange(1000) % 10
-    parts = partition(labels, 10, "shards", shards_per_client=2, seed=0)
-    assert all(len(labels[p].unique()) <= 2 for p in parts)
-    assert all(len(p) == 100 for p in parts)
-
-
-def test_dirichlet_sampler_moments() -> None:
-    g = torch.Generator().manual_seed(0)
-    for shape in (0.3, 2.5):
-        x = data._sample_gamma(shape, 50_000, g)
-        assert abs(float(x.mean()) - shape) < 0.05 * max(shape, 1)
-        assert abs(float(x.var()) - shape) < 0.1 * max(shape, 1)
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"num_partitions": 0}, "num_partitions"),
-        ({"num_partitions": 11}, "cannot fill"),
-        ({"method": "pathological"}, "iid, dirichlet, shards"),
-        ({"method": "dirichlet", "alpha": 0.0}, "alpha"),
-        ({"method": "shards", "shards_per_client": 0}, "shards_per_client"),
-        ({"method": "shards", "shards_per_client": 3}, "exceed"),
-        ({"labels": torch.zeros(10)}, "integer"),
-        ({"labels": torch.zeros(2, 5, dtype=torch.int64)}, "1-D"),
-    ],
-)
-def test_partition_bad_args(kwargs: dict, match: str) -> None:
-    args = {"labels": torch.arange(10) % 2, "num_partitions": 4, "method": "iid", **kwargs}
-    with pytest.raises(ValueError, match=match):
-        partition(**args)
 
 
 # ----------------------------------------------------------------------------- real data

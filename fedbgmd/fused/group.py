@@ -44,7 +44,7 @@ class FusedGroup(_Aggregation):
     def __init__(self, jobs: Sequence[tuple[Any, Path]], workers: int | None = 0) -> None:
         from fedbgmd.models import build_model, count_parameters
         from fedbgmd.reporting.summary import environment_versions
-        from fedbgmd.server import rounds_per_epoch
+        from fedbgmd.server import rounds_per_epoch, write_partition_report
         from fedbgmd.training import get_device
         from fedbgmd.workload import load_data, model_kwargs, partitions
 
@@ -92,6 +92,7 @@ class FusedGroup(_Aggregation):
         n_params = count_parameters(self.model)
         for (cfg, run_dir), job_parts in zip(self.jobs, parts):
             server = _Bookkeeping(cfg, Path(run_dir), job_parts, self.device, self.rpe, versions)
+            write_partition_report(cfg, Path(run_dir), job_parts, self.dataset)
             server.num_parameters = n_params
             model = build_model(
                 cfg.model.name,

@@ -6,6 +6,7 @@ Headless: the Agg backend is selected here, and figures are built with ``matplot
 
 from __future__ import annotations
 
+import json
 import math
 import textwrap
 from collections.abc import Sequence
@@ -23,9 +24,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from fedbgmd.reporting.summary import is_missing
-from fedbgmd.reporting.writer import read_metrics, read_summary
+from fedbgmd.reporting.writer import PARTITIONS_JSON, read_metrics, read_summary
 
-__all__ = ["Curve", "plot_comparison", "plot_run"]
+__all__ = ["Curve", "plot_comparison", "plot_partitions", "plot_run"]
 
 _DPI = 120
 
@@ -123,6 +124,42 @@ def diagnostic_panels(run_dir: Path | str) -> list[str]:
 
 def _varies(ys: np.ndarray) -> bool:
     return ys.size > 0 and bool(np.ptp(ys) > 0)
+
+
+def plot_partitions(run_dir: Path | str) -> Path:
+    """Write partitions.png: each client's samples stacked by class, from partitions.json.
+
+    Why: whether a split is iid, Dirichlet-skewed or a few classes per client shows at a glance.
+    """
+    run_dir = Path(run_dir)
+    report = json.loads((run_dir / PARTITIONS_JSON).read_text(encoding="utf-8"))
+    counts = np.asarray(report["class_counts"], dtype=float).reshape(len(report["sizes"]), -1)
+    num_parts, num_classes = counts.shape
+    fig = Figure(figsize=(min(12.0, 3.0 + 0.25 * num_parts), 3.6))
+    ax = fig.subplots()
+    xs = np.arange(num_parts)
+    bottom = np.zeros(num_parts)
+    cmap = matplotlib.colormaps["tab20" if num_classes > 10 else "tab10"]
+    for c in range(num_classes):
+        ax.bar(xs, counts[:, c], bottom=bottom, width=0.85, color=cmap(c % cmap.N), label=str(c))
+        bottom += counts[:, c]
+    ax.set_xlabel("client (partition id)")
+    ax.set_ylabel("training samples")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    name = str(report.get("partitioner", "")).rpartition(".")[2]
+    params = ", ".join(f"{k}={v}" for k, v in report.get("params", {}).items())
+    left = f"; {report['unassigned']} of {report['num_samples']} samples unassigned"
+    ax.set_title(f"{name}({params})" + (left if report.get("unassigned") else ""), fontsize=9)
+    if num_classes <= 20:
+        ax.legend(
+            title="class",
+            fontsize=7,
+            title_fontsize=7,
+            ncol=2,
+            loc="upper left",
+            bbox_to_anchor=(1.0, 1.0),
+        )
+    return _save(fig, run_dir / "partitions.png")
 
 
 def plot_run(run_dir: Path | str) -> list[Path]:

@@ -40,6 +40,7 @@ __all__ = [
     "METRICS_CSV",
     "METRICS_JSONL",
     "METRIC_COLUMNS",
+    "PARTITIONS_JSON",
     "SUMMARY_JSON",
     "RunFolderInUseError",
     "RunWriter",
@@ -55,6 +56,8 @@ __all__ = [
 METRICS_CSV = "metrics.csv"
 METRICS_JSONL = "metrics.jsonl"
 SUMMARY_JSON = "summary.json"
+PARTITIONS_JSON = "partitions.json"  # each client's sample count and class histogram
+PARTITIONS_JSON = "partitions.json"  # each client's sample count and class histogram
 
 METRIC_COLUMNS: tuple[str, ...] = (
     "round",
