@@ -317,12 +317,12 @@ def choices() -> dict[str, tuple[str, ...]]:
     """The valid values of each closed-choice key, read from where each choice is defined (the
     registries, the data / model / training modules), not repeated here."""
     from fedbgmd.core import MEMORIES, QUANTIZERS
-    from fedbgmd.data import DATASET_NAMES
+    from fedbgmd.data import DATA_NAMES
     from fedbgmd.models import MODEL_NAMES
     from fedbgmd.training import OPTIMIZERS, SCHEDULES
 
     return {
-        "data.name": (*DATASET_NAMES, "hf"),  # hf: any Hugging Face data set (data.hf)
+        "data.name": DATA_NAMES,
         "model.name": MODEL_NAMES,
         "client.optimizer.name": OPTIMIZERS,
         "client.optimizer.schedule": SCHEDULES,

@@ -43,6 +43,7 @@ from torch import Tensor
 
 __all__ = [
     "DATASET_NAMES",
+    "DATA_NAMES",
     "DEBIAN_FASHION_MNIST_DIR",
     "DEFAULT_ROOT",
     "PARTITION_METHODS",
@@ -60,6 +61,8 @@ __all__ = [
 ]
 
 DATASET_NAMES: tuple[str, ...] = ("fashion_mnist", "mnist", "cifar10", "synthetic")
+#: What ``data.name`` may be: a built-in data set, or ``hf`` (any Hugging Face data set, data.hf)
+DATA_NAMES: tuple[str, ...] = (*DATASET_NAMES, "hf")
 
 #: Where Debian's ``dataset-fashion-mnist`` package installs the idx files.
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")

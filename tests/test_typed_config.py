@@ -85,14 +85,14 @@ def test_the_workload_is_built_from_sub_configs():
 
 def test_choice_lists_come_from_the_registries_and_modules():
     from fedbgmd.core import MEMORIES, QUANTIZERS
-    from fedbgmd.data import DATASET_NAMES
+    from fedbgmd.data import DATA_NAMES
     from fedbgmd.models import MODEL_NAMES
     from fedbgmd.training import OPTIMIZERS
 
     c = choices()
     assert c["strategy.block.memory"] == tuple(MEMORIES.names())
     assert c["client.quantization.method"] == ("none", *QUANTIZERS.names())
-    assert c["data.name"] == DATASET_NAMES and c["model.name"] == MODEL_NAMES
+    assert c["data.name"] == DATA_NAMES and c["model.name"] == MODEL_NAMES
     assert c["client.optimizer.name"] == OPTIMIZERS
 
 
