@@ -1,6 +1,7 @@
 """Command line: ``fedbgmd [hydra overrides]`` runs a federation; ``fedbgmd report DIR`` a report.
 
-Exit status: 0 success, 1 the run failed (the reason is printed and in summary.json),
+Exit status: 0 success, 1 the run failed (the reason is printed and in summary.json; a sweep
+runs every job and exits 1 when any failed, listing them),
 2 bad configuration (one message naming the key(s), no traceback) or a run folder that is
 in use or already holds a run (nothing written), 128 + N stopped by signal N (130 SIGINT,
 143 SIGTERM; summary.json says "interrupted" and how to resume).
@@ -32,7 +33,14 @@ from fedbgmd.integrity import (
     stop_on_signals,
 )
 from fedbgmd.reporting.writer import RunFolderInUseError, check_fresh_run_dir
-from fedbgmd.runner import EXIT_BAD_CONFIG, EXIT_RUN_FAILED, report_failure, run
+from fedbgmd.runner import (
+    EXIT_BAD_CONFIG,
+    EXIT_RUN_FAILED,
+    failed_jobs,
+    note_failed_job,
+    report_failure,
+    run,
+)
 
 __all__ = ["check_config", "entry", "explain", "report_failure", "run"]
 
@@ -213,6 +221,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     if status and not sweep:
         sys.exit(status)
     if status:  # in a sweep one failing job is logged and does not stop the rest
+        note_failed_job(run_dir)
         print(f"fedbgmd: job {run_dir} failed; continuing the sweep", file=sys.stderr)
 
 
@@ -408,7 +417,8 @@ Examples:
   fedbgmd strategy=cm attack=alie attack.fraction=0.3 seed=1 # Fashion-MNIST, 30 rounds
   fedbgmd -m experiment=smoke strategy=fedavg,cm,fedbgmd seed=0,1 && fedbgmd report multirun
 
-Exit status: 0 done, 1 the run failed (reason printed, in summary.json and the run's cli.log),
+Exit status: 0 done, 1 the run failed (reason printed, in summary.json and the run's cli.log;
+a sweep: any job failed, all listed at the end),
 2 bad configuration (nothing ran). `fedbgmd --cfg job [overrides]` prints the composed config.
 """
 
@@ -511,6 +521,14 @@ def entry(argv: list[str] | None = None) -> None:
                     sys.exit(status)
         sys.argv = [sys.argv[0], *args]
         _hydra_main()
+        failed = failed_jobs()
+        if failed:  # the sweep ran every job; it did not succeed as a whole
+            print(
+                f"fedbgmd: the sweep finished with {len(failed)} failed job(s) (each folder's "
+                f"summary.json says why): {', '.join(failed)}",
+                file=sys.stderr,
+            )
+            sys.exit(EXIT_RUN_FAILED)
     except KeyboardInterrupt as err:
         sys.exit(_interrupted(err))
     finally:

@@ -15,11 +15,31 @@ from typing import Any
 from fedbgmd.config import plain
 from fedbgmd.integrity import stop_error, stop_status
 
-__all__ = ["EXIT_BAD_CONFIG", "EXIT_RUN_FAILED", "report_failure", "run"]
+__all__ = [
+    "EXIT_BAD_CONFIG",
+    "EXIT_RUN_FAILED",
+    "failed_jobs",
+    "note_failed_job",
+    "report_failure",
+    "run",
+]
 
 log = logging.getLogger("fedbgmd")
 EXIT_RUN_FAILED = 1
 EXIT_BAD_CONFIG = 2
+# the jobs of this process's sweep that failed (whichever launcher ran them): a sweep goes on
+# past a failed job, and the CLI ends it with EXIT_RUN_FAILED and their list
+_FAILED_JOBS: list[str] = []
+
+
+def note_failed_job(run_dir: Path | str) -> None:
+    """Record that the sweep job writing ``run_dir`` failed (its reason is in its summary.json)."""
+    _FAILED_JOBS.append(str(run_dir))
+
+
+def failed_jobs() -> list[str]:
+    """The failed jobs noted so far, in the order they failed."""
+    return list(_FAILED_JOBS)
 
 
 def run(cfg: Any, run_dir: Path) -> int:

@@ -53,6 +53,10 @@ def crashing_aggregator(x, weights=None):
     raise RuntimeError("boom in the aggregator")
 
 
+def plain_mean(x, weights=None):
+    return AggregationResult(vector=x.mean(dim=0))
+
+
 def refusing_aggregator(x, weights=None):
     raise AggregationRefused("not this round")
 
@@ -174,6 +178,27 @@ def test_a_sweep_over_an_unknown_option_gets_the_single_run_message(tmp_path):
     proc = cli("-m", *SMOKE, "strategy=fedbgmd,bogus", f"hydra.sweep.dir={tmp_path}", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "valid strategy options: block_cm" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("launcher", ["basic", "fused"])
+def test_a_sweep_runs_every_job_and_exits_1_when_one_failed(tmp_path, plugins, launcher):
+    module, folder = plugins
+    sweep = tmp_path / "sweep"
+    proc = cli(
+        "-m",
+        *SMOKE,
+        "strategy=fedavg",
+        f"strategy.aggregator.target={module}.crashing_aggregator,{module}.plain_mean",
+        f"hydra.sweep.dir={sweep}",
+        *(["hydra/launcher=fused"] if launcher == "fused" else []),
+        cwd=tmp_path,
+        env={"PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])},
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert summary_of(sweep / "0")["status"] == "failed"
+    assert summary_of(sweep / "1")["status"] == "completed"  # the sweep went on past job 0
+    assert "1 failed job(s)" in proc.stderr and str(sweep / "0") in proc.stderr
+    assert str(sweep / "1") not in proc.stderr.rpartition("failed job(s)")[2]
 
 
 # 4 ----------------------------------------------------------------------- plug-ins fail loudly

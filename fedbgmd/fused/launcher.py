@@ -33,6 +33,8 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from fedbgmd.runner import note_failed_job
+
 log = logging.getLogger("fedbgmd")
 
 PLUGIN_MODULE = "hydra_plugins.fedbgmd_fused"
@@ -147,9 +149,9 @@ class FusedLauncher(Launcher):
                 _return_value=0 if k in skipped else by_position.get(k, 1),
             )
             results.append(ret)
-        failed = [str(prepared[k][3]) for k, s in by_position.items() if s]
-        if failed:
-            print(f"fedbgmd: {len(failed)} job(s) failed: {', '.join(failed)}", file=sys.stderr)
+        for k, s in by_position.items():
+            if s:
+                note_failed_job(prepared[k][3])  # the CLI exits 1 after the sweep, listing them
         return results
 
     @staticmethod
