@@ -68,7 +68,6 @@ from fedbgmd.strategies.robust import median_of_claims
 
 log = logging.getLogger("fedbgmd")
 
-DEFAULT_STRATEGY = "fedbgmd.strategies.RobustStrategy"
 FLUSH_EVERY = 200  # rounds between writes of a job's buffered metrics rows
 EVAL_RUNS = 16  # runs evaluated per vmapped pass
 GRAD_RUNS = 48  # runs whose clients' gradients are taken per vmapped pass
@@ -86,7 +85,9 @@ def fuse_reason(cfg: Any) -> str | None:
         return "the deployment engine runs real SuperNodes"
     if cfg.resume:
         return "resume continues a single run from its checkpoint"
-    if cfg.strategy.target != DEFAULT_STRATEGY:
+    from fedbgmd.results import BUILTIN_STRATEGY_TARGETS
+
+    if cfg.strategy.target not in BUILTIN_STRATEGY_TARGETS:
         return f"custom strategy class {cfg.strategy.target}"
     if c.local_epochs is not None or c.local_steps != 1:
         return "only local_steps=1 is fused (H > 1 or local epochs run alone)"

@@ -494,6 +494,8 @@ def setting_from_config(config: Mapping[Any, Any]) -> dict[str, Any]:
 
 
 DEFAULT_STRATEGY_TARGET = "fedbgmd.strategies.RobustStrategy"
+# the strategy classes fedbgmd ships (a preset's target is not a user plug-in)
+BUILTIN_STRATEGY_TARGETS = frozenset({DEFAULT_STRATEGY_TARGET, "fedbgmd.strategies.FedBGMD"})
 
 
 def plugin_targets(config: Mapping[Any, Any]) -> dict[str, str]:
@@ -511,7 +513,7 @@ def plugin_targets(config: Mapping[Any, Any]) -> dict[str, str]:
         "selector": section(strategy, "block").get("selector"),
         "attack": section(config, "attack").get("target"),
     }
-    if found["strategy"] == DEFAULT_STRATEGY_TARGET:
+    if found["strategy"] in BUILTIN_STRATEGY_TARGETS:
         found["strategy"] = None
     if "." not in str(found["selector"] or ""):  # a registered name, not a user function
         found["selector"] = None

@@ -1,25 +1,25 @@
 """RobustStrategy: one Flower strategy for every aggregator, optionally inside the BGMD block step.
 
-Each round (Flower Message API, ``flwr.serverapp.strategy.Strategy``):
+A round (Flower Message API, ``flwr.serverapp.strategy.Strategy``), each job done by one object:
 
-1. ``configure_train`` samples ``clients_per_round`` partitions with a generator seeded by
-   (seed, round) and sends them the global model x_t and the round's learning rate.
-2. ``aggregate_train`` orders the replies by partition id, validates each one (wire format,
-   dtype, shape, size, finiteness, optional norm bound; rejected replies are counted by reason),
-   stacks the accepted updates G_t ∈ R^{n×d} on the server device, lets the omniscient adversary
-   (simulation only) replace the Byzantine rows, and computes the direction u_t:
+1. ``configure_train``: the :class:`PartitionSampler` draws the round's clients (seeded by
+   (seed, round)); they get the global model x_t (:class:`GlobalModel`) and the round's lr.
+2. ``aggregate_train`` reads as Algorithm 3 of the paper (server side):
 
-   - plain:  u_t = γ_s · AGG(G_t)
-   - block:  P_t = γ_s G_t + M_t,  Δ_t = C_k(P_t),  M_{t+1} = P_t − Δ_t,  u_t = AGG(Δ_t restricted
-     to I_k) scattered into R^d (FL-BGMD, Algorithm 3; AGG = GM gives BGMD, CM a block CM).
-
-   then x_{t+1} = x_t − u_t (or a heavy-ball / Nesterov step on u_t when server_momentum > 0).
+   - G_t   = the replies the :class:`ReplyValidator` accepts, one row per client, by client id
+     (rejections counted by reason); in simulation the :class:`OmniscientHook` rewrites the
+     Byzantine rows;
+   - g̃_t   = :meth:`aggregate_updates`: plain γ_s·AGG(G_t), or the :class:`BlockStep`
+     P_t = γ_s G_t + M_t, Δ_t = C_k(P_t), M_{t+1} = P_t − Δ_t, g̃_t = AGG(Δ_t) (FL-BGMD with
+     AGG = GM, a block CM with CM, ...);
+   - x_{t+1} = x_t − g̃_t by the :class:`ServerOptimizer` (or its momentum step).
 
 With fewer than ``min_replies`` accepted replies the round is skipped (x, memory unchanged) and
-the reason is logged. Per-round diagnostics are kept in :attr:`round_info`.
+the reason is logged. Per-round diagnostics are kept in :attr:`round_info`. A non-finite global
+model is divergence (:attr:`diverged`; the run stops when ``stop_on_divergence``).
 
 Plug-in contract for a custom strategy: subclass and override :meth:`aggregate_updates`, which
-receives the validated (n, d) tensor, the partition ids of its rows and the round, and returns
+receives the validated (n, d) tensor, the client ids of its rows and the round, and returns
 the direction u_t (d,) plus a dict of float diagnostics. Everything else (sampling, validation,
 memory, momentum, logging) is inherited.
 """
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -38,29 +37,25 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from fedbgmd.attacks.base import OmniscientAttack
-from fedbgmd.components import PluginFailed, generator
+from fedbgmd.components import generator
 from fedbgmd.core import (
     AggregationRefused,
     AggregationResult,
     Aggregator,
-    FlatSpec,
-    all_finite,
-    all_finite_each,
-    bgmd_step,
-    block_size,
-    flatten_state,
-    make_memory,
+    BlockStep,
+    ServerOptimizer,
     stack_rows,
-    unflatten_state,
 )
-from fedbgmd.wire import (
-    DEVICE_STORE,
-    MODEL_REF_KEY,
-    NON_FINITE_DETAIL,
-    BadReply,
-    decode_update,
-    reply_nbytes,
+from fedbgmd.strategies.adversary import OmniscientHook
+from fedbgmd.strategies.model import GlobalModel
+from fedbgmd.strategies.sampling import PartitionSampler
+from fedbgmd.strategies.validation import (
+    ReplyValidator,
+    Verdict,
+    median_of_claims,
+    row_rejections,
 )
+from fedbgmd.wire import DEVICE_STORE, MODEL_REF_KEY
 
 log = logging.getLogger("fedbgmd")
 
@@ -94,52 +89,105 @@ class RobustStrategy(Strategy):
         max_reply_bytes: int | None = None,
         stop_on_divergence: bool = True,
     ) -> None:
-        if block and getattr(aggregator, "stateful", False):
-            # its state (e.g. cclip's previous output) lives on the coordinates of the last
-            # call; the block step draws other coordinates every round
-            raise ValueError(
-                f"aggregator {aggregator!r} keeps state between rounds: not usable in the block "
-                "step (use a stateless form, e.g. cclip with center=median)"
-            )
         self.aggregator = aggregator
-        self.num_clients = num_clients
-        self.clients_per_round = clients_per_round
         self.seed = seed
         self.device = torch.device(device)
-        self.block, self.beta, self.selector = block, beta, selector
-        self.memory_kind = memory
-        self.server_lr, self.momentum, self.nesterov = server_lr, server_momentum, server_nesterov
+        self.sampler = PartitionSampler(num_clients, clients_per_round, seed)
+        self.validator = ReplyValidator(max_update_norm, max_reply_bytes)
+        self.model = GlobalModel(self.device)
+        self.block_step: BlockStep | None = None
+        if block:
+            self.block_step = BlockStep(
+                aggregator,
+                beta,
+                selector,
+                memory,
+                device=self.device,
+                generator_for=lambda rnd: generator(seed, rnd, "block", device=self.device),
+            )
+        self.server_opt = ServerOptimizer(server_lr, server_momentum, server_nesterov)
+        self.omniscient = (
+            None
+            if adversary is None
+            else OmniscientHook(adversary, byzantine_ids, aggregator, seed)
+        )
         self.weighted = weighted
         self.min_replies = min_replies
-        self.max_update_norm = max_update_norm
         self.client_lr = client_lr
-        self.adversary = adversary
-        self.byzantine_ids = frozenset(int(i) for i in byzantine_ids)
-        self.max_reply_bytes = max_reply_bytes
         self.stop_on_divergence = stop_on_divergence
         # set when the global model stops being finite: every later reply would be rejected
         self.diverged: str | None = None
         self.node_to_partition: dict[int, int] = {}
         self.round_info: dict[int, dict[str, Any]] = {}
-        self._x: torch.Tensor | None = None  # flat global model on self.device
-        self._spec: FlatSpec | None = None
-        self._passthrough: dict[str, torch.Tensor] = {}
-        self._momentum_buf: torch.Tensor | None = None
-        self._memory: Any = None
         self._t_sent: float = 0.0
         # in-process engine (engine.device_resident): the global model goes to the clients as a
         # DEVICE_STORE reference and is serialised only when someone needs an ArrayRecord
         self.model_by_reference = False
-        # the clients are this process's simulation: a reply saying their plug-in crashed is a
-        # bug to fail the run on (remote nodes' errors stay rejected replies); set by ServerRun
-        self.own_clients = False
-        self._model_nbytes = 0
         # set by the server, which partitions the same data as the clients: with weighted=true
         # the weights are these sizes, not the counts clients claim (a hostile claim of 1e30
         # would otherwise own a weighted aggregate)
         self.partition_sizes: list[int] | None = None
-        # (method, bits[, qsgd bucket size]) every honest client uses; other settings: rejected
-        self.expected_quantization: tuple[Any, ...] | None = None
+
+    # ------------------------------------------------------------ settings held by the parts
+    @property
+    def block(self) -> bool:
+        return self.block_step is not None
+
+    @property
+    def beta(self) -> float | None:
+        return None if self.block_step is None else self.block_step.beta
+
+    @property
+    def selector(self) -> str | None:
+        return None if self.block_step is None else self.block_step.selector
+
+    @property
+    def memory_kind(self) -> str | None:
+        return None if self.block_step is None else self.block_step.memory_kind
+
+    @property
+    def server_lr(self) -> float:
+        return self.server_opt.lr
+
+    @property
+    def momentum(self) -> float:
+        return self.server_opt.momentum
+
+    @property
+    def nesterov(self) -> bool:
+        return self.server_opt.nesterov
+
+    @property
+    def adversary(self) -> OmniscientAttack | None:
+        return None if self.omniscient is None else self.omniscient.attack
+
+    @property
+    def byzantine_ids(self) -> frozenset[int]:
+        return frozenset() if self.omniscient is None else self.omniscient.byzantine_ids
+
+    @property
+    def max_update_norm(self) -> float | None:
+        return self.validator.max_update_norm
+
+    @max_update_norm.setter
+    def max_update_norm(self, value: float | None) -> None:
+        self.validator.max_update_norm = value
+
+    @property
+    def expected_quantization(self) -> tuple[Any, ...] | None:
+        return self.validator.expected_quantization
+
+    @expected_quantization.setter
+    def expected_quantization(self, value: tuple[Any, ...] | None) -> None:
+        self.validator.expected_quantization = value
+
+    @property
+    def own_clients(self) -> bool:
+        return self.validator.own_clients
+
+    @own_clients.setter
+    def own_clients(self, value: bool) -> None:
+        self.validator.own_clients = value
 
     # ----------------------------------------------------------------------------- state
     def set_node_map(self, node_to_partition: dict[int, int]) -> None:
@@ -147,29 +195,21 @@ class RobustStrategy(Strategy):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "x": None if self._x is None else self._x.cpu(),
-            "momentum": None if self._momentum_buf is None else self._momentum_buf.cpu(),
-            "memory": None if self._memory is None else self._memory.state_dict(),
+            "x": None if self.model.x is None else self.model.x.cpu(),
+            "momentum": self.server_opt.state_dict()["momentum"],
+            "memory": None if self.block_step is None else self.block_step.state_dict()["memory"],
             # a stateful aggregator's state (cclip with center="previous"); {} otherwise
             "aggregator": _aggregator_state(self.aggregator),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("x") is not None:
-            self._x = state["x"].to(self.device)
-        if state.get("momentum") is not None:
-            self._momentum_buf = state["momentum"].to(self.device)
-        if state.get("memory") is not None:
-            self._ensure_memory(int(self._x.numel()) if self._x is not None else 0)
-            self._memory.load_state_dict(state["memory"])
+            self.model.x = state["x"].to(self.device)
+        self.server_opt.load_state_dict(state, self.device)
+        if self.block_step is not None:
+            self.block_step.load_state_dict(state)
         if state.get("aggregator") and hasattr(self.aggregator, "load_state_dict"):
             self.aggregator.load_state_dict(state["aggregator"])
-
-    def _ensure_memory(self, dim: int) -> None:
-        if self._memory is None and self.block:
-            self._memory = make_memory(
-                self.memory_kind, dim=dim, device=self.device, dtype=torch.float32
-            )
 
     # ----------------------------------------------------------------------------- rounds
     def summary(self) -> None:
@@ -177,19 +217,14 @@ class RobustStrategy(Strategy):
 
     def sample_partitions(self, server_round: int) -> list[int]:
         """Seeded draw of this round's partitions (same draw on every engine)."""
-        if self.clients_per_round >= self.num_clients:
-            return list(range(self.num_clients))
-        g = generator(self.seed, server_round, "sampling")
-        perm = torch.randperm(self.num_clients, generator=g)[: self.clients_per_round]
-        return sorted(int(i) for i in perm)
+        return self.sampler.sample(server_round)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         t0 = time.perf_counter()
-        if self._spec is None:  # first round (or first round after a resume)
-            x, self._spec = self._flatten(arrays)
-            self._x = x if self._x is None else self._x
+        if not self.model.ready:  # first round (or first round after a resume)
+            self.model.adopt(arrays)
         partition_to_node = {p: n for n, p in self.node_to_partition.items()}
         chosen = self.sample_partitions(server_round)
         missing = [p for p in chosen if p not in partition_to_node]
@@ -197,8 +232,7 @@ class RobustStrategy(Strategy):
         lr = float(self.client_lr(server_round))
         values = {**dict(config), "server-round": server_round, "lr": lr}
         if self.model_by_reference:
-            assert self._x is not None
-            values[MODEL_REF_KEY] = DEVICE_STORE.share(self._x)
+            values[MODEL_REF_KEY] = self.model.share()
             arrays = ArrayRecord()  # a placeholder: the reference stands for the model
         content = RecordDict({"arrays": arrays, "config": ConfigRecord(values)})
         msgs = [
@@ -210,7 +244,7 @@ class RobustStrategy(Strategy):
             "sampled": chosen,
             "missing_nodes": len(missing),
             "lr": lr,
-            "bytes_down": len(msgs) * self._model_nbytes,  # payload, as bytes_up
+            "bytes_down": len(msgs) * self.model.nbytes,  # payload, as bytes_up
             "sent": len(msgs),
             "sent_nodes": [m.metadata.dst_node_id for m in msgs],
         }
@@ -222,88 +256,38 @@ class RobustStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        t_recv = time.perf_counter()
         info = self.round_info.setdefault(server_round, {"t_start": self._t_sent})
-        info["transport_s"] = t_recv - self._t_sent
-        assert self._x is not None and self._spec is not None  # set in configure_train
-        dim = self._x.numel()
+        info["transport_s"] = time.perf_counter() - self._t_sent
+        assert self.model.ready  # set in configure_train
         replies = list(replies)
-        accepted, reasons, stats = self._validate(replies, dim, set(info.get("sampled", [])))
+        # G_t: the accepted replies (and the omniscient adversary's rows), one per client
+        verdict = self.validator.validate(replies, self.model.dim, self._client_of(info))
         DEVICE_STORE.clear()  # device references of rejected replies are dropped here
-        updates: torch.Tensor | None = None
-        if self.adversary is not None and accepted:
-            # simulation only: the omniscient rows replace the Byzantine replies and go through
-            # the replies' checks (finiteness, max_update_norm): rejected ones are counted, dropped
-            updates = stack_rows([u for _, u, _ in accepted]).to(self.device)
-            updates, why = self._adversary_rows(
-                updates, [pid for pid, _, _ in accepted], server_round
-            )
-            if any(w is not None for w in why):
-                reasons.update(w for w in why if w is not None)
-                keep = [r for r, w in enumerate(why) if w is None]
-                accepted = [accepted[r] for r in keep]
-                updates = updates[torch.tensor(keep, dtype=torch.long, device=updates.device)]
-        # the nodes asked that did not answer (before the round's timeout, or vanished); counted
-        # by node, so a duplicate reply cannot hide a silent node
-        answered = {msg.metadata.src_node_id for msg in replies}
-        missing = len(set(info.get("sent_nodes", ())) - answered)
-        if missing > 0:
-            reasons["timeout"] += missing
-        if reasons:  # one line a round, not one per reply (a Byzantine fifth would flood the log)
-            log.warning(
-                "round %d: %d of %d sampled replies rejected (%s)",
+        updates = self._byzantine_rows(verdict, server_round)
+        self._count_rejections(server_round, info, verdict, replies)
+        if len(verdict.accepted) < self.min_replies:
+            return self._skip(
                 server_round,
-                sum(reasons.values()),
-                len(info.get("sent_nodes", ())) or len(replies),
-                ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())),
+                info,
+                f"{len(verdict.accepted)} accepted replies < min_replies={self.min_replies}",
+                check_model=not verdict.accepted
+                and bool(verdict.reasons.keys() & {"non_finite", "bad_metrics"}),
             )
-        info.update(stats)
-        info["replies_accepted"] = len(accepted)
-        info["replies_rejected"] = sum(reasons.values())
-        info["rejections"] = dict(reasons)
-        if len(accepted) < self.min_replies:
-            info["skipped"] = f"{len(accepted)} accepted replies < min_replies={self.min_replies}"
-            log.warning("round %d skipped: %s", server_round, info["skipped"])
-            # rejections are never divergence, not even of every reply (two Byzantine clients
-            # that made up a round's sample stopped a finite run): only a non-finite model is.
-            # Every reply non-finite may mean the model broke: the server checks it (evaluation)
-            if not accepted and reasons.keys() & {"non_finite", "bad_metrics"}:
-                info["check_model"] = True
-            info["agg_time_s"] = 0.0
-            return None, None
-        ids = [pid for pid, _, _ in accepted]
         if updates is None:
-            updates = stack_rows([u for _, u, _ in accepted]).to(self.device)
-        sizes = self.partition_sizes
-        num_examples = torch.tensor(
-            [m["num-examples"] if sizes is None else sizes[pid] for pid, _, m in accepted],
-            dtype=torch.float32,
-        )
+            updates = stack_rows([u for _, u, _ in verdict.accepted]).to(self.device)
+        weights = self._weights(verdict) if self.weighted else None
         self._sync()
         t_agg = time.perf_counter()
-        weights = num_examples.to(self.device) if self.weighted else None
-        try:
-            direction, diag = self.aggregate_updates(updates, ids, server_round, weights)
+        try:  # g̃_t (block: P_t = γG_t + M_t, Δ_t = C_k(P_t), M_{t+1} = P_t − Δ_t, AGG(Δ_t))
+            direction, diag = self.aggregate_updates(updates, verdict.ids, server_round, weights)
         except AggregationRefused as err:  # Krum/Bulyan with too few rows this round, ...
             # (anything else a plug-in raises is a bug: it ends the run, see fedbgmd.core.errors)
-            info["skipped"] = f"aggregation refused: {err}"
             info["agg_time_s"] = time.perf_counter() - t_agg
-            log.warning("round %d skipped: %s", server_round, info["skipped"])
-            return None, None
-        overflowed = int(diag.pop("memory_overflowed", 0.0))
-        if overflowed:  # P = γG + M of these clients was not finite: rejected, not aggregated
-            reasons["memory_overflow"] += overflowed
-            info["replies_accepted"] -= overflowed
-            info["replies_rejected"] += overflowed
-            info["rejections"] = dict(reasons)
-            log.warning(
-                "round %d: %d clients' residual memory overflowed", server_round, overflowed
-            )
-        self._x = self._server_step(self._x, direction)
+            return self._skip(server_round, info, f"aggregation refused: {err}", timed=True)
+        self._count_overflow(server_round, info, verdict, int(diag.pop("memory_overflowed", 0)))
+        self.model.x = self.server_opt.step(self.model.x, direction)  # x_{t+1} = x_t − g̃_t
         self._sync()
-        if self.diverged is None and not all_finite(self._x):
-            self.diverged = f"round {server_round}: the global model has NaN/Inf parameters"
-            info["diverged"] = True
+        self._check_divergence(server_round, info)
         info["agg_time_s"] = time.perf_counter() - t_agg
         info.update(diag)
         if diag.get("rows_dropped"):
@@ -312,8 +296,8 @@ class RobustStrategy(Strategy):
                 server_round,
                 diag["rows_dropped"],
             )
-        info["train_loss"] = median_of_claims([m["train-loss"] for _, _, m in accepted])
-        new = ArrayRecord() if self.model_by_reference else self._to_arrays(self._x)
+        info["train_loss"] = median_of_claims([m["train-loss"] for _, _, m in verdict.accepted])
+        new = ArrayRecord() if self.model_by_reference else self.model.to_arrays()
         metrics = MetricRecord(
             {"train-loss": info["train_loss"], "replies-accepted": info["replies_accepted"]}
         )
@@ -327,23 +311,11 @@ class RobustStrategy(Strategy):
         weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Direction u_t (d,) from the validated updates (n, d); override in a custom strategy."""
-        if not self.block:
+        gamma = self.server_opt.lr
+        if self.block_step is None:
             res = self.aggregator(updates, weights)
-            return self.server_lr * res.vector, _agg_diag(res)
-        dim = updates.shape[1]
-        self._ensure_memory(dim)
-        k = block_size(self.beta, dim)
-        step = bgmd_step(
-            updates,
-            aggregator=self.aggregator,
-            k=k,
-            memory=self._memory,
-            client_ids=client_ids,
-            step_size=self.server_lr,
-            selector=self.selector,
-            generator=generator(self.seed, server_round, "block", device=self.device),
-            weights=weights,
-        )
+            return gamma * res.vector, _agg_diag(res)
+        step = self.block_step(updates, client_ids, server_round, step_size=gamma, weights=weights)
         diag = _agg_diag(step.aggregation)
         diag["relative_residual"] = float(step.relative_residual)
         diag["memory_norm"] = float(step.memory_norm)
@@ -397,8 +369,8 @@ class RobustStrategy(Strategy):
                 # every later round would reject all replies (computed from a NaN/Inf model)
                 log.warning("%s; stopping the run (stop_on_divergence=true)", self.diverged)
                 break
-        if self.model_by_reference and self._x is not None and self.holds_model:
-            result.arrays = self._to_arrays(self._x)  # the rounds passed a placeholder
+        if self.model_by_reference and self.holds_model:
+            result.arrays = self.model.to_arrays()  # the rounds passed a placeholder
         return result
 
     def configure_evaluate(
@@ -412,157 +384,117 @@ class RobustStrategy(Strategy):
         return None
 
     # ----------------------------------------------------------------------------- helpers
-    def _validate(
-        self, replies: list[Message], dim: int, sampled: set[int]
-    ) -> tuple[list[tuple[int, torch.Tensor, dict]], Counter[str], dict[str, Any]]:
-        """Decode every reply; keep (partition id, update, metrics), count rejections by reason."""
-        max_bytes = self.max_reply_bytes or (8 * dim + 4096)  # 2x a float32 update + headers
-        reasons: Counter[str] = Counter()
-        by_pid: dict[int, tuple[torch.Tensor, dict]] = {}
-        bytes_up, client_times = 0, []
+    def _client_of(self, info: dict[str, Any]) -> Callable[[int], int | None]:
+        """Node id -> the partition it was asked for this round (None: not asked)."""
+        sampled = set(info.get("sampled", ()))
 
-        def reject(err: BadReply) -> None:
-            reasons[err.reason] += 1
-            log.debug("rejected reply: %s", err)  # summarised once per round (aggregate_train)
+        def client_of(node: int) -> int | None:
+            pid = self.node_to_partition.get(node)
+            return None if pid is None or (sampled and pid not in sampled) else pid
 
-        # Two passes with the checks in the order of one: decoding, then the finiteness of every
-        # decoded update at once (one host read, not one per reply: on a GPU each read waits for
-        # the device), then the checks that compare replies with each other.
-        decoded: list[tuple[int, torch.Tensor, dict]] = []
-        for msg in replies:
-            try:
-                if msg.has_error():
-                    reason = msg.error.reason or ""
-                    if self.own_clients and PluginFailed.__name__ in reason:
-                        raise PluginFailed(f"a client's plug-in failed: {reason}")
-                    raise BadReply("client_error", reason)
-                node = msg.metadata.src_node_id
-                pid = self.node_to_partition.get(node)
-                if pid is None or (sampled and pid not in sampled):
-                    raise BadReply("unknown_node", f"node {node}")
-                bytes_up += reply_nbytes(msg.content)
-                vec, metrics = decode_update(
-                    msg.content, dim, max_bytes, self.expected_quantization
-                )
-                decoded.append((pid, vec, metrics))
-            except BadReply as err:
-                reject(err)
-            except PluginFailed:
-                raise
-            except Exception as err:  # a hostile reply must never end the run
-                reject(BadReply("undecodable", f"{type(err).__name__}: {err}"))
-        finite = all_finite_each([vec for _, vec, _ in decoded])
-        for (pid, vec, metrics), ok in zip(decoded, finite):
-            try:
-                if not ok:
-                    raise BadReply("non_finite", NON_FINITE_DETAIL)
-                if int(metrics["partition-id"]) != pid:
-                    raise BadReply("wrong_partition", f"claims {metrics['partition-id']}, is {pid}")
-                if pid in by_pid:
-                    raise BadReply("duplicate", f"partition {pid}")
-                if self.max_update_norm is not None and vec.norm() > self.max_update_norm:
-                    raise BadReply("norm_too_large", f"{float(vec.norm()):.3g}")
-                client_times.append(float(metrics["client-time-s"]))
-                by_pid[pid] = (vec, metrics)
-            except BadReply as err:
-                reject(err)
-        accepted = [(pid, *by_pid[pid]) for pid in sorted(by_pid)]  # order by partition id
-        # what clients claim is bounded (decode_update) and aggregated robustly: the round's
-        # summed client time is estimated as n x the median claim
-        client_time = len(client_times) * median_of_claims(client_times) if client_times else 0.0
-        return accepted, reasons, {"bytes_up": bytes_up, "client_time_s": client_time}
+        return client_of
 
-    def _apply_adversary(
-        self, updates: torch.Tensor, ids: list[int], server_round: int
-    ) -> torch.Tensor:
-        """Simulation only: the omniscient attack sees the honest rows and rewrites Byzantine ones."""
-        assert self.adversary is not None
-        byz = [i for i, pid in enumerate(ids) if pid in self.byzantine_ids]
-        honest = [i for i, pid in enumerate(ids) if pid not in self.byzantine_ids]
-        if not byz or not honest:
-            return updates
-        g = generator(self.seed, server_round, "omniscient", device=updates.device)
-        # the adversary's trial aggregations must not advance a stateful aggregator
-        probe = self.aggregator.probe() if hasattr(self.aggregator, "probe") else self.aggregator
-        fake = self.adversary(
-            updates[honest], len(byz), generator=g, aggregator=lambda x: probe(x).vector
-        )
-        out = updates.clone()
-        out[byz] = fake.to(out.dtype)
-        return out
+    def _byzantine_rows(self, verdict: Verdict, server_round: int) -> torch.Tensor | None:
+        """Simulation only: the stacked rows with the omniscient adversary's written in (its rows
+        meet the replies' checks; rejected ones are dropped from ``verdict``); None without one."""
+        if self.omniscient is None or not verdict.accepted:
+            return None
+        updates = stack_rows([u for _, u, _ in verdict.accepted]).to(self.device)
+        updates, why = self._adversary_rows(updates, verdict.ids, server_round)
+        if any(w is not None for w in why):
+            verdict.drop(why)
+            keep = [r for r, w in enumerate(why) if w is None]
+            updates = updates[torch.tensor(keep, dtype=torch.long, device=updates.device)]
+        return updates
 
     def _adversary_rows(
         self, updates: torch.Tensor, ids: list[int], server_round: int
     ) -> tuple[torch.Tensor, list[str | None]]:
-        """The accepted rows (n, d) with the omniscient adversary's rows written in, and per row
-        the reason it is rejected (``None``: kept) — the rules every reply meets
-        (:func:`row_rejections`), applied to the rows the adversary wrote (the others passed
-        :meth:`_validate`). The one place of this rule: the fused engine calls it too."""
-        out = self._apply_adversary(updates, ids, server_round)
-        why: list[str | None] = [None] * len(ids)
-        if out is updates:  # no Byzantine or no honest row among the accepted: nothing written
-            return out, why
-        byz = [r for r, pid in enumerate(ids) if pid in self.byzantine_ids]
-        for r, w in zip(byz, row_rejections(out[byz], self.max_update_norm)):
-            why[r] = w
-        return out, why
+        """:meth:`OmniscientHook.rows` with this strategy's norm bound (the fused engine calls it)."""
+        assert self.omniscient is not None
+        return self.omniscient.rows(updates, ids, server_round, self.max_update_norm)
 
-    def _server_step(self, x: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
-        if self.momentum == 0.0:
-            return x - direction
-        buf = self._momentum_buf
-        buf = direction.clone() if buf is None else self.momentum * buf + direction
-        self._momentum_buf = buf
-        step = direction + self.momentum * buf if self.nesterov else buf
-        return x - step
+    def _weights(self, verdict: Verdict) -> torch.Tensor:
+        sizes = self.partition_sizes
+        return torch.tensor(
+            [m["num-examples"] if sizes is None else sizes[c] for c, _, m in verdict.accepted],
+            dtype=torch.float32,
+        ).to(self.device)
 
-    def _flatten(self, arrays: ArrayRecord) -> tuple[torch.Tensor, FlatSpec]:
-        state = arrays.to_torch_state_dict()
-        flat, spec = flatten_state(state)
-        self._passthrough = {k: v for k, v in state.items() if not v.is_floating_point()}
-        self._model_nbytes = sum(v.numel() * v.element_size() for v in state.values())
-        return flat.to(self.device, torch.float32), spec
+    def _count_rejections(
+        self, server_round: int, info: dict[str, Any], verdict: Verdict, replies: list[Message]
+    ) -> None:
+        reasons = verdict.reasons
+        # the nodes asked that did not answer (before the round's timeout, or vanished); counted
+        # by node, so a duplicate reply cannot hide a silent node
+        answered = {msg.metadata.src_node_id for msg in replies}
+        missing = len(set(info.get("sent_nodes", ())) - answered)
+        if missing > 0:
+            reasons["timeout"] += missing
+        if reasons:  # one line a round, not one per reply (a Byzantine fifth would flood the log)
+            log.warning(
+                "round %d: %d of %d sampled replies rejected (%s)",
+                server_round,
+                sum(reasons.values()),
+                len(info.get("sent_nodes", ())) or len(replies),
+                ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())),
+            )
+        info["bytes_up"] = verdict.bytes_up
+        info["client_time_s"] = verdict.client_time_s
+        info["replies_accepted"] = len(verdict.accepted)
+        info["replies_rejected"] = sum(reasons.values())
+        info["rejections"] = dict(reasons)
+
+    def _count_overflow(
+        self, server_round: int, info: dict[str, Any], verdict: Verdict, overflowed: int
+    ) -> None:
+        """Clients whose P = γG + M was not finite: rejected, not aggregated (the block step)."""
+        if not overflowed:
+            return
+        verdict.reasons["memory_overflow"] += overflowed
+        info["replies_accepted"] -= overflowed
+        info["replies_rejected"] += overflowed
+        info["rejections"] = dict(verdict.reasons)
+        log.warning("round %d: %d clients' residual memory overflowed", server_round, overflowed)
+
+    def _skip(
+        self,
+        server_round: int,
+        info: dict[str, Any],
+        why: str,
+        *,
+        check_model: bool = False,
+        timed: bool = False,
+    ) -> tuple[None, None]:
+        """The round changes nothing (x, memory and momentum as they were)."""
+        info["skipped"] = why
+        log.warning("round %d skipped: %s", server_round, why)
+        # rejections are never divergence, not even of every reply (two Byzantine clients
+        # that made up a round's sample stopped a finite run): only a non-finite model is.
+        # Every reply non-finite may mean the model broke: the server checks it (evaluation)
+        if check_model:
+            info["check_model"] = True
+        if not timed:
+            info["agg_time_s"] = 0.0
+        return None, None
+
+    def _check_divergence(self, server_round: int, info: dict[str, Any]) -> None:
+        if self.diverged is None and not self.model.finite():
+            self.diverged = f"round {server_round}: the global model has NaN/Inf parameters"
+            info["diverged"] = True
 
     @property
     def holds_model(self) -> bool:
         """True once the strategy's flat model is the global model (after the first round)."""
-        return self._x is not None and self._spec is not None
+        return self.model.ready
 
     def global_state(self) -> dict[str, torch.Tensor]:
         """The global model as a state dict of views into the strategy's flat model (read only)."""
-        assert self._x is not None and self._spec is not None
-        return unflatten_state(self._x.detach(), self._spec, passthrough=self._passthrough)
-
-    def _to_arrays(self, x: torch.Tensor) -> ArrayRecord:
-        assert self._spec is not None
-        state = unflatten_state(x.detach().cpu(), self._spec, passthrough=self._passthrough)
-        return ArrayRecord(state)
+        return self.model.state()
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-
-def row_rejections(rows: torch.Tensor, max_update_norm: float | None) -> list[str | None]:
-    """Per row of ``rows`` (m, d), the reason a reply with that update is rejected (``None``:
-    accepted), in :meth:`RobustStrategy._validate`'s order: ``non_finite``, then
-    ``norm_too_large`` (the Euclidean norm above ``max_update_norm``). One host read."""
-    finite = torch.isfinite(rows).all(dim=1)
-    if max_update_norm is None:
-        return [None if ok else "non_finite" for ok in finite.tolist()]
-    big = torch.linalg.vector_norm(rows, dim=1) > max_update_norm
-    flags = torch.stack([finite, big]).tolist()
-    return [
-        "non_finite" if not ok else "norm_too_large" if too_big else None
-        for ok, too_big in zip(*flags)
-    ]
-
-
-def median_of_claims(values: list[float]) -> float:
-    """Median of finite floats, finite whatever they are (two claims of 1.7e308 summed to inf)."""
-    v = sorted(values)
-    k = len(v) // 2
-    return v[k] if len(v) % 2 else v[k - 1] / 2 + v[k] / 2
 
 
 def _aggregator_state(agg: Any) -> dict[str, Any]:
@@ -579,3 +511,6 @@ def _agg_diag(res: AggregationResult) -> dict[str, float]:
         diag["rows_dropped"] = float(res.n_dropped)
     diag.update({k: float(v) for k, v in (res.extra or {}).items()})
     return diag
+
+
+__all__ = ["RobustStrategy", "median_of_claims", "row_rejections"]

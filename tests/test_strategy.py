@@ -132,8 +132,8 @@ def test_block_step_records_diagnostics_and_keeps_memory_per_partition():
 
 
 def _model_of(s: RobustStrategy) -> ArrayRecord:
-    assert s._x is not None
-    return s._to_arrays(s._x)
+    assert s.model.x is not None
+    return s.model.to_arrays()
 
 
 @pytest.mark.parametrize("beta, dim, k", [(0.07, 100, 7), (0.29, 100, 29), (0.1, 12, 2)])
@@ -567,8 +567,8 @@ def test_reply_validation_reads_the_host_a_fixed_number_of_times_whatever_the_re
         with monkeypatch.context() as mp:
             mp.setattr(torch.Tensor, "tolist", lambda t: calls.append(1) or tolist(t))
             with counter:
-                accepted, reasons, _ = s._validate(replies, D, set(range(n)))
-        assert len(accepted) == n and not reasons
+                verdict = s.validator.validate(replies, D, s.node_to_partition.get)
+        assert len(verdict.accepted) == n and not verdict.reasons
         return counter.n + len(calls)
 
     with pytest.MonkeyPatch.context() as mp:
@@ -651,5 +651,5 @@ def test_omniscient_trial_aggregations_do_not_advance_a_stateful_aggregator() ->
         byzantine_ids=[0],
     )
     ups = updates()
-    s._apply_adversary(ups, [0, 1, 2, 3, 4], 1)
+    s.omniscient.apply(ups, [0, 1, 2, 3, 4], 1)
     assert s.aggregator.state_dict() == {"previous": None}

@@ -11,7 +11,7 @@ from fedbgmd.core.aggregation import (
     get_aggregator,
     register_aggregator,
 )
-from fedbgmd.core.bgmd import BlockStepResult, bgmd_step
+from fedbgmd.core.bgmd import BlockStep, BlockStepResult, bgmd_step
 from fedbgmd.core.counts import block_size, fraction_ceil, fraction_floor
 from fedbgmd.core.errors import AggregationRefused
 from fedbgmd.core.flatten import FlatSpec, flatten_state, stack_rows, unflatten_state
@@ -25,11 +25,13 @@ from fedbgmd.core.selection import (
     register_selector,
     select_block,
 )
+from fedbgmd.core.server_opt import ServerOptimizer
 
 __all__ = [
     "AggregationRefused",
     "AggregationResult",
     "Aggregator",
+    "BlockStep",
     "BlockStepResult",
     "FlatSpec",
     "GMResult",
@@ -38,6 +40,7 @@ __all__ = [
     "NoMemory",
     "PerClientMemory",
     "QuantizedTensor",
+    "ServerOptimizer",
     "all_finite",
     "all_finite_each",
     "available_aggregators",
