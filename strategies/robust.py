@@ -1,22 +1,30 @@
-"""RobustStrategy: one Flower strategy for every aggregator, optionally inside the BGMD block step.
+"""RobustStrategy: a Flower strategy for every robust aggregator, optionally inside the BGMD block step.
 
-A round (Flower Message API, ``flwr.serverapp.strategy.Strategy``), each job done by one object:
+A drop-in for ``flwr.serverapp.strategy.FedAvg`` (it subclasses it and takes its parameters):
+sampling, train config, federated evaluation, the round loop and the Result behave as FedAvg's.
+What differs is what happens to the replies. A round, each job done by one object:
 
-1. ``configure_train``: the :class:`PartitionSampler` draws the round's clients (seeded by
-   (seed, round)); they get the global model x_t (:class:`GlobalModel`) and the round's lr.
+1. ``configure_train``: the round's clients get the global model x_t (:class:`GlobalModel`) and
+   the train config. Clients are the nodes of the grid, sampled as FedAvg samples them
+   (``fraction_train``, ``min_train_nodes``, waiting for ``min_available_nodes``) but with a
+   generator seeded by (seed, round); or, in fedbgmd's own engines (``num_clients`` given),
+   partitions drawn by the :class:`PartitionSampler` and reached through the node map.
 2. ``aggregate_train`` reads as Algorithm 3 of the paper (server side):
 
-   - G_t   = the replies the :class:`ReplyValidator` accepts, one row per client, by client id
-     (rejections counted by reason); in simulation the :class:`OmniscientHook` rewrites the
-     Byzantine rows;
+   - G_t   = the replies the :class:`ReplyValidator` accepts (trained weights y, turned into
+     x_t − y, or fedbgmd's compact update), one row per client, by client id (rejections
+     counted by reason); in simulation the :class:`OmniscientHook` rewrites the Byzantine rows;
    - g̃_t   = :meth:`aggregate_updates`: plain γ_s·AGG(G_t), or the :class:`BlockStep`
      P_t = γ_s G_t + M_t, Δ_t = C_k(P_t), M_{t+1} = P_t − Δ_t, g̃_t = AGG(Δ_t) (FL-BGMD with
      AGG = GM, a block CM with CM, ...);
    - x_{t+1} = x_t − g̃_t by the :class:`ServerOptimizer` (or its momentum step).
 
-With fewer than ``min_replies`` accepted replies the round is skipped (x, memory unchanged) and
-the reason is logged. Per-round diagnostics are kept in :attr:`round_info`. A non-finite global
-model is divergence (:attr:`diverged`; the run stops when ``stop_on_divergence``).
+A client is its partition id when the engine maps nodes to partitions, else the replying node id
+(the residual memory M_t is kept per client). With fewer than ``min_replies`` accepted replies the
+round is skipped (x, memory unchanged) and the reason is logged. The round's diagnostics
+(rejections by reason, GM iterations, residual, memory norm) are in the train MetricRecord, the
+log and :attr:`round_info`. A non-finite global model is divergence (:attr:`diverged`; the run
+stops when ``stop_on_divergence``).
 
 Plug-in contract for a custom strategy: subclass and override :meth:`aggregate_updates`, which
 receives the validated (n, d) tensor, the client ids of its rows and the round, and returns
@@ -26,15 +34,20 @@ memory, momentum, logging) is inherited.
 
 from __future__ import annotations
 
+import io
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
+from logging import INFO
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result, Strategy
+from flwr.serverapp.strategy import FedAvg, Result
+from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
+from flwr.supercore import log as flwr_log
 
 from fedbgmd.attacks.base import OmniscientAttack
 from fedbgmd.components import generator
@@ -44,6 +57,7 @@ from fedbgmd.core import (
     Aggregator,
     BlockStep,
     ServerOptimizer,
+    get_aggregator,
     stack_rows,
 )
 from fedbgmd.strategies.adversary import OmniscientHook
@@ -55,24 +69,52 @@ from fedbgmd.strategies.validation import (
     median_of_claims,
     row_rejections,
 )
-from fedbgmd.wire import DEVICE_STORE, MODEL_REF_KEY
+from fedbgmd.wire import DEVICE_STORE, MODEL_REF_KEY, BadReply, check_metrics
 
 log = logging.getLogger("fedbgmd")
 
 LrSchedule = Callable[[int], float]
+MetricsAggrFn = Callable[[list[RecordDict], str], MetricRecord]
 
 
-class RobustStrategy(Strategy):
-    """Sampling, defences, (block) robust aggregation and server step. See the module docstring."""
+class RobustStrategy(FedAvg):
+    """FedAvg's interface, robust aggregation (see the module docstring).
+
+    FedAvg's parameters keep their meaning and defaults. fedbgmd's, all keyword-only:
+
+    Args:
+        aggregator: a registered rule name (``"gm"``, ``"cm"``, ``"krum"``, ...; see
+            ``fedbgmd.core.available_aggregators``) or an aggregator object
+            (``get_aggregator("krum", f=1)``, or your own).
+        block, beta, selector, memory: the BGMD block step (k = ⌈β·d⌉ coordinates chosen by
+            ``selector``; residual memory ``per_client``, ``mean`` or ``none``).
+        server_lr, server_momentum, server_nesterov: the server step (γ_s, heavy ball).
+        weighted: weight the rows by the clients' ``weighted_by_key`` (sample counts). Off by
+            default: a robust rule must not let one client's claim weigh for many.
+        min_replies: fewer accepted replies and the round is skipped.
+        max_update_norm, max_reply_bytes, expected_quantization: reply bounds (None: off /
+            2x a float32 model / any supported quantizer).
+        stop_on_divergence: stop the run once the global model is not finite.
+        seed, device: the seeded draws (sampling, block selection) and where aggregation runs.
+        num_clients, clients_per_round, client_lr, adversary, byzantine_ids: fedbgmd's own
+            engines (clients are partitions mapped to nodes by :meth:`set_node_map`; the lr
+            schedule goes into the train config; the simulated omniscient adversary).
+    """
 
     def __init__(
         self,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+        weighted_by_key: str = "num-examples",
+        arrayrecord_key: str = "arrays",
+        configrecord_key: str = "config",
+        train_metrics_aggr_fn: MetricsAggrFn | None = None,
+        evaluate_metrics_aggr_fn: MetricsAggrFn | None = None,
         *,
-        aggregator: Aggregator,
-        num_clients: int,
-        clients_per_round: int,
-        seed: int = 0,
-        device: torch.device | str = "cpu",
+        aggregator: Aggregator | str = "gm",
         block: bool = False,
         beta: float = 0.1,
         selector: str = "sample",
@@ -83,17 +125,47 @@ class RobustStrategy(Strategy):
         weighted: bool = False,
         min_replies: int = 1,
         max_update_norm: float | None = None,
-        client_lr: LrSchedule = lambda _round: 0.01,
+        max_reply_bytes: int | None = None,
+        expected_quantization: tuple[Any, ...] | None = None,
+        stop_on_divergence: bool = True,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        num_clients: int | None = None,
+        clients_per_round: int | None = None,
+        client_lr: LrSchedule | None = None,
         adversary: OmniscientAttack | None = None,
         byzantine_ids: Iterable[int] = (),
-        max_reply_bytes: int | None = None,
-        stop_on_divergence: bool = True,
     ) -> None:
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=min_evaluate_nodes,
+            min_available_nodes=min_available_nodes,
+            weighted_by_key=weighted_by_key,
+            arrayrecord_key=arrayrecord_key,
+            configrecord_key=configrecord_key,
+            train_metrics_aggr_fn=train_metrics_aggr_fn,
+            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
+        )
+        if isinstance(aggregator, str):
+            aggregator = get_aggregator(aggregator)
         self.aggregator = aggregator
         self.seed = seed
         self.device = torch.device(device)
-        self.sampler = PartitionSampler(num_clients, clients_per_round, seed)
-        self.validator = ReplyValidator(max_update_norm, max_reply_bytes)
+        self.sampler = (
+            None
+            if num_clients is None
+            else PartitionSampler(num_clients, clients_per_round or num_clients, seed)
+        )
+        self.validator = ReplyValidator(
+            max_update_norm,
+            max_reply_bytes,
+            expected_quantization,
+            partitions=self.sampler is not None,
+            weight_key=weighted_by_key,
+            arrays_key=arrayrecord_key,
+        )
         self.model = GlobalModel(self.device)
         self.block_step: BlockStep | None = None
         if block:
@@ -191,6 +263,7 @@ class RobustStrategy(Strategy):
 
     # ----------------------------------------------------------------------------- state
     def set_node_map(self, node_to_partition: dict[int, int]) -> None:
+        """fedbgmd's engines: which node serves which partition (clients are partitions)."""
         self.node_to_partition = dict(node_to_partition)
 
     def state_dict(self) -> dict[str, Any]:
@@ -213,55 +286,102 @@ class RobustStrategy(Strategy):
 
     # ----------------------------------------------------------------------------- rounds
     def summary(self) -> None:
-        log.debug("RobustStrategy(%s, block=%s, beta=%s)", self.aggregator, self.block, self.beta)
+        super().summary()
+        flwr_log(INFO, "\t└──> Robust aggregation:")
+        flwr_log(INFO, "\t\t├── Aggregator: %s (weighted: %s)", self.aggregator, self.weighted)
+        if self.block_step is not None:
+            flwr_log(
+                INFO,
+                "\t\t├── Block step: beta %s, selector %s, memory %s",
+                self.beta,
+                self.selector,
+                self.memory_kind,
+            )
+        flwr_log(
+            INFO,
+            "\t\t└── Server step: lr %s, momentum %s; clients: %s",
+            self.server_lr,
+            self.momentum,
+            "partitions" if self.sampler is not None else "nodes",
+        )
 
     def sample_partitions(self, server_round: int) -> list[int]:
         """Seeded draw of this round's partitions (same draw on every engine)."""
+        assert self.sampler is not None, "clients are nodes: no partitions to draw"
         return self.sampler.sample(server_round)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         t0 = time.perf_counter()
+        if self.fraction_train == 0.0:
+            return []
         if not self.model.ready:  # first round (or first round after a resume)
             self.model.adopt(arrays)
-        partition_to_node = {p: n for n, p in self.node_to_partition.items()}
-        chosen = self.sample_partitions(server_round)
-        missing = [p for p in chosen if p not in partition_to_node]
-        present = [p for p in chosen if p in partition_to_node]
-        lr = float(self.client_lr(server_round))
-        values = {**dict(config), "server-round": server_round, "lr": lr}
+        values = {**dict(config), "server-round": server_round}
+        lr = None
+        if self.client_lr is not None:  # fedbgmd's engines: the schedule sets the round's lr
+            if "lr" in config:
+                raise ValueError("train_config has 'lr' and the strategy a client_lr schedule")
+            lr = values["lr"] = float(self.client_lr(server_round))
         if self.model_by_reference:
             values[MODEL_REF_KEY] = self.model.share()
             arrays = ArrayRecord()  # a placeholder: the reference stands for the model
-        content = RecordDict({"arrays": arrays, "config": ConfigRecord(values)})
-        msgs = [
-            Message(content, partition_to_node[p], "train", group_id=str(server_round))
-            for p in present
-        ]
+        clients, info = self._sample(server_round, grid)
+        content = RecordDict(
+            {self.arrayrecord_key: arrays, self.configrecord_key: ConfigRecord(values)}
+        )
+        msgs = [Message(content, node, "train", group_id=str(server_round)) for node in clients]
         self.round_info[server_round] = {
             "t_start": t0,
-            "sampled": chosen,
-            "missing_nodes": len(missing),
+            **info,
+            "clients": clients,
             "lr": lr,
             "bytes_down": len(msgs) * self.model.nbytes,  # payload, as bytes_up
             "sent": len(msgs),
-            "sent_nodes": [m.metadata.dst_node_id for m in msgs],
+            "sent_nodes": list(clients),
         }
-        if missing:
-            log.warning("round %d: no node serves partitions %s", server_round, missing)
         self._t_sent = time.perf_counter()
         return msgs
+
+    def _sample(self, server_round: int, grid: Grid) -> tuple[dict[int, int], dict[str, Any]]:
+        """This round's clients as {node id: client id} (and what to record about the draw)."""
+        if self.sampler is None:  # the grid's nodes, as FedAvg samples them, seeded
+            nodes = self._sample_nodes(server_round, grid)
+            return {n: n for n in nodes}, {}
+        partition_to_node = {p: n for n, p in self.node_to_partition.items()}
+        chosen = self.sample_partitions(server_round)
+        missing = [p for p in chosen if p not in partition_to_node]
+        if missing:
+            log.warning("round %d: no node serves partitions %s", server_round, missing)
+        clients = {partition_to_node[p]: p for p in chosen if p in partition_to_node}
+        return clients, {"sampled": chosen, "missing_nodes": len(missing)}
+
+    def _sample_nodes(self, server_round: int, grid: Grid) -> list[int]:
+        """FedAvg's sample (fraction_train of the connected nodes, at least min_train_nodes;
+        waits for min_available_nodes), drawn by a generator seeded by (seed, round)."""
+        size = max(int(len(list(grid.get_node_ids())) * self.fraction_train), self.min_train_nodes)
+        need = max(self.min_available_nodes, size)
+        while len(nodes := sorted(grid.get_node_ids())) < need:
+            flwr_log(
+                INFO, "Waiting for nodes to connect: %d connected (need %d).", len(nodes), need
+            )
+            time.sleep(1)
+        g = generator(self.seed, server_round, "sampling")
+        chosen = sorted(nodes[int(i)] for i in torch.randperm(len(nodes), generator=g)[:size])
+        flwr_log(INFO, "configure_train: Sampled %s nodes (out of %s)", len(chosen), len(nodes))
+        return chosen
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         info = self.round_info.setdefault(server_round, {"t_start": self._t_sent})
         info["transport_s"] = time.perf_counter() - self._t_sent
-        assert self.model.ready  # set in configure_train
         replies = list(replies)
+        if not self.model.ready:  # no configure_train this run (nothing was sent)
+            return None, None
         # G_t: the accepted replies (and the omniscient adversary's rows), one per client
-        verdict = self.validator.validate(replies, self.model.dim, self._client_of(info))
+        verdict = self.validator.validate(replies, self.model, self._client_of(info))
         DEVICE_STORE.clear()  # device references of rejected replies are dropped here
         updates = self._byzantine_rows(verdict, server_round)
         self._count_rejections(server_round, info, verdict, replies)
@@ -296,12 +416,10 @@ class RobustStrategy(Strategy):
                 server_round,
                 diag["rows_dropped"],
             )
-        info["train_loss"] = median_of_claims([m["train-loss"] for _, _, m in verdict.accepted])
+        losses = [m["train-loss"] for _, _, m in verdict.accepted if "train-loss" in m]
+        info["train_loss"] = median_of_claims(losses) if losses else None
         new = ArrayRecord() if self.model_by_reference else self.model.to_arrays()
-        metrics = MetricRecord(
-            {"train-loss": info["train_loss"], "replies-accepted": info["replies_accepted"]}
-        )
-        return new, metrics
+        return new, self._train_metrics(server_round, info, verdict)
 
     def aggregate_updates(
         self,
@@ -334,25 +452,31 @@ class RobustStrategy(Strategy):
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
         start_round: int = 1,
     ) -> Result:
-        """Flower's round loop (``Strategy.start``), able to continue from ``start_round``.
-
-        Same sequence as Flower's: configure_train -> send_and_receive -> aggregate_train ->
-        configure_evaluate -> send_and_receive -> aggregate_evaluate -> evaluate_fn.
-        """
+        """Flower's round loop (``Strategy.start``, same sequence, log and Result), able to
+        continue from ``start_round`` (a resumed run) and to stop on divergence."""
+        flwr_log(INFO, "Starting %s strategy:", type(self).__name__)
+        log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
+        self.summary()
+        flwr_log(INFO, "")
         train_config = ConfigRecord() if train_config is None else train_config
         evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
         result, arrays = Result(), initial_arrays
+        t_start = time.time()
         if evaluate_fn is not None and start_round == 1:
             res = evaluate_fn(0, arrays)
+            flwr_log(INFO, "Initial global evaluation results: %s", res)
             if res is not None:
                 result.evaluate_metrics_serverapp[0] = res
         for rnd in range(start_round, num_rounds + 1):
+            flwr_log(INFO, "")
+            flwr_log(INFO, "[ROUND %s/%s]", rnd, num_rounds)
             messages = list(self.configure_train(rnd, arrays, train_config, grid))
-            replies = grid.send_and_receive(messages, timeout=timeout)
+            replies = grid.send_and_receive(messages, timeout=timeout) if messages else []
             new, metrics = self.aggregate_train(rnd, replies)
             if new is not None:
                 result.arrays = arrays = new
             if metrics is not None:
+                flwr_log(INFO, "\t└──> Aggregated MetricRecord: %s", metrics)
                 result.train_metrics_clientapp[rnd] = metrics
             eval_msgs = list(self.configure_evaluate(rnd, arrays, evaluate_config, grid))
             if eval_msgs:
@@ -360,9 +484,12 @@ class RobustStrategy(Strategy):
                     rnd, grid.send_and_receive(eval_msgs, timeout=timeout)
                 )
                 if agg is not None:
+                    flwr_log(INFO, "\t└──> Aggregated MetricRecord: %s", agg)
                     result.evaluate_metrics_clientapp[rnd] = agg
             if evaluate_fn is not None:
+                flwr_log(INFO, "Global evaluation")
                 res = evaluate_fn(rnd, arrays)
+                flwr_log(INFO, "\t└──> MetricRecord: %s", res)
                 if res is not None:
                     result.evaluate_metrics_serverapp[rnd] = res
             if self.diverged is not None and self.stop_on_divergence:
@@ -371,28 +498,55 @@ class RobustStrategy(Strategy):
                 break
         if self.model_by_reference and self.holds_model:
             result.arrays = self.model.to_arrays()  # the rounds passed a placeholder
+        flwr_log(INFO, "")
+        flwr_log(INFO, "Strategy execution finished in %.2fs", time.time() - t_start)
+        flwr_log(INFO, "Final results:")
+        for line in io.StringIO(str(result)):
+            flwr_log(INFO, "\t%s", line.rstrip("\n"))
         return result
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return []  # evaluation is centralised (the ServerApp's evaluate_fn)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        return None
+        """FedAvg's aggregation of the evaluation metrics, over the replies that carry one
+        MetricRecord with a valid ``weighted_by_key``; the others are counted by reason and
+        logged (a hostile evaluate reply must not end the run, as it would in FedAvg)."""
+        ok: list[RecordDict] = []
+        reasons: Counter[str] = Counter()
+        for msg in replies:
+            try:
+                if msg.has_error():
+                    raise BadReply("client_error", msg.error.reason or "")
+                records = [r for r in msg.content.values() if isinstance(r, MetricRecord)]
+                if len(records) != 1:
+                    raise BadReply("missing_record", f"{len(records)} MetricRecords, expected one")
+                check_metrics(dict(records[0]), (self.weighted_by_key,))
+                ok.append(RecordDict({"metrics": records[0]}))
+            except BadReply as err:
+                reasons[err.reason] += 1
+                log.debug("rejected evaluate reply: %s", err)
+        if reasons:
+            log.warning(
+                "round %d: %d evaluate replies rejected (%s)",
+                server_round,
+                sum(reasons.values()),
+                ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())),
+            )
+        if not ok:
+            return None
+        try:
+            return self.evaluate_metrics_aggr_fn(ok, self.weighted_by_key)
+        except Exception as err:  # clients' claims (e.g. weights summing to 0): log, go on
+            log.warning("round %d: evaluate metrics not aggregated (%s)", server_round, err)
+            return None
 
     # ----------------------------------------------------------------------------- helpers
     def _client_of(self, info: dict[str, Any]) -> Callable[[int], int | None]:
-        """Node id -> the partition it was asked for this round (None: not asked)."""
-        sampled = set(info.get("sampled", ()))
-
-        def client_of(node: int) -> int | None:
-            pid = self.node_to_partition.get(node)
-            return None if pid is None or (sampled and pid not in sampled) else pid
-
-        return client_of
+        """Node id -> the client it was asked as this round (None: not asked)."""
+        clients: dict[int, int] | None = info.get("clients")
+        if clients is None:  # no configure_train for this round: any mapped node
+            return self.node_to_partition.get
+        return clients.get
 
     def _byzantine_rows(self, verdict: Verdict, server_round: int) -> torch.Tensor | None:
         """Simulation only: the stacked rows with the omniscient adversary's written in (its rows
@@ -415,9 +569,9 @@ class RobustStrategy(Strategy):
         return self.omniscient.rows(updates, ids, server_round, self.max_update_norm)
 
     def _weights(self, verdict: Verdict) -> torch.Tensor:
-        sizes = self.partition_sizes
+        sizes, key = self.partition_sizes, self.weighted_by_key
         return torch.tensor(
-            [m["num-examples"] if sizes is None else sizes[c] for c, _, m in verdict.accepted],
+            [m[key] if sizes is None else sizes[c] for c, _, m in verdict.accepted],
             dtype=torch.float32,
         ).to(self.device)
 
@@ -431,6 +585,12 @@ class RobustStrategy(Strategy):
         missing = len(set(info.get("sent_nodes", ())) - answered)
         if missing > 0:
             reasons["timeout"] += missing
+        flwr_log(
+            INFO,
+            "aggregate_train: %s replies accepted, %s rejected",
+            len(verdict.accepted),
+            sum(reasons.values()),
+        )
         if reasons:  # one line a round, not one per reply (a Byzantine fifth would flood the log)
             log.warning(
                 "round %d: %d of %d sampled replies rejected (%s)",
@@ -457,6 +617,29 @@ class RobustStrategy(Strategy):
         info["rejections"] = dict(verdict.reasons)
         log.warning("round %d: %d clients' residual memory overflowed", server_round, overflowed)
 
+    def _train_metrics(
+        self, server_round: int, info: dict[str, Any], verdict: Verdict | None
+    ) -> MetricRecord:
+        """The clients' metrics aggregated as FedAvg does (``train_metrics_aggr_fn``), plus the
+        round's diagnostics: train-loss (the median claim), replies accepted/rejected and by
+        reason (``rejected-<reason>``), GM iterations, memory norm, relative residual."""
+        out = MetricRecord()
+        accepted = [] if verdict is None else verdict.accepted
+        records = [RecordDict({"metrics": MetricRecord(m)}) for _, _, m in accepted]
+        if records:
+            try:
+                out = self.train_metrics_aggr_fn(records, self.weighted_by_key)
+            except Exception as err:  # clients' claims (e.g. weights summing to 0): log, go on
+                log.warning("round %d: train metrics not aggregated (%s)", server_round, err)
+        keys = ("train_loss", "replies_accepted", "replies_rejected", "gm_iterations",
+                "gm_converged", "memory_norm", "relative_residual", "rows_dropped")  # fmt: skip
+        for key in keys:
+            if isinstance(info.get(key), (int, float)):
+                out[key.replace("_", "-")] = info[key]
+        for reason, n in (info.get("rejections") or {}).items():
+            out[f"rejected-{reason.replace('_', '-')}"] = n
+        return out
+
     def _skip(
         self,
         server_round: int,
@@ -465,7 +648,7 @@ class RobustStrategy(Strategy):
         *,
         check_model: bool = False,
         timed: bool = False,
-    ) -> tuple[None, None]:
+    ) -> tuple[None, MetricRecord]:
         """The round changes nothing (x, memory and momentum as they were)."""
         info["skipped"] = why
         log.warning("round %d skipped: %s", server_round, why)
@@ -476,7 +659,7 @@ class RobustStrategy(Strategy):
             info["check_model"] = True
         if not timed:
             info["agg_time_s"] = 0.0
-        return None, None
+        return None, self._train_metrics(server_round, info, None)
 
     def _check_divergence(self, server_round: int, info: dict[str, Any]) -> None:
         if self.diverged is None and not self.model.finite():

@@ -2,11 +2,14 @@
 
 One job: turn a round's reply Messages into accepted ``(client id, update, metrics)`` triples,
 ordered by client id, and count every refused reply under a short reason (``BadReply.reason``).
-The checks, in order: an error reply (``client_error``), a sender that was not asked
-(``unknown_node``), the wire format (:func:`fedbgmd.wire.decode_update`: size, records, keys,
-dtype, shape, quantizer, metrics), then over all decoded updates at once finiteness
-(``non_finite``; one host read for the round), the claimed partition (``wrong_partition``), a
-second reply of one client (``duplicate``) and the norm bound (``norm_too_large``).
+A reply is either fedbgmd's compact update or a standard Flower reply with the trained weights
+(the update x_t − y is formed here), told apart by what it carries (:func:`fedbgmd.wire.is_compact`);
+both meet the same checks, in order: an error reply (``client_error``), a sender that was not
+asked (``unknown_node``), the format (:func:`fedbgmd.wire.decode_update` /
+:func:`~fedbgmd.wire.decode_weights`: size, records, keys, dtype, shape, quantizer, metrics), then
+over all decoded updates at once finiteness (``non_finite``; one host read for the round), the
+claimed partition when clients are partitions (``wrong_partition``), a second reply of one client
+(``duplicate``) and the norm bound (``norm_too_large``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,16 @@ from flwr.app import Message
 
 from fedbgmd.components import PluginFailed
 from fedbgmd.core import all_finite_each
-from fedbgmd.wire import NON_FINITE_DETAIL, BadReply, decode_update, reply_nbytes
+from fedbgmd.strategies.model import GlobalModel
+from fedbgmd.wire import (
+    NON_FINITE_DETAIL,
+    REQUIRED_METRICS,
+    BadReply,
+    decode_update,
+    decode_weights,
+    is_compact,
+    reply_nbytes,
+)
 
 log = logging.getLogger("fedbgmd")
 
@@ -58,19 +70,40 @@ class ReplyValidator:
             other settings are rejected (None: any supported setting).
         own_clients: the clients run in this process (simulation): an error reply saying their
             plug-in crashed is a bug that fails the run, not a reply to reject.
+        partitions: clients are fedbgmd's partitions: a reply must carry the metrics of
+            :data:`~fedbgmd.wire.REQUIRED_METRICS`, its ``partition-id`` the one it was asked
+            for. Otherwise (a standard Flower app) only ``weight_key`` is required.
+        weight_key: the metric holding the sample count (Flower's ``weighted_by_key``).
+        arrays_key: the ArrayRecord holding a standard reply's trained weights.
     """
 
     max_update_norm: float | None = None
     max_reply_bytes: int | None = None
     expected_quantization: tuple[Any, ...] | None = None
     own_clients: bool = False
+    partitions: bool = True
+    weight_key: str = "num-examples"
+    arrays_key: str = "arrays"
+
+    @property
+    def required_metrics(self) -> tuple[str, ...]:
+        if self.partitions:
+            return tuple(dict.fromkeys((*REQUIRED_METRICS, self.weight_key)))
+        return (self.weight_key,)
 
     def validate(
-        self, replies: Sequence[Message], dim: int, client_of: Callable[[int], int | None]
+        self, replies: Sequence[Message], model: GlobalModel, client_of: Callable[[int], int | None]
     ) -> Verdict:
-        """Decode and check every reply; ``client_of(node id)`` is the client id a node was
-        asked as (None: it was not asked)."""
+        """Decode and check every reply against the global model ``model`` (x_t);
+        ``client_of(node id)`` is the client id a node was asked as (None: it was not asked)."""
+        dim = model.dim
         max_bytes = self.max_reply_bytes or (8 * dim + 4096)  # 2x a float32 update + headers
+        # a standard reply: the float32 weights, plus .npy headers and names for every array
+        max_weights_bytes = self.max_reply_bytes or (
+            8 * dim + 4096 + 512 * len(model.spec.keys if model.spec else ())
+        )
+        required = self.required_metrics
+        x_host: list[torch.Tensor] = []  # x_t on the CPU, read once a round if needed
         verdict = Verdict(accepted=[])
         reasons = verdict.reasons
 
@@ -94,9 +127,22 @@ class ReplyValidator:
                 if cid is None:
                     raise BadReply("unknown_node", f"node {node}")
                 verdict.bytes_up += reply_nbytes(msg.content)
-                vec, metrics = decode_update(
-                    msg.content, dim, max_bytes, self.expected_quantization
-                )
+                if is_compact(msg.content):
+                    vec, metrics = decode_update(
+                        msg.content, dim, max_bytes, self.expected_quantization, required
+                    )
+                else:
+                    if not x_host:
+                        assert model.x is not None and model.spec is not None
+                        x_host.append(model.x.detach().cpu())
+                    vec, metrics = decode_weights(
+                        msg.content,
+                        x_host[0],
+                        model.spec,
+                        max_weights_bytes,
+                        arrays_key=self.arrays_key,
+                        required=required,
+                    )
                 decoded.append((cid, vec, metrics))
             except BadReply as err:
                 reject(err)
@@ -111,13 +157,14 @@ class ReplyValidator:
             try:
                 if not ok:
                     raise BadReply("non_finite", NON_FINITE_DETAIL)
-                if int(metrics["partition-id"]) != cid:
+                if self.partitions and int(metrics["partition-id"]) != cid:
                     raise BadReply("wrong_partition", f"claims {metrics['partition-id']}, is {cid}")
                 if cid in by_id:
-                    raise BadReply("duplicate", f"partition {cid}")
+                    raise BadReply("duplicate", f"client {cid}")
                 if self.max_update_norm is not None and vec.norm() > self.max_update_norm:
                     raise BadReply("norm_too_large", f"{float(vec.norm()):.3g}")
-                client_times.append(float(metrics["client-time-s"]))
+                if "client-time-s" in metrics:
+                    client_times.append(float(metrics["client-time-s"]))
                 by_id[cid] = (vec, metrics)
             except BadReply as err:
                 reject(err)

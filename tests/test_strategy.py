@@ -304,7 +304,9 @@ def test_round_is_skipped_below_min_replies():
     new, metrics = run_round(
         s, initial_arrays(), updates(), extra={0: lambda r, m: reply_for(m, error=True)}
     )
-    assert new is None and metrics is None
+    # nothing applied; the Result still gets the round's diagnostics
+    assert new is None and metrics is not None
+    assert metrics["replies-accepted"] == 4 and metrics["rejected-client-error"] == 1
     assert "min_replies" in s.round_info[1]["skipped"]
 
 
@@ -382,7 +384,8 @@ def test_rejected_omniscient_rows_count_towards_min_replies():
     s = make_strategy("mean", adversary=_Rows(float("inf"), 1.0), byzantine_ids=[1, 3])
     s.min_replies = 5
     new, metrics = run_round(s, initial_arrays(), updates())
-    assert new is None and metrics is None
+    assert new is None and metrics is not None
+    assert metrics["replies-accepted"] == 4 and metrics["rejected-non-finite"] == 1
     assert "min_replies" in s.round_info[1]["skipped"]
     assert s.round_info[1]["rejections"] == {"non_finite": 1}
 
@@ -567,7 +570,7 @@ def test_reply_validation_reads_the_host_a_fixed_number_of_times_whatever_the_re
         with monkeypatch.context() as mp:
             mp.setattr(torch.Tensor, "tolist", lambda t: calls.append(1) or tolist(t))
             with counter:
-                verdict = s.validator.validate(replies, D, s.node_to_partition.get)
+                verdict = s.validator.validate(replies, s.model, s.node_to_partition.get)
         assert len(verdict.accepted) == n and not verdict.reasons
         return counter.n + len(calls)
 
