@@ -125,7 +125,7 @@ class ReplyValidator:
                 node = msg.metadata.src_node_id
                 cid = client_of(node)
                 if cid is None:
-                    raise BadReply("unknown_node", f"node {node}")
+                    raise BadReply("unknown_node", f"node {node} was not asked this round")
                 verdict.bytes_up += reply_nbytes(msg.content)
                 if is_compact(msg.content):
                     vec, metrics = decode_update(
@@ -160,7 +160,7 @@ class ReplyValidator:
                 if self.partitions and int(metrics["partition-id"]) != cid:
                     raise BadReply("wrong_partition", f"claims {metrics['partition-id']}, is {cid}")
                 if cid in by_id:
-                    raise BadReply("duplicate", f"client {cid}")
+                    raise BadReply("duplicate", f"a second reply of client {cid}")
                 if self.max_update_norm is not None and vec.norm() > self.max_update_norm:
                     raise BadReply("norm_too_large", f"{float(vec.norm()):.3g}")
                 if "client-time-s" in metrics:

@@ -209,19 +209,24 @@ def test_the_compact_update_mod_sends_quantized_deltas_that_train() -> None:
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_fedbgmd_in_flowers_simulation_runtime() -> None:
+def test_the_same_apps_in_flowers_simulation_runtime(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
+    import ray
     from flwr.simulation import run_simulation
-    from ray import cloudpickle
 
+    monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     # the apps are this test module's functions: Ray's workers get them by value
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    out: dict = {}
-    run_simulation(
-        server_app=make_server_app(lambda: FedBGMD(), out),
-        client_app=make_client_app(frozenset({0})),
-        num_supernodes=NUM_NODES,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
-    )
-    assert final_accuracy(out) > 0.9
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    acc = {}
+    for name, factory in STRATEGIES.items():
+        out: dict = {}
+        run_simulation(
+            server_app=make_server_app(factory, out),
+            client_app=make_client_app(frozenset({0})),
+            num_supernodes=NUM_NODES,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+        )
+        ray.shutdown()
+        acc[name] = final_accuracy(out)
+    assert acc["fedavg"] < 0.6 and acc["fedbgmd"] > 0.9, acc
