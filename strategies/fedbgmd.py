@@ -1,7 +1,8 @@
 """FedBGMD: FL-BGMD (Algorithm 3) as a named strategy — RobustStrategy with the GM block step.
 
 A thin subclass, the way Flower's FedMedian sits on FedAvg: only its defaults differ (block on,
-β = 0.1, active norm sampling, per-client memory, GM(ε = 1e-6)). The ``fedbgmd`` preset targets it.
+β = 0.1, active norm sampling, per-client memory, GM(ε = 1e-6)). The ``fedbgmd`` preset targets it,
+and ``FedBGMD()`` replaces ``FedAvg()`` in any Flower ServerApp (docs/flower.md).
 """
 
 from __future__ import annotations
