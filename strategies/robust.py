@@ -19,12 +19,9 @@ What differs is what happens to the replies. A round, each job done by one objec
      AGG = GM, a block CM with CM, ...);
    - x_{t+1} = x_t − g̃_t by the :class:`ServerOptimizer` (or its momentum step).
 
-A client is its partition id when the engine maps nodes to partitions, else the replying node id
-(the residual memory M_t is kept per client). With fewer than ``min_replies`` accepted replies the
-round is skipped (x, memory unchanged) and the reason is logged. The round's diagnostics
-(rejections by reason, GM iterations, residual, memory norm) are in the train MetricRecord, the
-log and :attr:`round_info`. A non-finite global model is divergence (:attr:`diverged`; the run
-stops when ``stop_on_divergence``).
+A client is its partition id when the engine maps nodes to partitions, else the replying node id.
+Below ``min_replies`` accepted replies the round is skipped (x, memory unchanged). Diagnostics go
+to the train MetricRecord, the log and :attr:`round_info`; a non-finite model is divergence.
 
 Plug-in contract for a custom strategy: subclass and override :meth:`aggregate_updates`, which
 receives the validated (n, d) tensor, the client ids of its rows and the round, and returns
@@ -34,10 +31,8 @@ memory, momentum, logging) is inherited.
 
 from __future__ import annotations
 
-import io
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable
 from logging import INFO
 from typing import Any
@@ -46,7 +41,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
-from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 from flwr.supercore import log as flwr_log
 
 from fedbgmd.attacks.base import OmniscientAttack
@@ -62,19 +56,33 @@ from fedbgmd.core import (
 )
 from fedbgmd.strategies.adversary import OmniscientHook
 from fedbgmd.strategies.model import GlobalModel
-from fedbgmd.strategies.sampling import PartitionSampler
+from fedbgmd.strategies.rounds import EvaluateFn, run_rounds, train_metrics
+from fedbgmd.strategies.sampling import PartitionSampler, sample_nodes
 from fedbgmd.strategies.validation import (
     ReplyValidator,
     Verdict,
     median_of_claims,
     row_rejections,
 )
-from fedbgmd.wire import DEVICE_STORE, MODEL_REF_KEY, BadReply, check_metrics
+from fedbgmd.wire import DEVICE_STORE, MODEL_REF_KEY
 
 log = logging.getLogger("fedbgmd")
 
 LrSchedule = Callable[[int], float]
 MetricsAggrFn = Callable[[list[RecordDict], str], MetricRecord]
+
+
+def _part(part: str, attr: str, settable: bool = False) -> Any:
+    """A setting held by one of the strategy's parts (``self.<part>.<attr>``; None without it)."""
+
+    def get(self: Any) -> Any:
+        obj = getattr(self, part)
+        return None if obj is None else getattr(obj, attr)
+
+    def put(self: Any, value: Any) -> None:
+        setattr(getattr(self, part), attr, value)
+
+    return property(get, put if settable else None, doc=f"``{part}.{attr}``")
 
 
 class RobustStrategy(FedAvg):
@@ -158,6 +166,7 @@ class RobustStrategy(FedAvg):
             if num_clients is None
             else PartitionSampler(num_clients, clients_per_round or num_clients, seed)
         )
+
         self.validator = ReplyValidator(
             max_update_norm,
             max_reply_bytes,
@@ -206,60 +215,19 @@ class RobustStrategy(FedAvg):
         return self.block_step is not None
 
     @property
-    def beta(self) -> float | None:
-        return None if self.block_step is None else self.block_step.beta
-
-    @property
-    def selector(self) -> str | None:
-        return None if self.block_step is None else self.block_step.selector
-
-    @property
-    def memory_kind(self) -> str | None:
-        return None if self.block_step is None else self.block_step.memory_kind
-
-    @property
-    def server_lr(self) -> float:
-        return self.server_opt.lr
-
-    @property
-    def momentum(self) -> float:
-        return self.server_opt.momentum
-
-    @property
-    def nesterov(self) -> bool:
-        return self.server_opt.nesterov
-
-    @property
-    def adversary(self) -> OmniscientAttack | None:
-        return None if self.omniscient is None else self.omniscient.attack
-
-    @property
     def byzantine_ids(self) -> frozenset[int]:
         return frozenset() if self.omniscient is None else self.omniscient.byzantine_ids
 
-    @property
-    def max_update_norm(self) -> float | None:
-        return self.validator.max_update_norm
-
-    @max_update_norm.setter
-    def max_update_norm(self, value: float | None) -> None:
-        self.validator.max_update_norm = value
-
-    @property
-    def expected_quantization(self) -> tuple[Any, ...] | None:
-        return self.validator.expected_quantization
-
-    @expected_quantization.setter
-    def expected_quantization(self, value: tuple[Any, ...] | None) -> None:
-        self.validator.expected_quantization = value
-
-    @property
-    def own_clients(self) -> bool:
-        return self.validator.own_clients
-
-    @own_clients.setter
-    def own_clients(self, value: bool) -> None:
-        self.validator.own_clients = value
+    beta = _part("block_step", "beta")
+    selector = _part("block_step", "selector")
+    memory_kind = _part("block_step", "memory_kind")
+    server_lr = _part("server_opt", "lr")
+    momentum = _part("server_opt", "momentum")
+    nesterov = _part("server_opt", "nesterov")
+    adversary = _part("omniscient", "attack")
+    max_update_norm = _part("validator", "max_update_norm", settable=True)
+    expected_quantization = _part("validator", "expected_quantization", settable=True)
+    own_clients = _part("validator", "own_clients", settable=True)
 
     # ----------------------------------------------------------------------------- state
     def set_node_map(self, node_to_partition: dict[int, int]) -> None:
@@ -287,19 +255,13 @@ class RobustStrategy(FedAvg):
     # ----------------------------------------------------------------------------- rounds
     def summary(self) -> None:
         super().summary()
-        flwr_log(INFO, "\t└──> Robust aggregation:")
-        flwr_log(INFO, "\t\t├── Aggregator: %s (weighted: %s)", self.aggregator, self.weighted)
-        if self.block_step is not None:
-            flwr_log(
-                INFO,
-                "\t\t├── Block step: beta %s, selector %s, memory %s",
-                self.beta,
-                self.selector,
-                self.memory_kind,
-            )
+        block = f"block (beta {self.beta}, {self.selector}, memory {self.memory_kind})"
         flwr_log(
             INFO,
-            "\t\t└── Server step: lr %s, momentum %s; clients: %s",
+            "\t└──> %s, %s, weighted %s; server lr %s, momentum %s; clients are %s",
+            self.aggregator,
+            block if self.block else "full dimension",
+            self.weighted,
             self.server_lr,
             self.momentum,
             "partitions" if self.sampler is not None else "nodes",
@@ -347,7 +309,14 @@ class RobustStrategy(FedAvg):
     def _sample(self, server_round: int, grid: Grid) -> tuple[dict[int, int], dict[str, Any]]:
         """This round's clients as {node id: client id} (and what to record about the draw)."""
         if self.sampler is None:  # the grid's nodes, as FedAvg samples them, seeded
-            nodes = self._sample_nodes(server_round, grid)
+            nodes = sample_nodes(
+                grid,
+                server_round,
+                self.seed,
+                self.fraction_train,
+                self.min_train_nodes,
+                self.min_available_nodes,
+            )
             return {n: n for n in nodes}, {}
         partition_to_node = {p: n for n, p in self.node_to_partition.items()}
         chosen = self.sample_partitions(server_round)
@@ -357,35 +326,16 @@ class RobustStrategy(FedAvg):
         clients = {partition_to_node[p]: p for p in chosen if p in partition_to_node}
         return clients, {"sampled": chosen, "missing_nodes": len(missing)}
 
-    def _sample_nodes(self, server_round: int, grid: Grid) -> list[int]:
-        """FedAvg's sample (fraction_train of the connected nodes, at least min_train_nodes;
-        waits for min_available_nodes), drawn by a generator seeded by (seed, round)."""
-        size = max(int(len(list(grid.get_node_ids())) * self.fraction_train), self.min_train_nodes)
-        need = max(self.min_available_nodes, size)
-        while len(nodes := sorted(grid.get_node_ids())) < need:
-            flwr_log(
-                INFO, "Waiting for nodes to connect: %d connected (need %d).", len(nodes), need
-            )
-            time.sleep(1)
-        g = generator(self.seed, server_round, "sampling")
-        chosen = sorted(nodes[int(i)] for i in torch.randperm(len(nodes), generator=g)[:size])
-        flwr_log(INFO, "configure_train: Sampled %s nodes (out of %s)", len(chosen), len(nodes))
-        return chosen
-
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Algorithm 3, server side; the bookkeeping (timing, counters, log) is in the helpers."""
         info = self.round_info.setdefault(server_round, {"t_start": self._t_sent})
         info["transport_s"] = time.perf_counter() - self._t_sent
-        replies = list(replies)
         if not self.model.ready:  # no configure_train this run (nothing was sent)
             return None, None
-        # G_t: the accepted replies (and the omniscient adversary's rows), one per client
-        verdict = self.validator.validate(replies, self.model, self._client_of(info))
-        DEVICE_STORE.clear()  # device references of rejected replies are dropped here
-        updates = self._byzantine_rows(verdict, server_round)
-        self._count_rejections(server_round, info, verdict, replies)
-        if len(verdict.accepted) < self.min_replies:
+        verdict, G = self._receive(server_round, info, list(replies))  # G_t: a row per client
+        if G is None:
             return self._skip(
                 server_round,
                 info,
@@ -393,33 +343,17 @@ class RobustStrategy(FedAvg):
                 check_model=not verdict.accepted
                 and bool(verdict.reasons.keys() & {"non_finite", "bad_metrics"}),
             )
-        if updates is None:
-            updates = stack_rows([u for _, u, _ in verdict.accepted]).to(self.device)
         weights = self._weights(verdict) if self.weighted else None
         self._sync()
         t_agg = time.perf_counter()
-        try:  # g̃_t (block: P_t = γG_t + M_t, Δ_t = C_k(P_t), M_{t+1} = P_t − Δ_t, AGG(Δ_t))
-            direction, diag = self.aggregate_updates(updates, verdict.ids, server_round, weights)
+        try:  # g̃_t = AGG(Δ_t), Δ_t = C_k(P_t), P_t = γG_t + M_t, M_{t+1} = P_t − Δ_t
+            g_tilde, diag = self.aggregate_updates(G, verdict.ids, server_round, weights)
         except AggregationRefused as err:  # Krum/Bulyan with too few rows this round, ...
             # (anything else a plug-in raises is a bug: it ends the run, see fedbgmd.core.errors)
             info["agg_time_s"] = time.perf_counter() - t_agg
             return self._skip(server_round, info, f"aggregation refused: {err}", timed=True)
-        self._count_overflow(server_round, info, verdict, int(diag.pop("memory_overflowed", 0)))
-        self.model.x = self.server_opt.step(self.model.x, direction)  # x_{t+1} = x_t − g̃_t
-        self._sync()
-        self._check_divergence(server_round, info)
-        info["agg_time_s"] = time.perf_counter() - t_agg
-        info.update(diag)
-        if diag.get("rows_dropped"):
-            log.warning(
-                "round %d: the aggregator dropped %d accepted rows",
-                server_round,
-                diag["rows_dropped"],
-            )
-        losses = [m["train-loss"] for _, _, m in verdict.accepted if "train-loss" in m]
-        info["train_loss"] = median_of_claims(losses) if losses else None
-        new = ArrayRecord() if self.model_by_reference else self.model.to_arrays()
-        return new, self._train_metrics(server_round, info, verdict)
+        self.model.x = self.server_opt.step(self.model.x, g_tilde)  # x_{t+1} = x_t − g̃_t
+        return self._close_round(server_round, info, verdict, diag, t_agg)
 
     def aggregate_updates(
         self,
@@ -449,61 +383,22 @@ class RobustStrategy(FedAvg):
         timeout: float = 3600,
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        evaluate_fn: EvaluateFn | None = None,
         start_round: int = 1,
     ) -> Result:
-        """Flower's round loop (``Strategy.start``, same sequence, log and Result), able to
+        """Flower's round loop (``Strategy.start``: same sequence, log and Result), able to
         continue from ``start_round`` (a resumed run) and to stop on divergence."""
-        flwr_log(INFO, "Starting %s strategy:", type(self).__name__)
-        log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
-        self.summary()
-        flwr_log(INFO, "")
-        train_config = ConfigRecord() if train_config is None else train_config
-        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
-        result, arrays = Result(), initial_arrays
-        t_start = time.time()
-        if evaluate_fn is not None and start_round == 1:
-            res = evaluate_fn(0, arrays)
-            flwr_log(INFO, "Initial global evaluation results: %s", res)
-            if res is not None:
-                result.evaluate_metrics_serverapp[0] = res
-        for rnd in range(start_round, num_rounds + 1):
-            flwr_log(INFO, "")
-            flwr_log(INFO, "[ROUND %s/%s]", rnd, num_rounds)
-            messages = list(self.configure_train(rnd, arrays, train_config, grid))
-            replies = grid.send_and_receive(messages, timeout=timeout) if messages else []
-            new, metrics = self.aggregate_train(rnd, replies)
-            if new is not None:
-                result.arrays = arrays = new
-            if metrics is not None:
-                flwr_log(INFO, "\t└──> Aggregated MetricRecord: %s", metrics)
-                result.train_metrics_clientapp[rnd] = metrics
-            eval_msgs = list(self.configure_evaluate(rnd, arrays, evaluate_config, grid))
-            if eval_msgs:
-                agg = self.aggregate_evaluate(
-                    rnd, grid.send_and_receive(eval_msgs, timeout=timeout)
-                )
-                if agg is not None:
-                    flwr_log(INFO, "\t└──> Aggregated MetricRecord: %s", agg)
-                    result.evaluate_metrics_clientapp[rnd] = agg
-            if evaluate_fn is not None:
-                flwr_log(INFO, "Global evaluation")
-                res = evaluate_fn(rnd, arrays)
-                flwr_log(INFO, "\t└──> MetricRecord: %s", res)
-                if res is not None:
-                    result.evaluate_metrics_serverapp[rnd] = res
-            if self.diverged is not None and self.stop_on_divergence:
-                # every later round would reject all replies (computed from a NaN/Inf model)
-                log.warning("%s; stopping the run (stop_on_divergence=true)", self.diverged)
-                break
-        if self.model_by_reference and self.holds_model:
-            result.arrays = self.model.to_arrays()  # the rounds passed a placeholder
-        flwr_log(INFO, "")
-        flwr_log(INFO, "Strategy execution finished in %.2fs", time.time() - t_start)
-        flwr_log(INFO, "Final results:")
-        for line in io.StringIO(str(result)):
-            flwr_log(INFO, "\t%s", line.rstrip("\n"))
-        return result
+        return run_rounds(
+            self,
+            grid,
+            initial_arrays,
+            num_rounds,
+            timeout,
+            train_config,
+            evaluate_config,
+            evaluate_fn,
+            start_round,
+        )
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -511,20 +406,7 @@ class RobustStrategy(FedAvg):
         """FedAvg's aggregation of the evaluation metrics, over the replies that carry one
         MetricRecord with a valid ``weighted_by_key``; the others are counted by reason and
         logged (a hostile evaluate reply must not end the run, as it would in FedAvg)."""
-        ok: list[RecordDict] = []
-        reasons: Counter[str] = Counter()
-        for msg in replies:
-            try:
-                if msg.has_error():
-                    raise BadReply("client_error", msg.error.reason or "")
-                records = [r for r in msg.content.values() if isinstance(r, MetricRecord)]
-                if len(records) != 1:
-                    raise BadReply("missing_record", f"{len(records)} MetricRecords, expected one")
-                check_metrics(dict(records[0]), (self.weighted_by_key,))
-                ok.append(RecordDict({"metrics": records[0]}))
-            except BadReply as err:
-                reasons[err.reason] += 1
-                log.debug("rejected evaluate reply: %s", err)
+        ok, reasons = self.validator.evaluate_replies(list(replies))
         if reasons:
             log.warning(
                 "round %d: %d evaluate replies rejected (%s)",
@@ -541,6 +423,46 @@ class RobustStrategy(FedAvg):
             return None
 
     # ----------------------------------------------------------------------------- helpers
+    def _receive(
+        self, server_round: int, info: dict[str, Any], replies: list[Message]
+    ) -> tuple[Verdict, torch.Tensor | None]:
+        """The validated replies and G_t (n, d) on the device, the omniscient adversary's rows
+        written in; G_t is None below ``min_replies`` accepted replies."""
+        verdict = self.validator.validate(replies, self.model, self._client_of(info))
+        DEVICE_STORE.clear()  # device references of rejected replies are dropped here
+        updates = self._byzantine_rows(verdict, server_round)
+        self._count_rejections(server_round, info, verdict, replies)
+        if len(verdict.accepted) < self.min_replies:
+            return verdict, None
+        if updates is None:
+            updates = stack_rows([u for _, u, _ in verdict.accepted]).to(self.device)
+        return verdict, updates
+
+    def _close_round(
+        self,
+        server_round: int,
+        info: dict[str, Any],
+        verdict: Verdict,
+        diag: dict[str, float],
+        t_agg: float,
+    ) -> tuple[ArrayRecord, MetricRecord]:
+        """After the step: divergence, diagnostics and counters, the new model and metrics."""
+        self._sync()
+        self._check_divergence(server_round, info)
+        info["agg_time_s"] = time.perf_counter() - t_agg
+        self._count_overflow(server_round, info, verdict, int(diag.pop("memory_overflowed", 0)))
+        info.update(diag)
+        if diag.get("rows_dropped"):
+            log.warning(
+                "round %d: the aggregator dropped %d accepted rows",
+                server_round,
+                diag["rows_dropped"],
+            )
+        losses = [m["train-loss"] for _, _, m in verdict.accepted if "train-loss" in m]
+        info["train_loss"] = median_of_claims(losses) if losses else None
+        new = ArrayRecord() if self.model_by_reference else self.model.to_arrays()
+        return new, self._train_metrics(server_round, info, verdict)
+
     def _client_of(self, info: dict[str, Any]) -> Callable[[int], int | None]:
         """Node id -> the client it was asked as this round (None: not asked)."""
         clients: dict[int, int] | None = info.get("clients")
@@ -620,25 +542,10 @@ class RobustStrategy(FedAvg):
     def _train_metrics(
         self, server_round: int, info: dict[str, Any], verdict: Verdict | None
     ) -> MetricRecord:
-        """The clients' metrics aggregated as FedAvg does (``train_metrics_aggr_fn``), plus the
-        round's diagnostics: train-loss (the median claim), replies accepted/rejected and by
-        reason (``rejected-<reason>``), GM iterations, memory norm, relative residual."""
-        out = MetricRecord()
-        accepted = [] if verdict is None else verdict.accepted
-        records = [RecordDict({"metrics": MetricRecord(m)}) for _, _, m in accepted]
-        if records:
-            try:
-                out = self.train_metrics_aggr_fn(records, self.weighted_by_key)
-            except Exception as err:  # clients' claims (e.g. weights summing to 0): log, go on
-                log.warning("round %d: train metrics not aggregated (%s)", server_round, err)
-        keys = ("train_loss", "replies_accepted", "replies_rejected", "gm_iterations",
-                "gm_converged", "memory_norm", "relative_residual", "rows_dropped")  # fmt: skip
-        for key in keys:
-            if isinstance(info.get(key), (int, float)):
-                out[key.replace("_", "-")] = info[key]
-        for reason, n in (info.get("rejections") or {}).items():
-            out[f"rejected-{reason.replace('_', '-')}"] = n
-        return out
+        claims = [] if verdict is None else [m for _, _, m in verdict.accepted]
+        return train_metrics(
+            server_round, info, claims, self.train_metrics_aggr_fn, self.weighted_by_key
+        )
 
     def _skip(
         self,

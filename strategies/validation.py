@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from flwr.app import Message
+from flwr.app import Message, MetricRecord, RecordDict
 
 from fedbgmd.components import PluginFailed
 from fedbgmd.core import all_finite_each
@@ -30,6 +30,7 @@ from fedbgmd.wire import (
     NON_FINITE_DETAIL,
     REQUIRED_METRICS,
     BadReply,
+    check_metrics,
     decode_update,
     decode_weights,
     is_compact,
@@ -174,6 +175,25 @@ class ReplyValidator:
         if client_times:
             verdict.client_time_s = len(client_times) * median_of_claims(client_times)
         return verdict
+
+    def evaluate_replies(self, replies: Sequence[Message]) -> tuple[list[RecordDict], Counter[str]]:
+        """The evaluate replies whose metrics can be aggregated (one MetricRecord, a valid
+        ``weight_key``), as ``{"metrics": record}``, and the others counted by reason."""
+        ok: list[RecordDict] = []
+        reasons: Counter[str] = Counter()
+        for msg in replies:
+            try:
+                if msg.has_error():
+                    raise BadReply("client_error", msg.error.reason or "")
+                records = [r for r in msg.content.values() if isinstance(r, MetricRecord)]
+                if len(records) != 1:
+                    raise BadReply("missing_record", f"{len(records)} MetricRecords, expected one")
+                check_metrics(dict(records[0]), (self.weight_key,))
+                ok.append(RecordDict({"metrics": records[0]}))
+            except BadReply as err:
+                reasons[err.reason] += 1
+                log.debug("rejected evaluate reply: %s", err)
+        return ok, reasons
 
     def row_rejections(self, rows: torch.Tensor) -> list[str | None]:
         """:func:`row_rejections` with this validator's norm bound."""
