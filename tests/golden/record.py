@@ -14,6 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 HERE = Path(__file__).resolve().parent
 
 # Several strategies, attacks, block selectors, memories, quantizers and server steps; each a
@@ -85,7 +87,14 @@ def run_case(overrides: list[str], folder: Path) -> list[dict]:
 
     cfg = compose_config([*COMMON, *overrides])
     check_config(cfg)  # raises on a config the CLI would refuse
-    run_inprocess(cfg, folder)
+    # one thread, whatever the process had: the order of float reductions depends on it, and
+    # tests before this one change it (cli.run applies engine.num_threads, smoke's is 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_inprocess(cfg, folder)
+    finally:
+        torch.set_num_threads(threads)
     return [{k: row[k] for k in KEYS if k in row} for row in read_metrics(folder)]
 
 
