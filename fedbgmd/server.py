@@ -402,6 +402,7 @@ def build_strategy(cfg: Any, device: torch.device, attack: Any, rpe: float) -> A
 
     cls = strategy_class(s.target)
     return cls(
+        fraction_evaluate=0.0,  # evaluation is centralised (the ServerApp's evaluate_fn)
         aggregator=build_aggregator(s.aggregator),
         num_clients=cfg.num_clients,
         clients_per_round=clients_per_round(cfg),

@@ -6,14 +6,20 @@ A train reply's content is a RecordDict with
 - ``"quant"``: ConfigRecord ``{"method", "bits", "numel"}`` (method "none" when unquantized);
 - ``"metrics"``: MetricRecord ``{"num-examples", "train-loss", "partition-id", "client-time-s"}``.
 
-Decoding is where the server's defences start: :func:`decode_update` raises :class:`BadReply`
-with a short machine-readable reason for anything that is not exactly what was expected.
+A standard Flower reply is also accepted: ``{"arrays": the trained weights y, "metrics": {...,
+"num-examples"}}`` (:func:`decode_weights` forms the update x_t − y on the server). Which of the
+two a reply is, is read from what it carries (:func:`is_compact`).
+
+Decoding is where the server's defences start: :func:`decode_update` and :func:`decode_weights`
+raise :class:`BadReply` with a short machine-readable reason and a detail that names what is
+missing or wrong, for anything that is not exactly what was expected.
 """
 
 from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -21,7 +27,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.app.typing import ConfigRecordValues
 
-from fedbgmd.core import QuantizedTensor, dequantize, quantize
+from fedbgmd.core import FlatSpec, QuantizedTensor, dequantize, quantize
 from fedbgmd.core.quantization import num_buckets
 
 UPDATE_KEY = "update"
@@ -132,7 +138,7 @@ def encode_update(
 
 
 def build_reply_content(
-    arrays: dict[str, np.ndarray], quant: ConfigRecord, metrics: dict[str, float | int]
+    arrays: dict[str, np.ndarray], quant: ConfigRecord, metrics: dict[str, Any]
 ) -> RecordDict:
     record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
     return RecordDict(
@@ -277,6 +283,7 @@ def decode_update(
     dim: int,
     max_bytes: int,
     quantization: tuple[Any, ...] | None = None,
+    required: Sequence[str] = REQUIRED_METRICS,
 ) -> tuple[torch.Tensor, dict]:
     """Validate a reply and return (flat float32 update of length ``dim``, its metrics).
 
@@ -284,34 +291,26 @@ def decode_update(
     checked before anything is parsed), missing records or keys, extra keys, wrong dtype (an
     allow-list) or shape, unknown quantizer settings, quantizer settings other than
     ``quantization`` (the run's ``(method, bits[, bucket_size])``; an unquantized update may come as a device
-    reference), or bad metrics (non-finite; a sample count or partition id that is not an integer
-    in [0, 2^31); a client time outside [0, 1e6] s). Finiteness is
+    reference), or bad metrics (:func:`check_metrics`; ``required``: the metrics that must be
+    there). Finiteness is
     not checked here: the server checks every decoded update of a round at once
     (:func:`fedbgmd.core.all_finite_each`, one host read) and rejects with ``non_finite`` and
     :data:`NON_FINITE_DETAIL`.
     """
-    size = reply_size(content, max_bytes)  # the whole reply, before anything is parsed
-    if size > max_bytes:
-        raise BadReply("too_large", f"more than {max_bytes} bytes (counted {size})")
+    _check_size(content, max_bytes)
     array_records, configs, metric_records = _split(content)
     if METRICS_KEY not in metric_records or QUANT_KEY not in configs:
-        raise BadReply("missing_record", "no 'metrics' MetricRecord or 'quant' ConfigRecord")
+        raise BadReply(
+            "missing_record",
+            f"a compact update needs a {METRICS_KEY!r} MetricRecord and a {QUANT_KEY!r} "
+            f"ConfigRecord; the reply has {_names(content)}",
+        )
     metrics = dict(metric_records[METRICS_KEY])
-    checked: dict[str, float] = {}
-    for key in REQUIRED_METRICS:
-        value = metrics.get(key)
-        if not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-            raise BadReply("bad_metrics", f"metric {key!r} missing or not finite")
-        checked[key] = float(value)
-    if not 0.0 <= checked["client-time-s"] <= MAX_CLIENT_TIME_S:
-        raise BadReply("bad_metrics", f"client-time-s {metrics['client-time-s']!r} not in [0, 1e6]")
-    for key in ("num-examples", "partition-id"):
-        # integers: a fractional partition id was truncated onto another partition, and a
-        # sample count is a weight (weighted=true) that must stay finite in float32
-        if not (checked[key].is_integer() and 0 <= checked[key] <= MAX_COUNT):
-            raise BadReply("bad_metrics", f"{key} {metrics[key]!r} is not an integer in [0, 2^31)")
+    check_metrics(metrics, required)
     if UPDATE_KEY not in array_records:
-        raise BadReply("missing_record", "no 'update' ArrayRecord")
+        raise BadReply(
+            "missing_record", f"no {UPDATE_KEY!r} ArrayRecord; the reply has {_names(content)}"
+        )
     record = array_records[UPDATE_KEY]
     quant = dict(configs[QUANT_KEY])
     method, bits, numel = quant.get("method"), quant.get("bits"), quant.get("numel")
@@ -359,3 +358,117 @@ def decode_update(
     else:
         raise BadReply("bad_quantization", f"method={method!r} bits={bits!r}")
     return vec, metrics
+
+
+def is_compact(content: RecordDict) -> bool:
+    """True when a reply is fedbgmd's compact update (it carries an ``"update"`` ArrayRecord or a
+    ``"quant"`` ConfigRecord), False for anything else (read as a standard Flower reply)."""
+    return UPDATE_KEY in content or QUANT_KEY in content
+
+
+# metrics with a meaning to fedbgmd, checked whenever a reply carries them
+_COUNT_METRICS = ("num-examples", "partition-id")
+
+
+def check_metrics(metrics: dict[str, Any], required: Sequence[str]) -> None:
+    """Raise ``bad_metrics`` naming the metric: a ``required`` one absent; a required or known
+    one (:data:`REQUIRED_METRICS`) that is not a finite number; a sample count or partition id
+    that is not an integer in [0, 2^31) (a fractional partition id was truncated onto another
+    partition; a count is a weight that must stay finite in float32); a client time outside
+    [0, 1e6] s; another weight key (``required``) below 0."""
+    for key in required:
+        if key not in metrics:
+            raise BadReply("bad_metrics", f"metric {key!r} missing (has {sorted(metrics)[:8]})")
+    for key in dict.fromkeys((*required, *REQUIRED_METRICS)):
+        if key not in metrics:
+            continue
+        value = metrics[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise BadReply("bad_metrics", f"metric {key!r} is {type(value).__name__}, not a number")
+        if not math.isfinite(float(value)):
+            raise BadReply("bad_metrics", f"metric {key!r} is {value!r}, not finite")
+        number = float(value)
+        if key in _COUNT_METRICS and not (number.is_integer() and 0 <= number <= MAX_COUNT):
+            raise BadReply("bad_metrics", f"{key} {value!r} is not an integer in [0, 2^31)")
+        if key == "client-time-s" and not 0.0 <= number <= MAX_CLIENT_TIME_S:
+            raise BadReply("bad_metrics", f"client-time-s {value!r} not in [0, 1e6]")
+        if key not in REQUIRED_METRICS and number < 0:  # another weight key
+            raise BadReply("bad_metrics", f"metric {key!r} is {value!r}, below 0")
+
+
+def decode_weights(
+    content: RecordDict,
+    x: torch.Tensor,
+    spec: FlatSpec,
+    max_bytes: int,
+    *,
+    arrays_key: str = "arrays",
+    required: Sequence[str] = ("num-examples",),
+) -> tuple[torch.Tensor, dict]:
+    """A standard Flower train reply: the trained weights y under ``arrays_key`` (every key of
+    the global model's state, each with its dtype and shape) and one MetricRecord. Returns
+    (the update x − y as flat float32 on ``x``'s device (the CPU), its metrics).
+
+    Non-float entries (e.g. BatchNorm's batch counters) must be there but are not aggregated:
+    the server keeps its own. Rejections as :func:`decode_update`'s (``too_large``,
+    ``missing_record``, ``missing_key``, ``unexpected_keys``, ``wrong_dtype``, ``wrong_shape``,
+    ``wrong_size``, ``undecodable``, ``bad_metrics``); finiteness is checked by the caller."""
+    _check_size(content, max_bytes)
+    array_records, _, metric_records = _split(content)
+    if arrays_key not in array_records:
+        raise BadReply(
+            "missing_record",
+            f"neither trained weights (an ArrayRecord {arrays_key!r}) nor a compact update "
+            f"({UPDATE_KEY!r}/{QUANT_KEY!r}); the reply has {_names(content)}",
+        )
+    if len(metric_records) != 1:
+        raise BadReply(
+            "missing_record",
+            f"expected one MetricRecord, the reply has {len(metric_records)} "
+            f"({sorted(metric_records)[:8]})",
+        )
+    metrics = dict(next(iter(metric_records.values())))
+    check_metrics(metrics, required)
+    record = array_records[arrays_key]
+    keys = set(record.keys())
+    missing = [k for k in spec.keys if k not in keys]
+    if missing:
+        raise BadReply("missing_key", f"{len(missing)} model arrays absent: {missing[:5]}")
+    extra = keys - set(spec.keys)
+    if extra:
+        raise BadReply("unexpected_keys", f"arrays not in the model: {sorted(extra)[:5]}")
+    parts = []
+    for key in spec.flat_keys:
+        want = str(spec.dtypes[key]).removeprefix("torch.")
+        arr = record[key]
+        if arr.dtype != want:  # compared as strings: nothing a client sent is parsed yet
+            raise BadReply("wrong_dtype", f"{key}: {str(arr.dtype)[:40]!r}, expected {want}")
+        if list(arr.shape) != list(spec.shapes[key]):
+            raise BadReply(
+                "wrong_shape", f"{key}: shape {list(arr.shape)[:8]}, expected {spec.shapes[key]}"
+            )
+        try:
+            out = arr.numpy()
+        except Exception as err:  # hostile bytes that do not deserialise
+            raise BadReply("undecodable", f"{key}: {err}") from err
+        if str(out.dtype) != want or list(out.shape) != list(spec.shapes[key]):
+            raise BadReply("wrong_size", f"{key}: payload does not match its declared shape/dtype")
+        parts.append(torch.from_numpy(out).reshape(-1))
+    y = torch.cat(parts).to(torch.float32)
+    return x - y, metrics
+
+
+def _check_size(content: RecordDict, max_bytes: int) -> None:
+    size = reply_size(content, max_bytes)  # the whole reply, before anything is parsed
+    if size > max_bytes:
+        raise BadReply("too_large", f"more than {max_bytes} bytes (counted {size})")
+
+
+def _names(content: RecordDict) -> str:
+    """The records of a reply, by kind (for rejection details)."""
+    kinds = {ArrayRecord: "ArrayRecord", ConfigRecord: "ConfigRecord", MetricRecord: "MetricRecord"}
+    names = [
+        f"{key!r} ({kinds.get(type(rec), type(rec).__name__)})"
+        for key, rec in list(content.items())[:6]
+    ]
+    return ", ".join(names) or "no records"

@@ -26,6 +26,7 @@ from fedbgmd.cli import run as run_alone
 from fedbgmd.config import register_configs
 from fedbgmd.fused import fuse_reason, plan_groups, run_jobs
 from fedbgmd.reporting.writer import read_metrics, read_metrics_jsonl, read_summary
+from fedbgmd.strategies import RobustStrategy
 
 BASE = [
     "experiment=smoke",
@@ -208,6 +209,10 @@ def test_a_diverging_job_stops_alone(tmp_path: Path) -> None:
     assert read_summary(tmp_path / "good")["rounds"] == 6
 
 
+class CustomStrategy(RobustStrategy):
+    """A user's strategy class: the fused engine cannot know what it overrides."""
+
+
 def test_jobs_that_cannot_fuse_say_why() -> None:
     cases = {
         "local_steps": (["client.local_steps=2"], "local_steps"),
@@ -215,7 +220,7 @@ def test_jobs_that_cannot_fuse_say_why() -> None:
         "quantized": (["client.quantization.method=qsgd"], "quantized"),
         "message": (["attack=malformed", "attack.fraction=0.25"], "message attack"),
         "client_alie": (["attack=alie", "attack.fraction=0.25"], "extra local updates"),
-        "strategy": (["strategy.target=fedbgmd.strategies.fedbgmd.FedBGMD"], "custom strategy"),
+        "strategy": (["strategy.target=tests.test_fused.CustomStrategy"], "custom strategy"),
     }
     for name, (overrides, words) in cases.items():
         reason = fuse_reason(cfg_for(*overrides))

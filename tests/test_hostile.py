@@ -84,7 +84,7 @@ def test_an_overflowing_memory_row_is_a_rejection_and_the_diagnostics_stay_finit
         x = new if new is not None else x
         info = s.round_info[rnd]
         assert math.isfinite(info["memory_norm"]) and math.isfinite(info["relative_residual"])
-        assert bool(torch.isfinite(s._memory.state_dict()["rows"]).all())
+        assert bool(torch.isfinite(s.block_step.memory.state_dict()["rows"]).all())
     assert s.round_info[2]["rejections"] == {"memory_overflow": 1}
     assert s.round_info[2]["replies_accepted"] == 4 and s.round_info[2]["replies_rejected"] == 1
     assert s.diverged is None and bool(torch.isfinite(flat(x)).all())
@@ -357,21 +357,22 @@ def test_fuzz_hostile_replies(config):
         order = rng.permutation(len(everything))
         everything = [everything[i] for i in order]
         twin = copy.deepcopy(s)
-        x_before = s._x.clone()
+        x_before = s.model.x.clone()
         s.aggregate_train(rnd, everything)  # must not raise
         twin.aggregate_train(rnd, kept)
         # rejected replies change nothing
-        assert torch.equal(s._x, twin._x), (
+        assert torch.equal(s.model.x, twin.model.x), (
             kinds,
             s.round_info[rnd].get("rejections"),
             twin.round_info[rnd].get("rejections"),
             s.round_info[rnd].get("skipped"),
         )
-        assert (s._momentum_buf is None) == (twin._momentum_buf is None)
-        if s._momentum_buf is not None:
-            assert torch.equal(s._momentum_buf, twin._momentum_buf)
-        if s._memory is not None:
-            a, b = s._memory.state_dict(), twin._memory.state_dict()
+        assert (s.server_opt.buffer is None) == (twin.server_opt.buffer is None)
+        if s.server_opt.buffer is not None:
+            assert torch.equal(s.server_opt.buffer, twin.server_opt.buffer)
+        if s.block_step is not None and s.block_step.memory is not None:
+            assert twin.block_step is not None and twin.block_step.memory is not None
+            a, b = s.block_step.memory.state_dict(), twin.block_step.memory.state_dict()
             assert all(
                 torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]
                 for k in a
@@ -390,5 +391,5 @@ def test_fuzz_hostile_replies(config):
         accepted_extremes = [p for p in byz if kinds[p] == "extreme" and p not in silent]
         if not s.block and s.momentum == 0.0 and "skipped" not in info:
             n_rows = len(honest) + len(accepted_extremes)
-            _check_bound(agg, x_before - s._x, ups[honest], n_rows)
+            _check_bound(agg, x_before - s.model.x, ups[honest], n_rows)
         x = initial_arrays()  # the strategy keeps its own model; the record is a placeholder

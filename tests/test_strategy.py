@@ -132,8 +132,8 @@ def test_block_step_records_diagnostics_and_keeps_memory_per_partition():
 
 
 def _model_of(s: RobustStrategy) -> ArrayRecord:
-    assert s._x is not None
-    return s._to_arrays(s._x)
+    assert s.model.x is not None
+    return s.model.to_arrays()
 
 
 @pytest.mark.parametrize("beta, dim, k", [(0.07, 100, 7), (0.29, 100, 29), (0.1, 12, 2)])
@@ -304,7 +304,9 @@ def test_round_is_skipped_below_min_replies():
     new, metrics = run_round(
         s, initial_arrays(), updates(), extra={0: lambda r, m: reply_for(m, error=True)}
     )
-    assert new is None and metrics is None
+    # nothing applied; the Result still gets the round's diagnostics
+    assert new is None and metrics is not None
+    assert metrics["replies-accepted"] == 4 and metrics["rejected-client-error"] == 1
     assert "min_replies" in s.round_info[1]["skipped"]
 
 
@@ -382,7 +384,8 @@ def test_rejected_omniscient_rows_count_towards_min_replies():
     s = make_strategy("mean", adversary=_Rows(float("inf"), 1.0), byzantine_ids=[1, 3])
     s.min_replies = 5
     new, metrics = run_round(s, initial_arrays(), updates())
-    assert new is None and metrics is None
+    assert new is None and metrics is not None
+    assert metrics["replies-accepted"] == 4 and metrics["rejected-non-finite"] == 1
     assert "min_replies" in s.round_info[1]["skipped"]
     assert s.round_info[1]["rejections"] == {"non_finite": 1}
 
@@ -567,8 +570,8 @@ def test_reply_validation_reads_the_host_a_fixed_number_of_times_whatever_the_re
         with monkeypatch.context() as mp:
             mp.setattr(torch.Tensor, "tolist", lambda t: calls.append(1) or tolist(t))
             with counter:
-                accepted, reasons, _ = s._validate(replies, D, set(range(n)))
-        assert len(accepted) == n and not reasons
+                verdict = s.validator.validate(replies, s.model, s.node_to_partition.get)
+        assert len(verdict.accepted) == n and not verdict.reasons
         return counter.n + len(calls)
 
     with pytest.MonkeyPatch.context() as mp:
@@ -651,5 +654,5 @@ def test_omniscient_trial_aggregations_do_not_advance_a_stateful_aggregator() ->
         byzantine_ids=[0],
     )
     ups = updates()
-    s._apply_adversary(ups, [0, 1, 2, 3, 4], 1)
+    s.omniscient.apply(ups, [0, 1, 2, 3, 4], 1)
     assert s.aggregator.state_dict() == {"previous": None}

@@ -12,7 +12,7 @@ from fedbgmd.core.aggregation import (
     get_aggregator,
     register_aggregator,
 )
-from fedbgmd.core.bgmd import BlockStepResult, bgmd_step
+from fedbgmd.core.bgmd import BlockStep, BlockStepResult, bgmd_step
 from fedbgmd.core.counts import block_size, fraction_ceil, fraction_floor
 from fedbgmd.core.errors import AggregationRefused
 from fedbgmd.core.flatten import FlatSpec, flatten_state, stack_rows, unflatten_state
@@ -28,6 +28,7 @@ from fedbgmd.core.selection import (
     register_selector,
     select_block,
 )
+from fedbgmd.core.server_opt import ServerOptimizer
 
 __all__ = [
     "AGGREGATORS",
@@ -37,6 +38,7 @@ __all__ = [
     "AggregationRefused",
     "AggregationResult",
     "Aggregator",
+    "BlockStep",
     "BlockStepResult",
     "FlatSpec",
     "GMResult",
@@ -46,6 +48,7 @@ __all__ = [
     "PerClientMemory",
     "QuantizedTensor",
     "Registry",
+    "ServerOptimizer",
     "all_finite",
     "all_finite_each",
     "available_aggregators",

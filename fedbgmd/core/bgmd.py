@@ -34,19 +34,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from fedbgmd.core.aggregation import AggregationResult, Aggregator
+from fedbgmd.core.counts import block_size
 from fedbgmd.core.errors import AggregationRefused
-from fedbgmd.core.memory import Memory
+from fedbgmd.core.memory import Memory, make_memory
 from fedbgmd.core.nonfinite import drop_nonfinite_rows
 from fedbgmd.core.selection import column_sq_norms, select_from_norms
 
-__all__ = ["BlockStepResult", "bgmd_step"]
+__all__ = ["BlockStep", "BlockStepResult", "bgmd_step"]
 
 
 @dataclass(frozen=True)
@@ -177,3 +179,86 @@ def _drop_overflowed(
     keep = torch.tensor([i for i, k in enumerate(ok) if k], device=p.device)
     kept_w = None if weights is None else weights.index_select(0, keep.to(weights.device))
     return p.index_select(0, keep), [c for c, k in zip(ids, ok) if k], kept_w, bad
+
+
+class BlockStep:
+    r"""FL-BGMD's server-side block step as a reusable object (Algorithm 3, lines 23-26).
+
+    Holds what persists between rounds: the block fraction β (k = ⌈β·d⌉, :func:`block_size`),
+    the selector, the residual memory :math:`M_t` (created on the first round, when d is known)
+    and where each round's selection randomness comes from (``generator_for(round)``). One call
+    is one round: :math:`P_t = \gamma G_t + M_t`, :math:`\Delta_t = C_k(P_t)`,
+    :math:`M_{t+1} = P_t - \Delta_t`, :math:`\tilde g_t = \mathrm{Agg}(\Delta_t)` scattered into
+    :math:`\mathbb{R}^d` (see :func:`bgmd_step`, which it calls).
+
+    Stateful: :meth:`state_dict` / :meth:`load_state_dict` carry the memory for checkpoints.
+    """
+
+    def __init__(
+        self,
+        aggregator: Aggregator,
+        beta: float = 0.1,
+        selector: str = "sample",
+        memory: str = "per_client",
+        *,
+        device: torch.device | str = "cpu",
+        generator_for: Callable[[int], torch.Generator | None] | None = None,
+    ) -> None:
+        if getattr(aggregator, "stateful", False):
+            # its state (e.g. cclip's previous output) lives on the coordinates of the last
+            # call; the block step draws other coordinates every round
+            raise ValueError(
+                f"aggregator {aggregator!r} keeps state between rounds: not usable in the block "
+                "step (use a stateless form, e.g. cclip with center=median)"
+            )
+        self.aggregator = aggregator
+        self.beta = beta
+        self.selector = selector
+        self.memory_kind = memory
+        self.device = torch.device(device)
+        self.generator_for = generator_for
+        self.memory: Memory | None = None  # M_t, created for d on the first round
+
+    def k(self, dim: int) -> int:
+        """Block size k = ⌈β·d⌉ in [1, d] (the guarded rule of :func:`block_size`)."""
+        return block_size(self.beta, dim)
+
+    def __call__(
+        self,
+        updates: Tensor,
+        client_ids: Sequence[int],
+        server_round: int,
+        *,
+        step_size: float = 1.0,
+        weights: Tensor | None = None,
+    ) -> BlockStepResult:
+        """One round on the (n, d) messages G_t, rows keyed by ``client_ids``."""
+        dim = updates.shape[1]
+        memory = self._memory_for(dim)
+        return bgmd_step(
+            updates,
+            aggregator=self.aggregator,
+            k=self.k(dim),
+            memory=memory,
+            client_ids=client_ids,
+            step_size=step_size,
+            selector=self.selector,
+            generator=None if self.generator_for is None else self.generator_for(server_round),
+            weights=weights,
+        )
+
+    def _memory_for(self, dim: int) -> Memory:
+        if self.memory is None:
+            self.memory = make_memory(
+                self.memory_kind, dim=dim, device=self.device, dtype=torch.float32
+            )
+        return self.memory
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"memory": the memory's state or None}`` (None before the first round)."""
+        return {"memory": None if self.memory is None else self.memory.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mem = state.get("memory")
+        if mem is not None:
+            self._memory_for(int(mem["dim"])).load_state_dict(mem)

@@ -25,7 +25,7 @@ from fedbgmd.fused.grouping import Unfusable
 from fedbgmd.fused.planner import _Planner
 from fedbgmd.fused.runs import _Bookkeeping, _Run
 from fedbgmd.seeding import derive_seed
-from fedbgmd.strategies.robust import median_of_claims
+from fedbgmd.strategies.validation import median_of_claims
 
 log = logging.getLogger("fedbgmd")
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-DEFAULT_STRATEGY = "fedbgmd.strategies.RobustStrategy"
+from fedbgmd.reporting.setting import BUILTIN_STRATEGY_TARGETS
+
 # non-omniscient attacks that ask the client for extra honest updates (sample_updates)
 _NEEDS_SAMPLES = frozenset({"alie", "ipm"})
 
@@ -19,7 +20,7 @@ def fuse_reason(cfg: Any) -> str | None:
         return "the deployment engine runs real SuperNodes"
     if cfg.resume:
         return "resume continues a single run from its checkpoint"
-    if cfg.strategy.target != DEFAULT_STRATEGY:
+    if cfg.strategy.target not in BUILTIN_STRATEGY_TARGETS:
         return f"custom strategy class {cfg.strategy.target}"
     if c.local_epochs is not None or c.local_steps != 1:
         return "only local_steps=1 is fused (H > 1 or local epochs run alone)"

@@ -55,6 +55,8 @@ NO_OUTCOME_KEYS: tuple[str, ...] = (
 CLEAN_ATTACKS = ("none", "clean", "no_attack", "null", "")
 
 DEFAULT_STRATEGY_TARGET = "fedbgmd.strategies.RobustStrategy"
+# the strategy classes fedbgmd ships (a preset's target is not a user plug-in)
+BUILTIN_STRATEGY_TARGETS = frozenset({DEFAULT_STRATEGY_TARGET, "fedbgmd.strategies.FedBGMD"})
 
 
 def is_clean(attack: object) -> bool:
@@ -165,7 +167,7 @@ def plugin_targets(config: Mapping[Any, Any]) -> dict[str, str]:
         "selector": _section(strategy, "block").get("selector"),
         "attack": _section(config, "attack").get("target"),
     }
-    if found["strategy"] == DEFAULT_STRATEGY_TARGET:
+    if found["strategy"] in BUILTIN_STRATEGY_TARGETS:
         found["strategy"] = None
     if "." not in str(found["selector"] or ""):  # a registered name, not a user function
         found["selector"] = None
