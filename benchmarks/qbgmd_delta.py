@@ -41,8 +41,9 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from fedbgmd.core.counts import block_size
 from fedbgmd.core.quantization import dequantize, quantize
 from fedbgmd.core.selection import select_block
-from fedbgmd.data import load_dataset, partition
+from fedbgmd.data import load_dataset
 from fedbgmd.models import build_model
+from fedbgmd.partitions import partition
 from fedbgmd.training import OptimConfig, local_train
 
 SETTINGS: list[tuple[str, int | None, int | None]] = [("none", None, None)] + [

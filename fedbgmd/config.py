@@ -64,8 +64,9 @@ class DataConfig:
     name: str = MISSING  # fashion_mnist | mnist | cifar10 | synthetic | hf
     root: str | None = None  # explicit folder; None searches the known places
     download: bool = False  # let torchvision download (needs internet)
-    # iid | dirichlet | shards: Flower Datasets' Iid/Dirichlet/ShardPartitioner (fedbgmd.data
-    # PARTITION_SCHEMES: dirichlet's alpha defaults to 0.5, shards' num_shards_per_partition to 2)
+    # iid | dirichlet | shards: Flower Datasets' Iid/Dirichlet/ShardPartitioner
+    # (fedbgmd.partitions.PARTITION_SCHEMES: dirichlet's alpha defaults to 0.5, shards'
+    # num_shards_per_partition to 2)
     partition: str = "iid"
     partitioner: PartitionerConfig = field(default_factory=PartitionerConfig)
     hf: HFDataConfig = field(default_factory=HFDataConfig)  # data=hf only (data.root: its cache)
@@ -361,7 +362,7 @@ def _model_data_problem(cfg: Any) -> str | None:
 def _partitioner_problems(cfg: Any) -> list[str]:
     """data.partition / data.partitioner checked by fedbgmd.data (which constructs the Flower
     Datasets partitioner), with the class count the data set is known to have."""
-    from fedbgmd.data import partitioner_problems
+    from fedbgmd.partitions import partitioner_problems
 
     d = cfg.data
     num_classes = d.num_classes if d.name == "synthetic" else _NUM_CLASSES.get(d.name)

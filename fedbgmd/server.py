@@ -23,9 +23,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedbgmd.config import clients_per_round, plain, to_typed
 from fedbgmd.core import all_finite_each
-from fedbgmd.data import Dataset, partition_report, partitioner_spec
+from fedbgmd.data import Dataset
 from fedbgmd.integrity import stop_error, stop_status
 from fedbgmd.models import build_model, count_parameters
+from fedbgmd.partitions import partition_report, partitioner_spec
 from fedbgmd.plugins import build_aggregator, build_attack, locate, resolve_selector
 from fedbgmd.reporting.setting import run_labels, setting_from_config
 from fedbgmd.reporting.summary import environment_versions, summarize, utc_now_iso, with_segments

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from fedbgmd.data import Dataset, load_dataset, load_hf_dataset, partition
+from fedbgmd.data import Dataset, load_dataset, load_hf_dataset
+from fedbgmd.partitions import partition
 from fedbgmd.training import OptimConfig
 
 __all__ = ["load_data", "model_kwargs", "optim_config", "partitions"]

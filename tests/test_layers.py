@@ -17,7 +17,7 @@ PURE = [
     *sorted((ROOT / "fedbgmd" / "core").glob("*.py")),
     *[
         ROOT / "fedbgmd" / f"{m}.py"
-        for m in ("data", "models", "training", "plugins", "seeding", "workload")
+        for m in ("data", "partitions", "models", "training", "plugins", "seeding", "workload")
     ],
     *sorted((ROOT / "fedbgmd" / "reporting").glob("*.py")),
     *sorted((ROOT / "attacks").glob("*.py")),

@@ -1,4 +1,4 @@
-"""Client partitions through Flower Datasets' partitioners (fedbgmd.data.partition): each mapped
+"""Client partitions through Flower Datasets' partitioners (fedbgmd.partitions.partition): each mapped
 scheme against Flower Datasets' own result, coverage, iid unchanged, startup checks, the report."""
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from flwr_datasets.partitioner.partitioner import Partitioner
 from hydra import compose, initialize_config_module
 
 from fedbgmd.config import ConfigError, register_configs, validate
-from fedbgmd.data import make_synthetic, partition, partitioner_problems
+from fedbgmd.data import make_synthetic
+from fedbgmd.partitions import partition, partitioner_problems
 
 N, P = 1000, 7
 PATHOLOGICAL = "flwr_datasets.partitioner.PathologicalPartitioner"
