@@ -43,12 +43,9 @@ def fuse_reason(cfg: Any) -> str | None:
 
 def group_key(cfg: Any) -> str:
     """Jobs with equal keys can advance in lockstep (see the module docstring)."""
-    from omegaconf import OmegaConf
+    from fedbgmd.config import clients_per_round, plain
 
-    from fedbgmd.config import clients_per_round
-
-    c = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(c, dict)
+    c = plain(cfg)
     client = dict(c["client"])
     # the client optimiser (SGD, see fuse_reason) is per run: lr, schedule, momentum, decay
     client.pop("optimizer")

@@ -37,21 +37,25 @@ def run_jobs(
     """
     if on_group_failure not in ("alone", "fail"):
         raise ValueError(f"on_group_failure must be 'alone' or 'fail', got {on_group_failure!r}")
+    from fedbgmd.config import to_typed
     from fedbgmd.runner import run as run_alone
 
-    cfgs = [c for c, _ in jobs]
-    groups, alone = plan_groups(cfgs)
+    # the engine reads the typed config, converted once; config.yaml and a job that runs alone
+    # get the config as composed (what the CLI writes and runs for a single job)
+    typed = [to_typed(c) for c, _ in jobs]
+    groups, alone = plan_groups(typed)
     status: dict[int, int] = {}
     for i, reason in alone.items():
         log.warning("job %s runs alone: %s", jobs[i][1], reason)
     for group in groups:
-        members = [(jobs[i][0], Path(jobs[i][1])) for i in group]
+        members = [(typed[i], Path(jobs[i][1])) for i in group]
         log.warning("fusing %d jobs into one computation", len(members))
-        for cfg, run_dir in members:
+        for i in group:
             from omegaconf import OmegaConf
 
+            run_dir = Path(jobs[i][1])
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(jobs[i][0], resolve=True))
         try:
             fused = None
             while fused is None and group:
