@@ -42,7 +42,7 @@ def check_components(cfg: Any) -> None:
         resolve_selector(cfg.strategy.block.selector)
     except (ValueError, TypeError) as err:
         problems.append(f"strategy.block.selector: {err}")
-    from fedbgmd.server import strategy_class  # Flower: loaded only when a config is checked
+    from fedbgmd.server import build_strategy, strategy_class  # Flower: only when checking
 
     try:
         strategy_class(cfg.strategy.target)
@@ -50,8 +50,27 @@ def check_components(cfg: Any) -> None:
         problems.append(f"strategy.target: {err}")
     if problems:
         raise ConfigError(problems)
+    _check_strategy(cfg, build_strategy)
     for warning in assumption_warnings(cfg):
         logging.getLogger("fedbgmd").warning(warning)
+
+
+def _check_strategy(cfg: Any, build_strategy: Any) -> None:
+    """The strategy itself, built once as the run will build it: a misspelt ``strategy.params``
+    key, a block step over a stateful aggregator, a bad block setting fail here (exit 2), not in
+    the run's first round."""
+    import torch
+
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    flwr_logger.setLevel(logging.ERROR)  # FedAvg's own notes are said again when the run builds it
+    try:
+        attack = build_attack(cfg.attack, cfg.seed, cfg.num_clients)
+        build_strategy(cfg, torch.device("cpu"), attack, 1.0)
+    except Exception as err:  # a user's strategy class may raise anything from its constructor
+        raise ConfigError([f"strategy: {type(err).__name__}: {err}"]) from None
+    finally:
+        flwr_logger.setLevel(level)
 
 
 _F_RULES = ("krum", "multikrum", "bulyan", "bulyan_multikrum")

@@ -323,6 +323,16 @@ def _precheck_sweep(overrides: list[str]) -> int | None:
     return EXIT_BAD_CONFIG
 
 
+# config keys renamed by the Architecture and Flower Datasets changes: a composition error on the
+# old spelling names the new one (parameters of registered plug-ins: fedbgmd.core.Registry)
+RENAMED_KEYS = {
+    "data.alpha": "data.partitioner.params.alpha (with data.partition=dirichlet)",
+    "data.shards_per_client": "data.partitioner.params.num_shards_per_partition "
+    "(with data.partition=shards)",
+    "strategy.aggregator.params.beta": "strategy.aggregator.params.trim (ctm, norm_filter)",
+}
+
+
 def explain(err: BaseException, overrides: list[str]) -> str:
     """One readable message for a Hydra/OmegaConf composition error: the key and what is valid."""
     import difflib
@@ -338,11 +348,16 @@ def explain(err: BaseException, overrides: list[str]) -> str:
             o for o in (t.strip() for t in listing.split()) if o and not o.startswith("base_")
         )
         return f"{head} (valid {options.group(1)} options: {names})"
+    for arg in overrides:  # YAML reads ``nan`` as a float: Hydra's message names no group
+        if arg.lstrip("+").partition("=")[::2] in (("attack", "nan"), ("attack", "NaN")):
+            return "attack=nan: the attack was renamed 'nonfinite' (attack=nonfinite)"
     cause = err.__cause__ or err.__context__
     key = getattr(cause, "full_key", None)
     if cause is not None and key:
         detail = str(cause).splitlines()[0]
         parent, _, leaf = str(key).rpartition(".")
+        if str(key) in RENAMED_KEYS:
+            return f"{key}: renamed; use {RENAMED_KEYS[str(key)]}"
         valid = _keys_at(parent, overrides)
         hint = ""
         if valid and leaf not in valid:

@@ -201,6 +201,26 @@ def test_a_sweep_runs_every_job_and_exits_1_when_one_failed(tmp_path, plugins, l
     assert str(sweep / "1") not in proc.stderr.rpartition("failed job(s)")[2]
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["+strategy.params.bogus=1"], "unexpected keyword argument 'bogus'"),
+        (["strategy=cclip", "strategy.block.enabled=true"], "keeps state between rounds"),
+        (["attack=nan"], "renamed 'nonfinite'"),
+        (
+            ["strategy=ctm", "strategy.aggregator.params.beta=0.1"],
+            "strategy.aggregator.params.trim",
+        ),
+        (["data.alpha=0.3"], "data.partitioner.params.alpha"),
+    ],
+)
+def test_a_bad_strategy_or_a_renamed_key_exits_2_before_anything_runs(tmp_path, overrides, message):
+    proc = cli(*SMOKE, *overrides, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
 # 4 ----------------------------------------------------------------------- plug-ins fail loudly
 @pytest.mark.parametrize(
     "role, overrides, message",
