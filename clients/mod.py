@@ -26,13 +26,22 @@ Mod = Callable[[Message, Context, Callable[[Message, Context], Message]], Messag
 
 def compact_update_mod(
     method: str = "qsgd",
-    bits: int = 8,
+    bits: int | None = None,
     bucket_size: int | None = None,
     arrayrecord_key: str = "arrays",
 ) -> Mod:
-    """A mod replying with x_t − y quantized by ``method`` (``qsgd``, ``sign`` or ``none``)."""
+    """A mod replying with x_t − y quantized by ``method`` (``qsgd``, ``sign`` or ``none``);
+    ``bits`` defaults to 8 for qsgd and 1 for sign (the only width sign has)."""
     if method not in ("qsgd", "sign", "none"):
         raise ValueError(f"method must be 'qsgd', 'sign' or 'none', got {method!r}")
+    if bits is None:  # qsgd's 8 bits (~1/4 of float32), sign's one
+        bits = 1 if method == "sign" else 8
+    if method != "none" and not (
+        isinstance(bits, int) and 1 <= bits <= (1 if method == "sign" else 16)
+    ):
+        raise ValueError(f"bits must be an int in 1..16 (sign: 1), got {bits!r}")
+    if bucket_size is not None and not (isinstance(bucket_size, int) and bucket_size >= 1):
+        raise ValueError(f"bucket_size must be an int >= 1 or None, got {bucket_size!r}")
 
     def mod(msg: Message, context: Context, call_next: Callable[..., Message]) -> Message:
         t0 = time.perf_counter()

@@ -206,3 +206,28 @@ def test_bad_evaluate_replies_are_dropped_not_fatal() -> None:
     ]
     agg = s.aggregate_evaluate(1, [*good, *bad])
     assert agg is not None and agg["acc"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"selector": "bogus"}, "unknown selector 'bogus'"),
+        ({"memory": "bogus"}, "unknown memory 'bogus'"),
+        ({"beta": 0.0}, r"must be in \(0, 1\]"),
+        ({"beta": 2.0}, r"must be in \(0, 1\]"),
+    ],
+)
+def test_a_bad_block_setting_is_refused_when_the_strategy_is_built(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RobustStrategy(aggregator="cm", block=True, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"bits": 0}, {"bits": 17}, {"method": "sign", "bits": 8}, {"bucket_size": 0}]
+)
+def test_the_client_mod_refuses_bad_quantizer_settings_when_built(kwargs):
+    from fedbgmd.clients.mod import compact_update_mod
+
+    with pytest.raises(ValueError):
+        compact_update_mod(**kwargs)
+    compact_update_mod(method="sign")  # sign's one bit by default

@@ -44,9 +44,9 @@ from torch import Tensor
 from fedbgmd.core.aggregation import AggregationResult, Aggregator
 from fedbgmd.core.counts import block_size
 from fedbgmd.core.errors import AggregationRefused
-from fedbgmd.core.memory import Memory, make_memory
+from fedbgmd.core.memory import MEMORIES, Memory, make_memory
 from fedbgmd.core.nonfinite import drop_nonfinite_rows
-from fedbgmd.core.selection import column_sq_norms, select_from_norms
+from fedbgmd.core.selection import SELECTORS, column_sq_norms, select_from_norms
 
 __all__ = ["BlockStep", "BlockStepResult", "bgmd_step"]
 
@@ -211,6 +211,14 @@ class BlockStep:
                 f"aggregator {aggregator!r} keeps state between rounds: not usable in the block "
                 "step (use a stateless form, e.g. cclip with center=median)"
             )
+        # named here, not in round 1: the constructor is the API a Flower app calls
+        if not (isinstance(beta, (int, float)) and math.isfinite(beta) and 0 < beta <= 1):
+            raise ValueError(f"beta (the block fraction) must be in (0, 1], got {beta!r}")
+        if isinstance(selector, str):
+            SELECTORS.factory(selector)  # unknown name: ValueError listing the valid ones
+        elif not callable(selector):
+            raise TypeError(f"selector must be a registered name or a callable, got {selector!r}")
+        MEMORIES.factory(memory)
         self.aggregator = aggregator
         self.beta = beta
         self.selector = selector
