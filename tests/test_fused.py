@@ -162,6 +162,11 @@ def test_fused_jobs_equal_the_same_jobs_run_alone(tmp_path: Path, monkeypatch) -
     for n, c in zip(names, cfgs):
         assert run_alone(c, tmp_path / f"alone-{n}") == 0
         assert_same_run(tmp_path / f"fused-{n}", tmp_path / f"alone-{n}")
+    # each fused job logs its evaluated rounds and its outcome in its own cli.log
+    logged = (tmp_path / f"fused-{names[0]}" / "cli.log").read_text().splitlines()
+    assert any("test acc" in ln for ln in logged) and logged[-1].endswith(
+        "completed (fused engine)"
+    )
     # the rejected replies and skipped rounds really were exercised
     rows = read_metrics(tmp_path / "fused-gm_nan_rejected")
     assert sum(r["replies_rejected"] or 0 for r in rows) > 0

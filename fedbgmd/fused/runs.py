@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import time
 from pathlib import Path
@@ -103,8 +104,21 @@ class _Bookkeeping:
         self.pending.append(row)
         if acc is not None or len(self.pending) >= FLUSH_EVERY:
             self.flush()
-        if acc is not None and self.progress:
-            print(f"{self.run_dir.name}: " + _progress_line(row, cfg.num_rounds), flush=True)
+        if acc is not None:
+            line = _progress_line(row, cfg.num_rounds)
+            self.note(line)
+            if self.progress:
+                print(f"{self.run_dir.name}: {line}", flush=True)
+
+    def note(self, line: str) -> None:
+        """Append ``line`` to the job's cli.log, as a single run logs its rounds and outcome
+        there (the fused engine's own log is the sweep's: Hydra's multirun log)."""
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        try:
+            with open(self.run_dir / "cli.log", "a", encoding="utf-8") as fh:
+                fh.write(f"[{stamp}][fedbgmd.fused] {line}\n")
+        except OSError as err:  # a log line is not worth failing the job for
+            logging.getLogger("fedbgmd").warning("could not write %s: %s", self.run_dir, err)
 
     def flush(self) -> None:
         self.writer.log_rounds(self.pending)
@@ -129,5 +143,6 @@ class _Bookkeeping:
             versions=self.versions,
         )
         summary.update(engine="fused", wall_time_s=time.time() - self.started)
+        self.note(f"{status} (fused engine)" + (f": {error}" if error else ""))
         self.writer.write_summary(summary)
         draw_plots(self.cfg, self.run_dir)
