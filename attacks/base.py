@@ -112,12 +112,16 @@ class UpdateAttack(ClientAttack):
         lr: float | None = None,
     ) -> Tensor:
         check_flat_update(update)
-        return self.corrupt(update, generator, sample_updates)
+        corrupt: Callable[..., Tensor] = self.corrupt  # a subclass's may take lr
+        if lr is not None and _accepts_lr(corrupt):  # the rule call_corrupt_update applies
+            return corrupt(update, generator, sample_updates, lr=lr)
+        return corrupt(update, generator, sample_updates)
 
     def corrupt(
         self, update: Tensor, generator: torch.Generator, sample_updates: SampleUpdates | None
     ) -> Tensor:
-        """The corrupted update for the honest flat ``update`` (d,)."""
+        """The corrupted update for the honest flat ``update`` (d,). A subclass that needs the
+        round's client learning rate adds a keyword ``lr`` (``None`` when the caller has none)."""
         raise NotImplementedError
 
 

@@ -21,7 +21,6 @@ from fedbgmd.attacks.base import (
     SampleUpdates,
     UpdateAttack,
     check_choice,
-    check_flat_update,
     check_nonnegative,
     check_positive,
     randn_like,
@@ -63,7 +62,8 @@ class GaussianAttack(UpdateAttack):
       than on the gradient. The default keeps the numbers of docs/RESULTS.md (measured so) valid.
     * ``on="gradient"``: ``c̃ = η·(g + z) = c + η·z`` — the seed's attack (the BGMD paper's
       experiments add N(0, σ²) to the gradient). Needs the learning rate: ``corrupt_update``
-      raises without ``lr`` (the clients and the fused engine pass it).
+      raises without ``lr`` (the clients and the fused engine pass it; UpdateAttack hands it to
+      ``corrupt``).
 
     ``sigma`` (σ >= 0): default 10 (variance 100, the BGMD paper's value — on the gradient there).
     With several local steps, ``on="gradient"`` adds one η·z to the whole update (the noise of one
@@ -80,24 +80,17 @@ class GaussianAttack(UpdateAttack):
         check_nonnegative("sigma", self.sigma)
         check_choice("on", self.on, self.ON)
 
-    def corrupt_update(
+    def corrupt(
         self,
         update: Tensor,
-        *,
         generator: torch.Generator,
-        sample_updates: SampleUpdates | None = None,
+        sample_updates: SampleUpdates | None,
         lr: float | None = None,
     ) -> Tensor:
         if self.on == "gradient":
             if lr is None:
                 raise ValueError("gaussian with on='gradient' needs the client learning rate lr")
-            check_flat_update(update)
             return update + (float(lr) * self.sigma) * randn_like(update, generator)
-        return super().corrupt_update(update, generator=generator, sample_updates=sample_updates)
-
-    def corrupt(
-        self, update: Tensor, generator: torch.Generator, sample_updates: SampleUpdates | None
-    ) -> Tensor:
         return update + self.sigma * randn_like(update, generator)
 
 
