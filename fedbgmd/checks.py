@@ -34,8 +34,9 @@ def check_components(cfg: Any) -> None:
             )
     except (ValueError, TypeError) as err:
         problems.append(f"strategy.aggregator: {err}")
+    attack = None
     try:
-        build_attack(cfg.attack, cfg.seed, cfg.num_clients)
+        attack = build_attack(cfg.attack, cfg.seed, cfg.num_clients)
     except (ValueError, TypeError) as err:
         problems.append(f"attack: {err}")
     try:
@@ -50,12 +51,12 @@ def check_components(cfg: Any) -> None:
         problems.append(f"strategy.target: {err}")
     if problems:
         raise ConfigError(problems)
-    _check_strategy(cfg, build_strategy)
+    _check_strategy(cfg, build_strategy, attack)
     for warning in assumption_warnings(cfg):
         logging.getLogger("fedbgmd").warning(warning)
 
 
-def _check_strategy(cfg: Any, build_strategy: Any) -> None:
+def _check_strategy(cfg: Any, build_strategy: Any, attack: Any) -> None:
     """The strategy itself, built once as the run will build it: a misspelt ``strategy.params``
     key, a block step over a stateful aggregator, a bad block setting fail here (exit 2), not in
     the run's first round."""
@@ -65,7 +66,6 @@ def _check_strategy(cfg: Any, build_strategy: Any) -> None:
     level = flwr_logger.level
     flwr_logger.setLevel(logging.ERROR)  # FedAvg's own notes are said again when the run builds it
     try:
-        attack = build_attack(cfg.attack, cfg.seed, cfg.num_clients)
         build_strategy(cfg, torch.device("cpu"), attack, 1.0)
     except Exception as err:  # a user's strategy class may raise anything from its constructor
         raise ConfigError([f"strategy: {type(err).__name__}: {err}"]) from None

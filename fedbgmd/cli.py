@@ -323,16 +323,6 @@ def _precheck_sweep(overrides: list[str]) -> int | None:
     return EXIT_BAD_CONFIG
 
 
-# config keys renamed by the Architecture and Flower Datasets changes: a composition error on the
-# old spelling names the new one (parameters of registered plug-ins: fedbgmd.core.Registry)
-RENAMED_KEYS = {
-    "data.alpha": "data.partitioner.params.alpha (with data.partition=dirichlet)",
-    "data.shards_per_client": "data.partitioner.params.num_shards_per_partition "
-    "(with data.partition=shards)",
-    "strategy.aggregator.params.beta": "strategy.aggregator.params.trim (ctm, norm_filter)",
-}
-
-
 def explain(err: BaseException, overrides: list[str]) -> str:
     """One readable message for a Hydra/OmegaConf composition error: the key and what is valid."""
     import difflib
@@ -348,16 +338,14 @@ def explain(err: BaseException, overrides: list[str]) -> str:
             o for o in (t.strip() for t in listing.split()) if o and not o.startswith("base_")
         )
         return f"{head} (valid {options.group(1)} options: {names})"
-    for arg in overrides:  # YAML reads ``nan`` as a float: Hydra's message names no group
-        if arg.lstrip("+").partition("=")[::2] in (("attack", "nan"), ("attack", "NaN")):
-            return "attack=nan: the attack was renamed 'nonfinite' (attack=nonfinite)"
+    renamed = _renamed(err, overrides)
+    if renamed:
+        return renamed
     cause = err.__cause__ or err.__context__
     key = getattr(cause, "full_key", None)
     if cause is not None and key:
         detail = str(cause).splitlines()[0]
         parent, _, leaf = str(key).rpartition(".")
-        if str(key) in RENAMED_KEYS:
-            return f"{key}: renamed; use {RENAMED_KEYS[str(key)]}"
         valid = _keys_at(parent, overrides)
         hint = ""
         if valid and leaf not in valid:
@@ -366,6 +354,32 @@ def explain(err: BaseException, overrides: list[str]) -> str:
             hint += f" (keys at {parent or 'top level'}: {', '.join(sorted(valid))})"
         return f"{key}: {detail}{hint}"
     return head
+
+
+def _renamed(err: BaseException, overrides: list[str]) -> str | None:
+    """The new spelling when the composition failed on an old one: a renamed attack (``attack=
+    nan``, which YAML even reads as a float), a renamed key (config.RENAMED_KEYS) or plug-in
+    parameter (the registries' rename_param). None when nothing renamed is involved."""
+    from fedbgmd.attacks import ATTACKS
+    from fedbgmd.config import RENAMED_KEYS
+    from fedbgmd.core import AGGREGATORS
+
+    for arg in overrides:
+        group, _, value = arg.lstrip("+").partition("=")
+        new = ATTACKS.renamed_to(value) if group == "attack" else None
+        if new:
+            return f"attack={value}: the attack was renamed {new!r} (attack={new})"
+    cause = err.__cause__ or err.__context__
+    key = str(getattr(cause, "full_key", "") or "")
+    if key in RENAMED_KEYS:
+        return f"{key}: renamed; use {RENAMED_KEYS[key]}"
+    parent, _, leaf = key.rpartition(".")
+    registry = {"strategy.aggregator.params": AGGREGATORS, "attack.params": ATTACKS}.get(parent)
+    moved = registry.renamed_param(leaf) if registry is not None else {}
+    if moved:
+        uses = "; ".join(f"{new} ({name})" for name, new in moved.items())
+        return f"{key}: renamed; use {parent}.{uses}"
+    return None
 
 
 def _keys_at(path: str, overrides: list[str] | None = None) -> list[str]:

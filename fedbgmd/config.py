@@ -249,8 +249,17 @@ def plain(cfg: Any) -> dict[str, Any]:
     return {str(k): v for k, v in out.items()}
 
 
-#: DataConfig keys that runs saved before partitions went through Flower Datasets carry
-_PRE_FLOWER_DATASETS_KEYS = ("alpha", "shards_per_client")
+#: Config keys renamed (the old spelling -> what to write now). The plug-ins' renamed names and
+#: parameters live in their registries (fedbgmd.core.Registry.rename / rename_param).
+RENAMED_KEYS = {
+    # DataConfig keys that runs saved before partitions went through Flower Datasets carry
+    "data.alpha": "data.partitioner.params.alpha (with data.partition=dirichlet)",
+    "data.shards_per_client": "data.partitioner.params.num_shards_per_partition "
+    "(with data.partition=shards)",
+}
+_PRE_FLOWER_DATASETS_KEYS = tuple(
+    k.partition(".")[2] for k in RENAMED_KEYS if k.startswith("data.")
+)
 
 
 def drop_pre_flower_datasets_keys(saved: Any) -> None:

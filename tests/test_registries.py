@@ -173,3 +173,12 @@ def test_make_memory_builds_from_the_registry() -> None:
     assert type(make_memory("per_client", 4)) is MEMORIES["per_client"]
     with pytest.raises(ValueError, match=r"unknown memory 'lru'.*per_client"):
         make_memory("lru", 4)
+
+
+def test_a_registry_says_what_a_former_name_or_parameter_is_now():
+    from fedbgmd.attacks import ATTACKS
+    from fedbgmd.core import AGGREGATORS
+
+    assert ATTACKS.renamed_to("nan") == "nonfinite" and ATTACKS.renamed_to("gaussian") is None
+    assert AGGREGATORS.renamed_param("beta") == {"ctm": "trim", "norm_filter": "trim"}
+    assert AGGREGATORS.renamed_param("eps") == {}

@@ -212,6 +212,7 @@ def test_a_sweep_runs_every_job_and_exits_1_when_one_failed(tmp_path, plugins, l
             "strategy.aggregator.params.trim",
         ),
         (["data.alpha=0.3"], "data.partitioner.params.alpha"),
+        (["attack=nonfinite", "attack.params.fraction=0.1"], "attack.params.coord_fraction"),
     ],
 )
 def test_a_bad_strategy_or_a_renamed_key_exits_2_before_anything_runs(tmp_path, overrides, message):

@@ -138,6 +138,17 @@ class Registry(Mapping[str, Callable[..., Any]], Generic[T]):
         """Record that entry ``name``'s parameter ``old`` is now spelt ``new``."""
         self._renamed_params.setdefault(name, {})[old] = new
 
+    def renamed_to(self, old: str) -> str | None:
+        """The current name of a former name ``old`` (None: ``old`` was never renamed)."""
+        self._ensure_loaded()
+        return self._renamed.get(old)
+
+    def renamed_param(self, old: str) -> dict[str, str]:
+        """{entry: its current parameter name} for the entries whose parameter ``old`` was
+        renamed (empty: none was)."""
+        self._ensure_loaded()
+        return {n: r[old] for n, r in sorted(self._renamed_params.items()) if old in r}
+
     def factory(self, name: str) -> Callable[..., Any]:
         """Return the factory for ``name``; unknown names raise ``ValueError`` listing valid ones."""
         self._ensure_loaded()
