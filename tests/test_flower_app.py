@@ -155,6 +155,7 @@ def test_fedbgmd_trains_like_fedavg_and_holds_where_fedavg_breaks() -> None:
         for name, factory in STRATEGIES.items()
         for byz in (False, True)
     }
+    print(f"initial model {start:.2f}; final accuracy (strategy, Byzantine): {acc}")  # docs
     assert acc["fedavg", False] > 0.9 and acc["fedbgmd", False] > 0.9, acc  # both train
     assert acc["fedavg", True] < 0.6, acc  # one Byzantine client of five breaks FedAvg
     assert acc["fedbgmd", True] > 0.9, acc  # FedBGMD holds
